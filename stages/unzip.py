@@ -1,0 +1,43 @@
+"""Stage ``unzip``: extract the data set's zip into ``data/<name>/{train,val}/<class>/``.
+
+Unsafe archives are refused before anything is written; files that are not accepted images
+are left out and listed; the result is checked to be a usable image-folder data set. The
+extraction happens in a temporary folder that replaces the output only when all is well.
+A data report (images per split and class, what was skipped and why) goes to ``metrics/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from transfer.archive import extract_image_folder
+from transfer.atomic import atomic_dir, write_json
+from transfer.errors import run_stage
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("archive", type=Path, help="the zip fetched by the fetch stage")
+    parser.add_argument("--out", type=Path, default=Path("data/hymenoptera_data"))
+    parser.add_argument("--report", type=Path, default=Path("metrics/data.json"))
+    args = parser.parse_args(argv)
+
+    with atomic_dir(args.out) as tmp:
+        report = extract_image_folder(args.archive, tmp)
+    write_json(args.report, report.as_metrics())
+
+    for name, reason in sorted(report.skipped.items()):
+        tqdm.write(f"warning: skipped {name}: {reason}", file=sys.stderr)
+    summary = ", ".join(
+        f"{split} {sum(c.values())} images" for split, c in sorted(report.counts.items())
+    )
+    print(f"extracted {args.out}: {summary} in {len(report.counts['train'])} classes, "
+          f"{len(report.skipped)} skipped, {report.ignored} hidden/other entries ignored")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,83 @@
+"""Stage ``weights``: put the backbone's starting weights in a file that DVC tracks.
+
+``model.weights`` is a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``), ``none``
+(random initialisation, done by the train stage from ``seed``), or a local ``.pth``/``.pt``/
+``.safetensors`` state_dict. Torchvision files are downloaded into torch's hub cache (or
+taken from it when already there, so this works offline) and checked against the sha256
+prefix in their file name, as torchvision does. Whatever the source, the keys are checked
+against ``model.arch`` before the plain state_dict is written to ``--out``; a JSON sidecar
+records where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from transfer.checkpoints import save_checkpoint
+from transfer.download import fetch, sha256_of
+from transfer.errors import UserError, run_stage
+from transfer.models import (
+    STATE_SUFFIXES,
+    create_backbone,
+    load_backbone_state,
+    read_state_dict,
+    torchvision_weights,
+    weights_hash_prefix,
+)
+from transfer.params import DataParams, load_params
+
+
+def download_torchvision_weights(arch: str, name: str, net: DataParams) -> tuple[Path, str]:
+    """Return the verified local file of torchvision's weights ``name`` and its URL."""
+    url = torchvision_weights(arch, name).url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    prefix = weights_hash_prefix(url)
+
+    def matches_prefix(path: Path) -> str | None:
+        digest = sha256_of(path)
+        if prefix and not digest.startswith(prefix):
+            return f"sha256 {digest} does not start with {prefix}, as the file name says it must"
+        return None
+
+    if cached.is_file():
+        problem = matches_prefix(cached)
+        if problem is None:
+            return cached, url
+        raise UserError(f"cached weights {cached} are damaged ({problem}); delete the file and rerun")
+    hint = (f"download {url} by hand into {cached.parent}/ (or set model.weights in params.yaml "
+            "to a local .pth file)")
+    fetch(url, cached, retries=net.retries, timeout=net.timeout, check=matches_prefix, hint=hint)
+    return cached, url
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", type=Path, default=Path("models/pretrained.pt"))
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    arch, weights = params.model.arch, params.model.weights
+    model = create_backbone(arch)  # validates the arch before anything is downloaded
+    meta: dict[str, object] = {"arch": arch, "weights": weights}
+    if weights.lower() == "none":
+        state: dict[str, torch.Tensor] = {}
+        meta["source"] = "none (random initialisation from seed)"
+    else:
+        if weights.endswith(STATE_SUFFIXES):
+            path = Path(weights).expanduser()
+            meta["source"] = str(path)
+        else:
+            path, meta["source"] = download_torchvision_weights(arch, weights, params.data)
+        state = read_state_dict(path)
+        load_backbone_state(model, state, f"weights file {path}")
+        meta["sha256"] = sha256_of(path)
+    save_checkpoint(args.out, state, meta)
+    print(f"weights for {arch}: {meta['source']} -> {args.out}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

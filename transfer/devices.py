@@ -1,0 +1,53 @@
+"""Choosing the device to run on, from the ``device`` param."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from transfer.errors import UserError
+
+_SPEC = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn ``auto | cpu | cuda | cuda:N | mps`` into an available device, or fail clearly.
+
+    ``auto`` prefers CUDA, then Apple's MPS, then the CPU. A device asked for by name that
+    this machine does not have is an error rather than a silent fallback: a run that was
+    meant for a GPU should not quietly take a day on the CPU.
+    """
+    if not _SPEC.fullmatch(spec):
+        raise UserError(f"params.yaml: device must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {spec!r} was asked for, but CUDA is not available on this machine "
+                            "(set device: auto or cpu in params.yaml)")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise UserError(f"device {spec!r} was asked for, but this machine has {count} CUDA "
+                            f"device(s): use cuda:0..cuda:{count - 1}")
+    if spec == "mps" and not _mps_available():
+        raise UserError("device 'mps' was asked for, but MPS is not available on this machine "
+                        "(set device: auto or cpu in params.yaml)")
+    return torch.device(spec)
+
+
+def describe_device(device: torch.device) -> str:
+    """A human-readable name for metrics: 'cpu', 'cuda:0 (NVIDIA H200)', 'mps'."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return device.type
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()

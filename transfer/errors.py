@@ -1,0 +1,29 @@
+"""One exception type for problems a user can fix, and the wrapper that prints them.
+
+Stages raise :class:`UserError` for bad input (a wrong param, a missing file, a failed
+download). :func:`run_stage` turns it into one line on stderr and a non-zero exit code, so a
+user reads what went wrong and how to fix it instead of a traceback. Programming errors
+still raise normally: a traceback is the right report for a bug.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message is shown as-is, on one line."""
+
+
+def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a stage's ``main`` and exit with a one-line message on user errors or Ctrl-C."""
+    try:
+        main(argv)
+    except UserError as exc:
+        message = " ".join(str(exc).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the stage's outputs", file=sys.stderr)
+        sys.exit(130)

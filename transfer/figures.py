@@ -1,0 +1,71 @@
+"""Figures of images with their labels: the tutorial's ``imshow`` and ``visualize_model``.
+
+Matplotlib runs with the non-interactive Agg backend; figures are saved atomically and
+never shown, so the stages work on servers and in CI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from transfer.atomic import atomic_path
+
+MISTAKE = "#d62728"
+CORRECT = "#2ca02c"
+
+
+def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised CHW tensor back to an HWC array in [0, 1] for display (the tutorial's imshow)."""
+    array = image.detach().cpu().float().numpy().transpose((1, 2, 0))
+    return np.clip(array * np.array(std) + np.array(mean), 0, 1)
+
+
+def save_image_grid(
+    path: Path,
+    images: Sequence[torch.Tensor],
+    titles: Sequence[str],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mistakes: Sequence[bool] | None = None,
+    suptitle: str = "",
+    columns: int = 4,
+) -> None:
+    """Save a grid of images with a title each; ``mistakes`` get a red frame and title."""
+    count = max(len(images), 1)
+    cols = min(columns, count)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows + (0.4 if suptitle else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not images:
+        axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center", fontsize=14)
+    for i, (image, title) in enumerate(zip(images, titles, strict=True)):
+        ax = axes.flat[i]
+        ax.imshow(denormalize(image, mean, std))
+        if mistakes is not None:
+            colour = MISTAKE if mistakes[i] else CORRECT
+            ax.set_title(title, color=colour, fontsize=10, fontweight="bold" if mistakes[i] else "normal")
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(4 if mistakes[i] else 1)
+        else:
+            ax.set_title(title, fontsize=10)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)

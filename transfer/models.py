@@ -1,0 +1,153 @@
+"""Backbones, their pretrained weights, and the new classification head.
+
+The pretrained weights are a file the ``weights`` stage writes (``models/pretrained.pt``)
+and DVC tracks, so training never touches the network and a change of weights reruns it.
+The head is found generically, as the last linear (or 1x1 convolution) layer that produces
+the backbone's class scores, so any torchvision classifier works without a table of names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from transfer.errors import UserError
+
+STATE_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class Head:
+    """Where the classifier sits in a model: ``model.get_submodule(name)``."""
+
+    name: str
+    in_features: int
+
+
+def create_backbone(arch: str) -> nn.Module:
+    """A randomly initialised torchvision classification model with its original head."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        close = [n for n in names if n.startswith(arch[:4])][:6]
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise UserError(f"params.yaml: model.arch {arch!r} is not a torchvision classification model{hint}")
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def find_head(model: nn.Module) -> Head:
+    """The last layer that maps features to class scores.
+
+    That is the last ``nn.Linear`` in registration order (``fc``, ``classifier.1``,
+    ``heads.head``, ...), or for the few all-convolutional classifiers (SqueezeNet) the last
+    1x1 ``nn.Conv2d``.
+    """
+    linear = conv = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            linear = Head(name, module.in_features)
+        elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+            conv = Head(name, module.in_channels)
+    head = linear or conv
+    if head is None:
+        raise UserError(f"cannot find a classification head in {model.__class__.__name__}")
+    return head
+
+
+def replace_head(model: nn.Module, num_classes: int) -> Head:
+    """Swap the classifier for a new linear layer with ``num_classes`` outputs."""
+    head = find_head(model)
+    parent_name, _, attr = head.name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    if isinstance(old, nn.Conv2d):
+        new: nn.Module = nn.Conv2d(head.in_features, num_classes, kernel_size=1)
+    else:
+        new = nn.Linear(head.in_features, num_classes)
+    setattr(parent, attr, new)
+    return head
+
+
+def freeze_backbone(model: nn.Module, head: Head) -> list[nn.Parameter]:
+    """Freeze every parameter outside the head; return the head's (the only trainable) ones."""
+    for param in model.parameters():
+        param.requires_grad = False
+    trainable = list(model.get_submodule(head.name).parameters())
+    for param in trainable:
+        param.requires_grad = True
+    return trainable
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a plain state_dict from ``.pth``/``.pt`` (weights_only) or ``.safetensors``."""
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    if path.suffix not in STATE_SUFFIXES:
+        raise UserError(f"weights file {path} must end in {', '.join(STATE_SUFFIXES)}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and safetensors errors all mean "not loadable"
+        raise UserError(f"cannot read weights file {path}: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"weights file {path} is not a plain state_dict (a mapping of names to tensors)")
+    return state
+
+
+def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, ignoring the head (it is replaced anyway).
+
+    Keys must otherwise match exactly; a mismatch lists the missing and unexpected keys, which
+    is what a user needs to see when the file was made for another architecture.
+    """
+    head = find_head(model).name + "."
+    body = {k: v for k, v in state.items() if not k.startswith(head)}
+    expected = {k for k in model.state_dict() if not k.startswith(head)}
+    missing, unexpected = sorted(expected - set(body)), sorted(set(body) - expected)
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not match {model.__class__.__name__}: "
+            f"{len(missing)} missing keys {_few(missing)}, {len(unexpected)} unexpected keys {_few(unexpected)}"
+        )
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k])}" for k, v in body.items() if v.shape != shapes[k]]
+    if wrong:
+        raise UserError(f"{source} has tensors of the wrong shape for {model.__class__.__name__}: {_few(wrong)}")
+    model.load_state_dict(body, strict=False)
+
+
+def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
+    """The torchvision weights enum entry ``name`` (or DEFAULT) for ``arch``."""
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise UserError(f"params.yaml: model.arch {arch!r} has no torchvision weights") from None
+    if name == "DEFAULT":
+        return enum.DEFAULT
+    try:
+        return enum[name]
+    except KeyError:
+        known = ", ".join(["DEFAULT", *enum.__members__])
+        raise UserError(
+            f"params.yaml: model.weights {name!r} is neither a weights name of {arch} ({known}), "
+            "none, nor a path ending in .pth, .pt or .safetensors"
+        ) from None
+
+
+def weights_hash_prefix(url: str) -> str | None:
+    """The sha256 prefix torchvision puts in its file names (``resnet18-f37072fd.pth``)."""
+    match = re.search(r"-([a-f0-9]{6,})\.", Path(url).name)
+    return match.group(1) if match else None
+
+
+def _few(items: list[str]) -> str:
+    shown = ", ".join(items[:4])
+    return f"({shown}{', ...' if len(items) > 4 else ''})" if items else ""
