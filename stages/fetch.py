@@ -1,9 +1,9 @@
 """Stage ``fetch``: download the data set's zip (``data.url``) to ``data/``.
 
 ``data.url`` may be an http(s):// URL, a file:// URL or a local path, so offline users can
-point it at a mirror. The sha256 of what arrived is written to a small metrics file, so a
-change of the upstream file shows up in ``dvc metrics diff``; pin ``data.sha256`` to turn
-such a change into an error.
+point it at a mirror; a local folder (holding ``train/`` and ``val/``) is packed into the zip.
+The sha256 of what arrived is written to a small metrics file, so a change of the upstream
+file shows up in ``dvc metrics diff``; pin ``data.sha256`` to turn such a change into an error.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import argparse
 import zipfile
 from pathlib import Path
 
+from transfer.archive import zip_folder
 from transfer.atomic import write_json
-from transfer.download import fetch
+from transfer.download import fetch, local_path
 from transfer.errors import run_stage
 from transfer.params import load_params
 
@@ -21,7 +22,8 @@ from transfer.params import load_params
 def _is_zip(path: Path) -> str | None:
     if zipfile.is_zipfile(path):
         return None
-    head = path.read_bytes()[:256].lstrip().lower()
+    with path.open("rb") as payload:
+        head = payload.read(256).lstrip().lower()
     kind = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not a zip archive"
     return f"the download is {kind} ({path.stat().st_size} bytes), not the data set's zip"
 
@@ -35,11 +37,15 @@ def main(argv: list[str] | None = None) -> None:
 
     data = load_params(args.params).data
     out = Path(args.out)
-    hint = f"download {data.url} by hand and set data.url in {args.params} to the file's path"
-    fetched = fetch(
-        data.url, out, sha256=data.sha256, retries=data.retries, timeout=data.timeout,
-        check=_is_zip, hint=hint,
-    )
+    source = local_path(data.url)
+    if source is not None and source.is_dir():  # a local image folder: pack it as the zip
+        fetched = zip_folder(source, out, sha256=data.sha256)
+    else:
+        hint = f"download {data.url} by hand and set data.url in {args.params} to the file's path"
+        fetched = fetch(
+            data.url, out, sha256=data.sha256, retries=data.retries, timeout=data.timeout,
+            check=_is_zip, hint=hint,
+        )
     write_json(args.report, {"url": data.url, "sha256": fetched.sha256, "bytes": fetched.size,
                              "sha256_pinned": data.sha256 is not None})
     print(f"fetched {data.url} -> {out} ({fetched.size} bytes, sha256 {fetched.sha256})")

@@ -24,10 +24,10 @@ from torch import nn, optim
 from torch.optim import lr_scheduler
 
 from transfer.atomic import write_json, write_text
-from transfer.checkpoints import read_meta, save_checkpoint
-from transfer.data import build_transforms, load_image_folders, make_loader, resolve_workers
+from transfer.checkpoints import read_pretrained_meta, save_checkpoint
+from transfer.data import build_transforms, load_image_folders, make_loader, resolve_preprocess, resolve_workers
 from transfer.devices import describe_device, resolve_device
-from transfer.errors import UserError, run_stage
+from transfer.errors import run_stage
 from transfer.models import create_backbone, freeze_backbone, load_backbone_state, replace_head
 from transfer.params import MODES, load_params
 from transfer.reproducibility import configure_backends, seed_everything
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     configure_backends(device, params.train.deterministic)
     generator = seed_everything(params.seed)
 
-    images = load_image_folders(args.data, build_transforms(params.preprocess))
+    pretrained = read_pretrained_meta(args.weights, params.model)
+    preprocess = resolve_preprocess(params.preprocess, pretrained["preprocess"])
+    images = load_image_folders(args.data, build_transforms(preprocess))
     classes = images["train"].classes
     workers = resolve_workers(params.train.num_workers)
     loaders = {
@@ -73,12 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         for split in ("train", "val")
     }
 
-    pretrained = read_meta(args.weights)
-    if pretrained["arch"] != params.model.arch or pretrained["weights"] != params.model.weights:
-        raise UserError(f"{args.weights} holds {pretrained['arch']} weights {pretrained['weights']!r}, "
-                        "not those in params.yaml: run `dvc repro` (the weights stage) first")
     model = create_backbone(params.model.arch)
-    if "sha256" in pretrained:  # otherwise `none`: keep the seeded random initialisation
+    if pretrained["pretrained"]:  # otherwise `none`: keep the seeded random initialisation
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
         load_backbone_state(model, state, str(args.weights))
     head = replace_head(model, len(classes))
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         "weights": params.model.weights,
         "weights_source": pretrained["source"],
         "weights_sha256": pretrained.get("sha256"),
-        "preprocess": dataclasses.asdict(params.preprocess),
+        "preprocess": dataclasses.asdict(preprocess),
         "params_digest": params.digest(),
     })
     write_text(history_out, history_csv(result.history))

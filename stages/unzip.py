@@ -4,6 +4,7 @@ Unsafe archives are refused before anything is written; files that are not accep
 are left out and listed; the result is checked to be a usable image-folder data set. The
 extraction happens in a temporary folder that replaces the output only when all is well.
 A data report (images per split and class, what was skipped and why) goes to ``metrics/``.
+A data set without ``val/`` can have one split off ``train/`` (``data.val_fraction``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from transfer.archive import extract_image_folder
 from transfer.atomic import atomic_dir, write_json
 from transfer.errors import run_stage
+from transfer.params import load_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,10 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("archive", type=Path, help="the zip fetched by the fetch stage")
     parser.add_argument("--out", type=Path, default=Path("data/hymenoptera_data"))
     parser.add_argument("--report", type=Path, default=Path("metrics/data.json"))
+    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
+    params = load_params(args.params)
     with atomic_dir(args.out) as tmp:
-        report = extract_image_folder(args.archive, tmp)
+        report = extract_image_folder(args.archive, tmp, val_fraction=params.data.val_fraction, seed=params.seed)
     write_json(args.report, report.as_metrics())
 
     for name, reason in sorted(report.skipped.items()):

@@ -1,12 +1,13 @@
 """Stage ``weights``: put the backbone's starting weights in a file that DVC tracks.
 
-``model.weights`` is a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``), ``none``
-(random initialisation, done by the train stage from ``seed``), or a local ``.pth``/``.pt``/
-``.safetensors`` state_dict. Torchvision files are downloaded into torch's hub cache (or
-taken from it when already there, so this works offline) and checked against the sha256
-prefix in their file name, as torchvision does. Whatever the source, the keys are checked
-against ``model.arch`` before the plain state_dict is written to ``--out``; a JSON sidecar
-records where it came from.
+``model.weights`` is a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``), a timm
+pretrained tag for ``timm/`` models, ``none`` (random initialisation, done by the train stage
+from ``seed``), or a local ``.pth``/``.pt``/``.safetensors`` state_dict. Torchvision files
+are downloaded into torch's hub cache (or taken from it when already there, so this works
+offline) and checked against the sha256 prefix in their file name, as torchvision does.
+Whatever the source, the keys are checked against ``model.arch`` before the plain state_dict
+is written to ``--out``; a JSON sidecar records where it came from and the preprocessing
+the weights expect (from their metadata).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from transfer.download import fetch, sha256_of
 from transfer.errors import UserError, run_stage
 from transfer.models import (
     STATE_SUFFIXES,
+    TIMM_PREFIX,
     create_backbone,
     load_backbone_state,
+    pretrained_preprocess,
     read_state_dict,
+    timm_pretrained,
     torchvision_weights,
     weights_hash_prefix,
 )
@@ -62,19 +66,25 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     arch, weights = params.model.arch, params.model.weights
     model = create_backbone(arch)  # validates the arch before anything is downloaded
-    meta: dict[str, object] = {"arch": arch, "weights": weights}
+    meta: dict[str, object] = {"arch": arch, "weights": weights, "pretrained": True}
     if weights.lower() == "none":
         state: dict[str, torch.Tensor] = {}
-        meta["source"] = "none (random initialisation from seed)"
-    else:
-        if weights.endswith(STATE_SUFFIXES):
-            path = Path(weights).expanduser()
-            meta["source"] = str(path)
-        else:
-            path, meta["source"] = download_torchvision_weights(arch, weights, params.data)
+        meta.update(pretrained=False, source="none (random initialisation from seed)")
+    elif weights.endswith(STATE_SUFFIXES):
+        path = Path(weights).expanduser()
         state = read_state_dict(path)
         load_backbone_state(model, state, f"weights file {path}")
-        meta["sha256"] = sha256_of(path)
+        meta.update(source=str(path), sha256=sha256_of(path))
+    elif arch.startswith(TIMM_PREFIX):
+        model = timm_pretrained(arch, weights)
+        state = model.state_dict()
+        meta.update(source=f"timm {model.pretrained_cfg.get('hf_hub_id') or arch}")
+    else:
+        path, url = download_torchvision_weights(arch, weights, params.data)
+        state = read_state_dict(path)
+        load_backbone_state(model, state, f"weights file {path}")
+        meta.update(source=url, sha256=sha256_of(path))
+    meta["preprocess"] = pretrained_preprocess(arch, weights, model)
     save_checkpoint(args.out, state, meta)
     print(f"weights for {arch}: {meta['source']} -> {args.out}")
 

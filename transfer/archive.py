@@ -8,6 +8,7 @@ training time is reported now, by name, instead of crashing epoch 3.
 from __future__ import annotations
 
 import io
+import random
 import stat
 import warnings
 import zipfile
@@ -18,6 +19,8 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 from tqdm import tqdm
 
+from transfer.atomic import atomic_path
+from transfer.download import Fetched, sha256_of
 from transfer.errors import UserError
 from transfer.layout import SPLITS, is_image_name, is_litter, layout_problem
 
@@ -27,6 +30,7 @@ class ExtractReport:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     ignored: int = 0
+    val_from_train: float = 0.0
 
     def as_metrics(self) -> dict[str, object]:
         splits = {
@@ -39,7 +43,29 @@ class ExtractReport:
             "skipped_count": len(self.skipped),
             "skipped": dict(sorted(self.skipped.items())),
             "ignored_entries": self.ignored,
+            "val_split_from_train": self.val_from_train,
         }
+
+
+def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
+    """Store the folder ``src`` as a zip at ``dest``, byte-identical for identical contents.
+
+    Members are sorted and carry a fixed timestamp, so the zip's sha256 changes exactly when
+    a file's name or content does; a pinned ``sha256`` that does not match leaves ``dest`` as
+    it was. Images are already compressed: they are stored, not deflated.
+    """
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    with atomic_path(dest) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for path in tqdm(files, desc=f"zip {src.name}", unit="file", disable=None, leave=False):
+                info = zipfile.ZipInfo(path.relative_to(src).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, path.read_bytes())
+        packed = Fetched(sha256_of(tmp), tmp.stat().st_size)
+        if sha256 and packed.sha256 != sha256.lower():
+            raise UserError(f"sha256 mismatch for the zip of {src}: expected {sha256.lower()}, got "
+                            f"{packed.sha256}; update data.sha256 if the folder changed on purpose")
+    return packed
 
 
 def unsafe_reason(info: zipfile.ZipInfo) -> str | None:
@@ -67,8 +93,32 @@ def _data_root(names: list[PurePosixPath]) -> PurePosixPath:
     )
 
 
-def extract_image_folder(archive: Path, dest: Path) -> ExtractReport:
-    """Extract ``archive``'s splits into the empty folder ``dest``; return what was kept."""
+def split_off_val(files: list[PurePosixPath], fraction: float, seed: int) -> dict[PurePosixPath, PurePosixPath]:
+    """Map a seeded, stratified ``fraction`` of each class's train images to ``val/``.
+
+    Each class keeps at least one training image and, when it has two or more, gives at
+    least one to validation, so the layout check passes for every class.
+    """
+    by_class: dict[str, list[PurePosixPath]] = {}
+    for rel in files:
+        if rel.parts[0] == "train" and len(rel.parts) >= 3 and is_image_name(rel.name):
+            by_class.setdefault(rel.parts[1], []).append(rel)
+    moved = {}
+    rng = random.Random(seed)
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        count = min(max(round(len(members) * fraction), 1), len(members) - 1)
+        for rel in rng.sample(members, count):
+            moved[rel] = PurePosixPath("val", *rel.parts[1:])
+    return moved
+
+
+def extract_image_folder(archive: Path, dest: Path, *, val_fraction: float = 0.0, seed: int = 0) -> ExtractReport:
+    """Extract ``archive``'s splits into the empty folder ``dest``; return what was kept.
+
+    Without a ``val/`` split in the archive, ``val_fraction`` > 0 moves that fraction of
+    ``train/`` there (see :func:`split_off_val`).
+    """
     try:
         zf = zipfile.ZipFile(archive)
     except FileNotFoundError:
@@ -103,7 +153,16 @@ def extract_image_folder(archive: Path, dest: Path) -> ExtractReport:
             else:
                 files.append((rel, info))
 
-        for rel, info in tqdm(files, desc="unzip", unit="file", disable=None, leave=False):
+        has_val = any(rel.parts[0] == "val" for rel, _ in files) or "val" in report.counts
+        moved = {}
+        if val_fraction > 0 and not has_val:
+            moved = split_off_val([rel for rel, _ in files], val_fraction, seed)
+            report.val_from_train = val_fraction
+            for rel in moved.values():
+                report.counts.setdefault("val", {}).setdefault(rel.parts[1], 0)
+
+        for original, info in tqdm(files, desc="unzip", unit="file", disable=None, leave=False):
+            rel = moved.get(original, original)
             shown = str(rel)
             if len(rel.parts) < 3:
                 report.skipped[shown] = "not inside a class folder"

@@ -47,6 +47,7 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     old = dest.parent / f".{dest.name}.old"
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an output folder is as readable as mkdir's
         if old.exists():
             shutil.rmtree(old)
         if dest.exists() or dest.is_symlink():

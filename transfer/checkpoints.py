@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from transfer.atomic import atomic_path, write_json
+from transfer.data import Preprocess
 from transfer.errors import UserError
 from transfer.models import create_backbone, replace_head
-from transfer.params import PreprocessParams
+from transfer.params import ModelParams
 
 
 def sidecar_path(checkpoint: Path) -> Path:
@@ -41,6 +42,15 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
 
 
+def read_pretrained_meta(path: Path, model: ModelParams) -> dict[str, Any]:
+    """The weights stage's sidecar, checked to describe the weights params.yaml asks for."""
+    meta = read_meta(path)
+    if meta["arch"] != model.arch or meta["weights"] != model.weights:
+        raise UserError(f"{path} holds {meta['arch']} weights {meta['weights']!r}, not those in "
+                        "params.yaml: run `dvc repro` (the weights stage) first")
+    return meta
+
+
 def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained classifier from ``path`` and its sidecar, on ``device``, in eval mode."""
     meta = read_meta(path)
@@ -56,6 +66,6 @@ def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dic
     return model.to(device).eval(), meta
 
 
-def preprocess_of(meta: dict[str, Any]) -> PreprocessParams:
+def preprocess_of(meta: dict[str, Any]) -> Preprocess:
     """The preprocessing a checkpoint was trained with, as recorded in its sidecar."""
-    return PreprocessParams(**meta["preprocess"])
+    return Preprocess(**meta["preprocess"])

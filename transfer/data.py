@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,7 +23,31 @@ INTERPOLATIONS = {
 }
 
 
-def build_transforms(pre: PreprocessParams) -> dict[str, transforms.Compose]:
+@dataclass(frozen=True)
+class Preprocess:
+    """Concrete preprocessing: what training used, recorded so evaluation and prediction match."""
+
+    resize: int
+    crop: int
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+
+
+# What the tutorial uses, and what ImageNet-trained weights without metadata expect.
+IMAGENET = Preprocess(256, 224, "bilinear", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def resolve_preprocess(params: PreprocessParams, pretrained: dict[str, Any] | None) -> Preprocess:
+    """Each ``auto`` param is taken from the weights' metadata, or else from :data:`IMAGENET`."""
+    defaults = Preprocess(**pretrained) if pretrained else IMAGENET
+    return Preprocess(**{
+        name: getattr(defaults, name) if value == "auto" else value
+        for name, value in asdict(params).items()
+    })
+
+
+def build_transforms(pre: Preprocess) -> dict[str, transforms.Compose]:
     """The tutorial's ``data_transforms``: random crop and flip to train, centre crop to validate."""
     mode = INTERPOLATIONS[pre.interpolation]
     normalize = transforms.Normalize(pre.mean, pre.std)
@@ -36,7 +62,7 @@ def build_transforms(pre: PreprocessParams) -> dict[str, transforms.Compose]:
     }
 
 
-def eval_transform(pre: PreprocessParams) -> transforms.Compose:
+def eval_transform(pre: Preprocess) -> transforms.Compose:
     """Deterministic preprocessing shared by validation, evaluation and prediction."""
     return transforms.Compose([
         transforms.Resize(pre.resize, interpolation=INTERPOLATIONS[pre.interpolation]),

@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import os
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -89,16 +90,22 @@ def fetch(
     raise AssertionError("unreachable")
 
 
-def _copy(url: str, out: BinaryIO, timeout: float) -> Fetched:
+def local_path(url: str) -> Path | None:
+    """The local file a ``file://`` URL or plain path names; None for http(s) URLs."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
-        return _copy_http(url, out, timeout)
+        return None
     if scheme == "file":
-        path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
-    elif scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
+        return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+    if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise UserError(f"unsupported URL scheme {scheme!r} in {url}: use http(s)://, file:// or a path")
-    else:
-        path = Path(url).expanduser()
+    return Path(url).expanduser()
+
+
+def _copy(url: str, out: BinaryIO, timeout: float) -> Fetched:
+    path = local_path(url)
+    if path is None:
+        return _copy_http(url, out, timeout)
     try:
         with path.open("rb") as src:
             return _stream(src, out, path.stat().st_size, path.name)
@@ -130,6 +137,8 @@ def _copy_http(url: str, out: BinaryIO, timeout: float) -> Fetched:
         if isinstance(reason, socket.gaierror):
             host = urllib.parse.urlsplit(url).hostname
             raise UserError(f"could not download {url}: cannot resolve host {host!r} (offline?)") from None
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise UserError(f"could not download {url}: TLS certificate not trusted: {reason.verify_message}") from None
         if isinstance(reason, ConnectionRefusedError):
             raise _Transient("connection refused") from None
         if isinstance(reason, (TimeoutError, socket.timeout)):

@@ -8,9 +8,12 @@ the backbone's class scores, so any torchvision classifier works without a table
 
 from __future__ import annotations
 
+import math
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -29,23 +32,55 @@ class Head:
     in_features: int
 
 
+TIMM_PREFIX = "timm/"
+
+
+def _timm() -> types.ModuleType:
+    """timm is an optional dependency, imported only when a ``timm/`` model is asked for."""
+    try:
+        import timm
+    except ImportError:
+        raise UserError("model.arch names a timm model, but timm is not installed: "
+                        "pip install 'transfer-pipeline[timm]'") from None
+    return timm
+
+
 def create_backbone(arch: str) -> nn.Module:
-    """A randomly initialised torchvision classification model with its original head."""
+    """A randomly initialised classifier with its original head.
+
+    ``arch`` is a torchvision classification model name (``resnet18``, ``vit_b_16``) or a timm
+    model name behind ``timm/`` (``timm/convnext_tiny``).
+    """
+    if arch.startswith(TIMM_PREFIX):
+        timm, name = _timm(), arch[len(TIMM_PREFIX):]
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:6]
+            hint = f" (close: {', '.join(close)})" if close else ""
+            raise UserError(f"params.yaml: model.arch {arch!r} is not a timm model{hint}")
+        return timm.create_model(name, pretrained=False)
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
         close = [n for n in names if n.startswith(arch[:4])][:6]
         hint = f" (close: {', '.join(close)})" if close else ""
-        raise UserError(f"params.yaml: model.arch {arch!r} is not a torchvision classification model{hint}")
+        raise UserError(
+            f"params.yaml: model.arch {arch!r} is not a torchvision classification model{hint}; "
+            f"timm models are written {TIMM_PREFIX}NAME"
+        )
     return torchvision.models.get_model(arch, weights=None)
 
 
 def find_head(model: nn.Module) -> Head:
-    """The last layer that maps features to class scores.
+    """The layer that maps features to class scores.
 
-    That is the last ``nn.Linear`` in registration order (``fc``, ``classifier.1``,
-    ``heads.head``, ...), or for the few all-convolutional classifiers (SqueezeNet) the last
-    1x1 ``nn.Conv2d``.
+    timm models name it themselves (``get_classifier``). For torchvision models it is the
+    last ``nn.Linear`` in registration order (``fc``, ``classifier.1``, ``heads.head``, ...),
+    or for the few all-convolutional classifiers (SqueezeNet) the last 1x1 ``nn.Conv2d``.
     """
+    if hasattr(model, "get_classifier") and hasattr(model, "reset_classifier"):
+        classifier = model.get_classifier()
+        for name, module in model.named_modules():
+            if module is classifier:
+                return Head(name, int(model.num_features))
     linear = conv = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -59,8 +94,11 @@ def find_head(model: nn.Module) -> Head:
 
 
 def replace_head(model: nn.Module, num_classes: int) -> Head:
-    """Swap the classifier for a new linear layer with ``num_classes`` outputs."""
+    """Swap the classifier for a new, freshly initialised one with ``num_classes`` outputs."""
     head = find_head(model)
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return find_head(model)
     parent_name, _, attr = head.name.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, attr)
@@ -70,6 +108,35 @@ def replace_head(model: nn.Module, num_classes: int) -> Head:
         new = nn.Linear(head.in_features, num_classes)
     setattr(parent, attr, new)
     return head
+
+
+def pretrained_preprocess(arch: str, weights: str, model: nn.Module) -> dict[str, Any] | None:
+    """The preprocessing the weights were trained with, from their metadata, if they have any.
+
+    torchvision: ``weights.transforms()``; timm: ``resolve_data_config`` of the model's
+    pretrained config. Random or local weights of a torchvision model carry none.
+    """
+    if arch.startswith(TIMM_PREFIX):
+        config = _timm().data.resolve_data_config({}, model=model)
+        crop = int(config["input_size"][-1])
+        interpolation = config.get("interpolation", "bilinear")
+        return {
+            "resize": math.floor(crop / config.get("crop_pct", 0.875)),
+            "crop": crop,
+            "interpolation": interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
+            "mean": [float(v) for v in config["mean"]],
+            "std": [float(v) for v in config["std"]],
+        }
+    if weights.lower() == "none" or weights.endswith(STATE_SUFFIXES):
+        return None
+    preset = torchvision_weights(arch, weights).transforms()
+    return {
+        "resize": int(preset.resize_size[0]),
+        "crop": int(preset.crop_size[0]),
+        "interpolation": preset.interpolation.value,
+        "mean": [float(v) for v in preset.mean],
+        "std": [float(v) for v in preset.std],
+    }
 
 
 def freeze_backbone(model: nn.Module, head: Head) -> list[nn.Parameter]:
@@ -135,10 +202,33 @@ def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
     try:
         return enum[name]
     except KeyError:
-        known = ", ".join(["DEFAULT", *enum.__members__])
+        known = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
         raise UserError(
             f"params.yaml: model.weights {name!r} is neither a weights name of {arch} ({known}), "
             "none, nor a path ending in .pth, .pt or .safetensors"
+        ) from None
+
+
+def timm_pretrained(arch: str, tag: str) -> nn.Module:
+    """The timm model ``arch`` with its pretrained weights ``tag`` (``DEFAULT``: timm's default).
+
+    timm fetches them from the Hugging Face Hub into its own cache, so a second call works
+    offline (with ``HF_HUB_OFFLINE=1``).
+    """
+    timm, name = _timm(), arch[len(TIMM_PREFIX):]
+    base = name.split(".")[0]
+    full = name if tag == "DEFAULT" else f"{base}.{tag}"
+    known = timm.list_pretrained(f"{base}.*")
+    if tag != "DEFAULT" and full not in known:
+        tags = ", ".join(k.split(".", 1)[1] for k in known[:8]) or "none"
+        raise UserError(f"params.yaml: model.weights {tag!r} is not a pretrained tag of {base} "
+                        f"(tags: {tags}), nor none or a .pth/.pt/.safetensors path")
+    try:
+        return timm.create_model(full, pretrained=True)
+    except Exception as exc:  # hub, network and file errors all end the same way for the user
+        raise UserError(
+            f"could not get timm weights {full} ({exc.__class__.__name__}: {' '.join(str(exc).split())[:150]}); "
+            "run once with network access, or set model.weights to a local .pth/.safetensors file"
         ) from None
 
 

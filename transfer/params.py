@@ -24,6 +24,7 @@ from transfer.errors import UserError
 
 MODES = ("finetune", "feature_extract")
 Mode = Literal["finetune", "feature_extract"]
+Auto = Literal["auto"]
 
 
 def _positive(**extra: Any) -> dict[str, Any]:
@@ -36,6 +37,7 @@ class DataParams:
     sha256: str | None = field(metadata={"pattern": r"[0-9a-fA-F]{64}", "what": "64 hex digits"})
     retries: int = field(metadata={"min": 0})
     timeout: float = field(metadata=_positive())
+    val_fraction: float = field(metadata={"min": 0, "max": 1})
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,13 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    resize: int = field(metadata=_positive())
-    crop: int = field(metadata=_positive())
-    interpolation: Literal["nearest", "bilinear", "bicubic"]
-    mean: list[float] = field(metadata={"length": 3})
-    std: list[float] = field(metadata={"length": 3, "min": 0, "exclusive": True})
+    """Each key is a value, or ``auto`` to take it from the pretrained weights' metadata."""
+
+    resize: int | Auto = field(metadata=_positive())
+    crop: int | Auto = field(metadata=_positive())
+    interpolation: Literal["nearest", "bilinear", "bicubic", "auto"]
+    mean: list[float] | Auto = field(metadata={"length": 3})
+    std: list[float] | Auto = field(metadata={"length": 3, "min": 0, "exclusive": True})
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class FeatureExtractParams(ModeParams):
 @dataclass(frozen=True)
 class TrainParams:
     batch_size: int = field(metadata=_positive())
-    num_workers: int | Literal["auto"] = field(metadata={"min": 0})
+    num_workers: int | Auto = field(metadata={"min": 0})
     amp: bool
     deterministic: bool
     finetune: ModeParams
@@ -152,6 +156,8 @@ def _convert(hint: Any, value: Any, key: str, source: str, meta: typing.Mapping[
                 return _convert(option, value, key, source, meta)
             except UserError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # `X | None`: X's own message is the precise one
+            raise errors[0]
         raise UserError(f"{source}: {key} must be {_describe(hint, meta)}, got {_show(value)}")
     if origin is Literal:
         if value not in typing.get_args(hint):
@@ -176,9 +182,11 @@ def _convert(hint: Any, value: Any, key: str, source: str, meta: typing.Mapping[
 
 
 def _in_range(value: Any, meta: typing.Mapping[str, Any]) -> bool:
-    if "min" not in meta or isinstance(value, (str, bool)):
+    if isinstance(value, (str, bool)):
         return True
-    return value > meta["min"] if meta.get("exclusive") else value >= meta["min"]
+    if "min" in meta and not (value > meta["min"] if meta.get("exclusive") else value >= meta["min"]):
+        return False
+    return "max" not in meta or value < meta["max"]
 
 
 def _describe(hint: Any, meta: typing.Mapping[str, Any]) -> str:
@@ -190,13 +198,19 @@ def _describe(hint: Any, meta: typing.Mapping[str, Any]) -> str:
     if origin is list:
         (item,) = typing.get_args(hint)
         size = f"{meta['length']} " if "length" in meta else ""
-        return f"a list of {size}{_describe(item, meta)}s"
+        noun = {int: "integers", float: "numbers", str: "strings"}.get(item, _describe(item, meta))
+        return f"a list of {size}{noun}{_range(item, meta)}"
     if hint is type(None):
         return "null"
     name = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}[hint]
-    if "min" in meta and hint in (int, float):
-        name += f" {'>' if meta.get('exclusive') else '>='} {meta['min']}"
-    return name
+    return name + _range(hint, meta)
+
+
+def _range(hint: Any, meta: typing.Mapping[str, Any]) -> str:
+    if hint not in (int, float):
+        return ""
+    text = f" {'>' if meta.get('exclusive') else '>='} {meta['min']}" if "min" in meta else ""
+    return text + (f" and < {meta['max']}" if "max" in meta else "")
 
 
 def _show(value: Any) -> str:
