@@ -28,7 +28,7 @@ from transfer.checkpoints import read_pretrained_meta, save_checkpoint
 from transfer.data import build_transforms, load_image_folders, make_loader, resolve_preprocess, resolve_workers
 from transfer.devices import describe_device, resolve_device
 from transfer.errors import run_stage
-from transfer.models import create_backbone, freeze_backbone, load_backbone_state, replace_head
+from transfer.models import check_input_size, create_backbone, freeze_backbone, load_backbone_state, replace_head
 from transfer.params import MODES, load_params
 from transfer.reproducibility import configure_backends, seed_everything
 from transfer.training import EpochRecord, train_model
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
         load_backbone_state(model, state, str(args.weights))
     head = replace_head(model, len(classes))
+    check_input_size(model, preprocess.crop)
 
     if mode == "feature_extract":
         trained_params = freeze_backbone(model, head)

@@ -57,6 +57,11 @@ def create_backbone(arch: str) -> nn.Module:
             close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:6]
             hint = f" (close: {', '.join(close)})" if close else ""
             raise UserError(f"params.yaml: model.arch {arch!r} is not a timm model{hint}")
+        base, _, tag = name.partition(".")
+        if tag and not timm.list_pretrained(name):  # is_model accepts any tag; create_model would not
+            tags = ", ".join(k.split(".", 1)[1] for k in timm.list_pretrained(f"{base}.*")[:8]) or "none"
+            raise UserError(f"params.yaml: model.arch {arch!r}: {tag!r} is not a pretrained tag of {base} "
+                            f"(tags: {tags})")
         return timm.create_model(name, pretrained=False)
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
@@ -66,7 +71,19 @@ def create_backbone(arch: str) -> nn.Module:
             f"params.yaml: model.arch {arch!r} is not a torchvision classification model{hint}; "
             f"timm models are written {TIMM_PREFIX}NAME"
         )
-    return torchvision.models.get_model(arch, weights=None)
+    model = torchvision.models.get_model(arch, weights=None)
+    # GoogLeNet and Inception v3 come with auxiliary classifiers, which make a training forward
+    # pass return a tuple (and need 299-pixel inputs). Drop them and convert the ImageNet-
+    # normalised input to the scaling their weights expect, as torchvision does when it builds
+    # them pretrained; load_backbone_state skips the dropped modules' keys.
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for name, child in list(model.named_children()):
+            if type(child).__name__ == "InceptionAux":
+                setattr(model, name, None)
+    if hasattr(model, "transform_input"):
+        model.transform_input = True
+    return model
 
 
 def find_head(model: nn.Module) -> Head:
@@ -80,7 +97,10 @@ def find_head(model: nn.Module) -> Head:
         classifier = model.get_classifier()
         for name, module in model.named_modules():
             if module is classifier:
-                return Head(name, int(model.num_features))
+                # num_features is the pooled width; some models (MobileNetV3, GhostNet, LCNet)
+                # put a wider pre-logits layer between it and the classifier.
+                width = getattr(module, "in_features", None) or getattr(module, "in_channels", None)
+                return Head(name, int(width or model.num_features))
     linear = conv = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -149,6 +169,22 @@ def freeze_backbone(model: nn.Module, head: Head) -> list[nn.Parameter]:
     return trainable
 
 
+def check_input_size(model: nn.Module, crop: int) -> None:
+    """Fail clearly if the backbone cannot take ``crop``-pixel images (ViTs want exactly their
+    training size, Inception at least 75 pixels), instead of with a traceback mid-epoch."""
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, 3, crop, crop))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise UserError(
+            f"the model cannot take {crop}x{crop} images ({' '.join(str(exc).split())[:120]}); "
+            "set preprocess.crop (and resize) to a size it accepts, or auto"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a plain state_dict from ``.pth``/``.pt`` (weights_only) or ``.safetensors``."""
     if not path.is_file():
@@ -176,7 +212,7 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
     is what a user needs to see when the file was made for another architecture.
     """
     head = find_head(model).name + "."
-    body = {k: v for k, v in state.items() if not k.startswith(head)}
+    body = {k: v for k, v in state.items() if not k.startswith(head) and not _dropped(model, k)}
     expected = {k for k in model.state_dict() if not k.startswith(head)}
     missing, unexpected = sorted(expected - set(body)), sorted(set(body) - expected)
     if missing or unexpected:
@@ -189,6 +225,19 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
     if wrong:
         raise UserError(f"{source} has tensors of the wrong shape for {model.__class__.__name__}: {_few(wrong)}")
     model.load_state_dict(body, strict=False)
+
+
+def _dropped(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` belongs to a submodule the model has set to None (an optional part it
+    does not use, such as the auxiliary classifiers :func:`create_backbone` drops)."""
+    owner: Any = model
+    for part in key.split(".")[:-1]:
+        owner = getattr(owner, part, False)
+        if owner is None:
+            return True
+        if not isinstance(owner, nn.Module):
+            return False
+    return False
 
 
 def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:

@@ -1,0 +1,414 @@
+"""Shared fixtures: tiny generated data sets, a real loopback HTTP server, params files, a
+throw-away copy of the repository for running the real DVC CLI.
+
+Everything here is built from real components (PIL images in a real zip, a real
+``ThreadingHTTPServer`` on 127.0.0.1, the real ``dvc`` and ``git``) so the tests exercise
+what users run; failures are injected at the edges (the server's answers), never by mocking
+the code under test. Nothing here touches the internet.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import random
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# The stages and the library are imported in-process; make that work however pytest is run.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+              "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback and '.invalid' requests must never be routed through a proxy of the host."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+# --------------------------------------------------------------------------- data sets
+
+#: One clearly different colour per class, so a model can learn the generated images.
+CLASS_COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 30), (160, 40, 200)]
+#: Fixed zip timestamps, so the same arguments give byte-identical archives (stable sha256).
+ZIP_TIME = (2020, 1, 1, 0, 0, 0)
+EXTRAS = frozenset({"gif", "corrupt", "litter"})
+GIF_NAME = "imageNotFound.gif"
+CORRUPT_NAME = "corrupt.jpg"
+
+
+def make_image(colour: tuple[int, int, int], size: int, seed: str, fmt: str = "PNG") -> bytes:
+    """A ``size``x``size`` image of ``colour`` with light per-pixel noise, encoded as ``fmt``."""
+    rng = random.Random(seed)
+    pixels = [tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in colour)
+              for _ in range(size * size)]
+    image = Image.new("RGB", (size, size))
+    image.putdata(pixels)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _add(zf: zipfile.ZipFile, name: str, data: bytes | None = None) -> None:
+    """Write a member with fixed metadata; ``data=None`` writes a folder entry."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
+    if data is None:
+        info.external_attr = ((stat.S_IFDIR | 0o755) << 16) | 0x10
+        zf.writestr(info, b"")
+    else:
+        info.external_attr = (stat.S_IFREG | 0o644) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        zf.writestr(info, data)
+
+
+def make_dataset_zip(
+    path: str | os.PathLike[str],
+    classes: Iterable[str] = ("ants", "bees"),
+    n_train: int = 6,
+    n_val: int = 4,
+    size: int = 32,
+    top: str = "hymenoptera_data",
+    extra: Iterable[str] = (),
+    fmt: str = "PNG",
+) -> Path:
+    """Write a tiny image-folder zip laid out like hymenoptera_data.zip and return its path.
+
+    ``<top>/{train,val}/<class>/<class>_<split>_<i>.png`` (folder entries included, as in the
+    real archive); ``top=""`` puts the splits at the archive's top. A split with 0 images is
+    left out entirely. ``extra`` adds, by name:
+
+    * ``"gif"``: ``train/<first class>/imageNotFound.gif``, a valid GIF of an unsupported type
+      (the real archive has one);
+    * ``"corrupt"``: ``val/<last class>/corrupt.jpg``, a truncated JPEG that does not decode;
+    * ``"litter"``: ``__MACOSX/`` resource forks, ``.DS_Store`` files and a valid image inside
+      ``train/<first class>/.ipynb_checkpoints/``, all of which must be ignored.
+
+    The same arguments always give the same bytes.
+    """
+    classes = tuple(classes)
+    extra = set(extra)
+    if extra - EXTRAS:
+        raise ValueError(f"unknown extra {sorted(extra - EXTRAS)}; known: {sorted(EXTRAS)}")
+    fmt = fmt.upper()
+    suffix = {"PNG": ".png", "JPEG": ".jpg"}[fmt]
+    prefix = f"{top}/" if top else ""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        if top:
+            _add(zf, prefix)
+        for split, count in (("train", n_train), ("val", n_val)):
+            if count == 0:
+                continue
+            _add(zf, f"{prefix}{split}/")
+            for k, cls in enumerate(classes):
+                _add(zf, f"{prefix}{split}/{cls}/")
+                colour = CLASS_COLOURS[k % len(CLASS_COLOURS)]
+                for i in range(count):
+                    name = f"{cls}_{split}_{i}"
+                    _add(zf, f"{prefix}{split}/{cls}/{name}{suffix}",
+                         make_image(colour, size, name, fmt))
+        if "gif" in extra:
+            gif = io.BytesIO()
+            Image.new("P", (8, 8)).save(gif, format="GIF")
+            _add(zf, f"{prefix}train/{classes[0]}/{GIF_NAME}", gif.getvalue())
+        if "corrupt" in extra:
+            jpeg = make_image(CLASS_COLOURS[0], max(size, 64), "corrupt", "JPEG")
+            _add(zf, f"{prefix}val/{classes[-1]}/{CORRUPT_NAME}", jpeg[: len(jpeg) // 2])
+        if "litter" in extra:
+            _add(zf, "__MACOSX/")
+            _add(zf, f"__MACOSX/{prefix}train/{classes[0]}/._{classes[0]}_train_0{suffix}", b"\0" * 82)
+            _add(zf, f"{prefix}.DS_Store", b"\0\0\0\1Bud1")
+            _add(zf, f"{prefix}train/{classes[0]}/.DS_Store", b"\0\0\0\1Bud1")
+            _add(zf, f"{prefix}train/{classes[0]}/.ipynb_checkpoints/")
+            _add(zf, f"{prefix}train/{classes[0]}/.ipynb_checkpoints/x-checkpoint{suffix}",
+                 make_image(CLASS_COLOURS[0], size, "checkpoint", fmt))
+    return path
+
+
+@pytest.fixture
+def make_zip() -> Callable[..., Path]:
+    """:func:`make_dataset_zip`, as a fixture for tests that need custom archives."""
+    return make_dataset_zip
+
+
+@pytest.fixture
+def dataset_zip(tmp_path: Path) -> Path:
+    """A tiny hymenoptera-like zip (2 classes, 6 train + 4 val PNGs each) with the real
+    archive's oddities: an unsupported .gif and __MACOSX/.DS_Store litter."""
+    return make_dataset_zip(tmp_path / "src" / "hymenoptera_data.zip", extra=("gif", "litter"))
+
+
+# --------------------------------------------------------------------------- params
+
+DELETE = object()  #: a value for :func:`write_params` that removes the key
+
+
+def set_keys(raw: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted keys (``data.url``) set, or removed by DELETE."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return raw
+
+
+def write_params(dest: str | os.PathLike[str], changes: Mapping[str, Any] | None = None) -> Path:
+    """Write the repository's params.yaml with ``changes`` applied to ``dest``.
+
+    Starting from the committed file keeps tests on the real schema as keys are added.
+    """
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(yaml.safe_dump(set_keys(raw, changes or {}), sort_keys=False), encoding="utf-8")
+    return dest
+
+
+# --------------------------------------------------------------------------- HTTP server
+
+#: ``fail_first`` value meaning "every request fails".
+ALWAYS = 10**9
+
+
+@dataclass
+class Route:
+    """How the server answers one path.
+
+    The first ``fail_first`` requests fail as ``fail_with`` says: an HTTP status code (500,
+    503, 429...), ``"truncate"`` (announce the full Content-Length, send half, close) or
+    ``"stall"`` (send the headers and half the body, then go silent for ``stall`` seconds).
+    Later requests get ``status`` with ``body``.
+    """
+
+    body: bytes
+    status: int = 200
+    content_type: str = "application/zip"
+    fail_first: int = 0
+    fail_with: int | str = 500
+    stall: float = 5.0
+    hits: int = 0
+
+
+@dataclass
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1 serving :class:`Route` s, with a request log."""
+
+    base_url: str
+    routes: dict[str, Route] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def serve(self, name: str, body: bytes, **options: Any) -> str:
+        """Serve ``body`` at ``/<name>`` (options: see :class:`Route`); return its URL."""
+        self.routes[name] = Route(body, **options)
+        return self.url(name)
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+    def hits(self, name: str) -> int:
+        """How many requests reached ``/<name>``."""
+        with self.lock:
+            return self.log.count(f"/{name}")
+
+
+def _handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # keep the test output quiet
+
+        def do_GET(self) -> None:
+            with server.lock:
+                server.log.append(self.path)
+                route = server.routes.get(self.path.lstrip("/"))
+                if route is not None:
+                    route.hits += 1
+                    failing = route.hits <= route.fail_first
+            if route is None:
+                self._answer(404, b"<html><body>not found</body></html>", "text/html")
+            elif not failing:
+                self._answer(route.status, route.body, route.content_type)
+            elif isinstance(route.fail_with, int):
+                self._answer(route.fail_with, b"<html><body>try later</body></html>", "text/html")
+            elif route.fail_with == "truncate":
+                self._head(200, len(route.body), route.content_type)
+                self.wfile.write(route.body[: len(route.body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+            elif route.fail_with == "stall":
+                self._head(200, len(route.body), route.content_type)
+                self.wfile.write(route.body[: len(route.body) // 2])
+                self.wfile.flush()
+                server.stop.wait(route.stall)
+                self.close_connection = True
+            else:
+                raise ValueError(f"unknown failure {route.fail_with!r}")
+
+        def _head(self, status: int, length: int, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(length))
+            if status >= 400:
+                self.send_header("Connection", "close")
+            self.end_headers()
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self._head(status, len(body), content_type)
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def http_server() -> Iterator[LoopbackServer]:
+    """A real HTTP server on 127.0.0.1 (a free port), running in a thread for one test."""
+    server = LoopbackServer(base_url="")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    httpd.daemon_threads = True
+    server.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port that was bound and closed again, so connecting to it is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- stage output checks
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line a failing stage prints; fail if stderr holds anything else
+    than that line and ``warning:`` lines (retries), e.g. a traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    others = [line for line in lines if not line.startswith(("error:", "warning:"))]
+    assert not others, stderr
+    return errors[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden temporary files/folders that atomic writes must never leave behind."""
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and
+                  (p.name.endswith(".tmp") or p.name.endswith(".old")))
+
+
+def stage_env() -> dict[str, str]:
+    """Environment for subprocesses: no proxies, the venv's bin first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def run_module(module: str, args: Iterable[str], cwd: Path = REPO_ROOT,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m <module> <args>`` like DVC does and capture its output."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=stage_env(),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# --------------------------------------------------------------------------- DVC repository copy
+
+@dataclass
+class DvcRepo:
+    """A git repository holding a copy of the project, for running the real DVC CLI."""
+
+    root: Path
+    env: dict[str, str]
+
+    def set_params(self, changes: Mapping[str, Any]) -> None:
+        """Change dotted keys of this copy's params.yaml (a YAML round-trip)."""
+        path = self.root / "params.yaml"
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        path.write_text(yaml.safe_dump(set_keys(raw, changes), sort_keys=False), encoding="utf-8")
+
+    def dvc(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m dvc <args>`` in the copy; with ``check``, fail showing its output."""
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            pytest.fail(f"dvc {' '.join(args)} exited {proc.returncode}\n"
+                        f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+        return proc
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid",
+                               "-c", "commit.gpgsign=false", *args], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, check=True).stdout
+
+
+def project_files(root: Path = REPO_ROOT) -> list[str]:
+    """The project's files as git sees them: tracked plus untracked-but-not-ignored."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=root, capture_output=True, text=True, check=True).stdout
+    return sorted({name for name in out.split("\0") if name and (root / name).is_file()})
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> DvcRepo:
+    """A committed git copy of the project in ``tmp_path/"repo"`` (no data, no DVC cache)."""
+    root = tmp_path / "repo"
+    for name in project_files():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, target)
+    env = stage_env()
+    env.update({
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": str(tmp_path / "home"),
+    })
+    (tmp_path / "home").mkdir()
+    repo = DvcRepo(root, env)
+    repo.git("init", "-q")
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "copy of the project")
+    return repo

@@ -1,0 +1,105 @@
+"""Tiny on-disk inputs for the training tests: image folders, params files, weight files.
+
+The train stage reads an already-extracted ``<root>/{train,val}/<class>/<image>`` tree, so
+these helpers write one directly (no zip, no unzip stage) from the same coloured images as
+``conftest.make_dataset_zip``: one clearly different colour per class, so even one epoch of
+a small model can tell the classes apart. Pretrained weights cannot be downloaded in tests,
+so weight files are random-initialised state_dicts saved to disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from conftest import CLASS_COLOURS, make_image, write_params
+
+#: The params that make one training run take about a second on two CPU cores.
+TINY_TRAIN: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "model.arch": "resnet18",
+    "model.weights": "none",
+    "data.retries": 0,
+    "data.timeout": 5,
+    "preprocess.resize": 40,
+    "preprocess.crop": 32,
+    "train.batch_size": 4,
+    "train.num_workers": 0,
+    "train.amp": False,
+    "train.deterministic": False,
+    "train.finetune.epochs": 1,
+    "train.feature_extract.epochs": 1,
+    "train.feature_extract.batchnorm": "frozen",
+}
+
+
+def make_image_folders(
+    root: str | os.PathLike[str],
+    classes: Iterable[str] = ("ants", "bees"),
+    n_train: int = 6,
+    n_val: int = 4,
+    size: int = 32,
+) -> Path:
+    """Write ``root/{train,val}/<class>/<class>_<split>_<i>.png`` and return ``root``.
+
+    Class ``k`` gets colour ``CLASS_COLOURS[k]`` with light per-pixel noise; the same
+    arguments always give the same bytes, so runs on these folders are comparable.
+    """
+    root = Path(root)
+    for split, count in (("train", n_train), ("val", n_val)):
+        for k, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = CLASS_COLOURS[k % len(CLASS_COLOURS)]
+            for i in range(count):
+                name = f"{cls}_{split}_{i}"
+                (folder / f"{name}.png").write_bytes(make_image(colour, size, name))
+    return root
+
+
+def tiny_params(dest: str | os.PathLike[str], changes: Mapping[str, Any] | None = None) -> Path:
+    """The repository's params.yaml with :data:`TINY_TRAIN` and then ``changes`` applied."""
+    return write_params(dest, {**TINY_TRAIN, **(changes or {})})
+
+
+def random_state_dict(arch: str = "resnet18", seed: int = 1234) -> dict[str, torch.Tensor]:
+    """A randomly initialised torchvision model's state_dict (stands in for pretrained weights).
+
+    The BatchNorm running statistics are randomised too (not torch's 0/1 defaults), so a test
+    can tell "loaded from the file" apart from "freshly initialised".
+    """
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, weights=None)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.9, 1.1)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+    """Save ``state`` as ``.safetensors`` or, for any other suffix, with ``torch.save``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(dict(state), path)
+    return path
+
+
+def train_argv(mode: str, params: Path, data: Path, weights: Path, out: Path) -> list[str]:
+    """The train stage's command line, with every output under ``out/`` (``<mode>.pt`` ...)."""
+    return [
+        "--mode", mode, "--params", str(params), "--data", str(data), "--weights", str(weights),
+        "--model-out", str(out / f"{mode}.pt"), "--history", str(out / mode / "history.csv"),
+        "--metrics", str(out / mode / "train.json"),
+    ]

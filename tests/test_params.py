@@ -1,0 +1,148 @@
+"""params.yaml is the single source of every knob: it must load, reproduce the tutorial's
+recipe, and reject each kind of mistake with one line naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DELETE, REPO_ROOT, write_params
+
+from transfer.errors import UserError
+from transfer.params import Params, load_params
+
+TUTORIAL_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+
+
+def load_error(path: Path) -> str:
+    """The message of the UserError that loading ``path`` must raise."""
+    with pytest.raises(UserError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message, "stages print the message on one line"
+    return message
+
+
+def test_committed_params_load() -> None:
+    """The committed file passes its own schema (otherwise every stage fails at start-up)."""
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.retries >= 0 and params.data.timeout > 0
+
+
+def effective_preprocess(p: Params) -> dict[str, Any]:
+    """The preprocessing training will use: the params' values, with any ``auto`` resolved
+    from the pretrained weights' metadata the way the train stage does it."""
+    values = dataclasses.asdict(p.preprocess)
+    if "auto" not in values.values():
+        return values
+    from transfer.data import resolve_preprocess
+    from transfer.models import create_backbone, pretrained_preprocess
+
+    meta = pretrained_preprocess(p.model.arch, p.model.weights, create_backbone(p.model.arch))
+    return dataclasses.asdict(resolve_preprocess(p.preprocess, meta))
+
+
+def test_committed_params_reproduce_the_tutorial() -> None:
+    """The defaults are the PyTorch transfer-learning tutorial's recipe, data source included."""
+    p = load_params(REPO_ROOT / "params.yaml")
+    assert p.data.url == TUTORIAL_URL
+    assert (p.model.arch, p.model.weights) == ("resnet18", "IMAGENET1K_V1")
+    pre = effective_preprocess(p)
+    assert (pre["resize"], pre["crop"], pre["interpolation"]) == (256, 224, "bilinear")
+    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert pre["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert p.train.batch_size == 4
+    for mode in (p.train.finetune, p.train.feature_extract):
+        assert mode.epochs == 25
+        assert mode.lr == pytest.approx(0.001)
+        assert mode.momentum == pytest.approx(0.9)
+        assert mode.step_size == 7
+        assert mode.gamma == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param({"data.mirror": "x"}, ["unknown key data.mirror", "url"], id="unknown-nested"),
+        pytest.param({"epochs": 3}, ["unknown key epochs"], id="unknown-top"),
+        pytest.param({"train.finetune.lr": DELETE}, ["missing key train.finetune.lr"], id="missing"),
+        pytest.param({"data": DELETE}, ["missing key data"], id="missing-section"),
+        pytest.param({"train.batch_size": "four"}, ["train.batch_size", "integer", "'four'"],
+                     id="wrong-type"),
+        pytest.param({"train.batch_size": True}, ["train.batch_size", "integer"], id="bool-not-int"),
+        pytest.param({"train.batch_size": 2.5}, ["train.batch_size", "integer"], id="float-not-int"),
+        pytest.param({"train.amp": "yes"}, ["train.amp", "true or false"], id="wrong-bool"),
+        pytest.param({"data": "x"}, ["data must be a mapping"], id="section-not-mapping"),
+        pytest.param({"train.finetune.lr": 0}, ["train.finetune.lr", "> 0", "got 0"],
+                     id="out-of-range-exclusive"),
+        pytest.param({"data.retries": -1}, ["data.retries", ">= 0", "got -1"], id="out-of-range"),
+        pytest.param({"data.timeout": -5}, ["data.timeout", "> 0"], id="negative-timeout"),
+        pytest.param({"train.num_workers": "many"}, ["train.num_workers", "'auto'"],
+                     id="int-or-auto"),
+        pytest.param({"preprocess.interpolation": "lanczos"},
+                     ["preprocess.interpolation", "'bilinear'", "'lanczos'"], id="not-a-choice"),
+        pytest.param({"preprocess.mean": [0.5, 0.5]}, ["preprocess.mean", "list of 3"],
+                     id="wrong-length"),
+        pytest.param({"preprocess.std": [0.2, 0.2, 0]}, ["preprocess.std", "> 0"],
+                     id="list-item-out-of-range"),
+        pytest.param({"model.arch": ""}, ["model.arch", "non-empty"], id="empty-string"),
+        pytest.param({"data.url": None}, ["data.url"], id="null-url"),
+        pytest.param({"data.sha256": "abc123"}, ["data.sha256", "64 hex digits", "'abc123'"],
+                     id="sha256-too-short"),
+        pytest.param({"data.sha256": "g" * 64}, ["data.sha256", "64 hex digits"],
+                     id="sha256-not-hex"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path: Path, changes: dict[str, Any], expected: list[str]) -> None:
+    """Each mistake fails at start-up with a message naming the key and what was wrong."""
+    path = write_params(tmp_path / "params.yaml", changes)
+    message = load_error(path)
+    assert message.startswith(f"{path}: ")
+    for part in expected:
+        assert part in message
+
+
+def test_invalid_yaml_names_file_and_position(tmp_path: Path) -> None:
+    """A YAML syntax error says which file and where, on one line."""
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: [1, 2\ndevice: cpu\n", encoding="utf-8")
+    message = load_error(path)
+    assert str(path) in message and "not valid YAML" in message and "line" in message
+
+
+def test_empty_file_is_rejected(tmp_path: Path) -> None:
+    """An empty params.yaml is a mistake, not 'all defaults' (there are no code defaults)."""
+    path = tmp_path / "params.yaml"
+    path.write_text("# nothing\n", encoding="utf-8")
+    assert "top level must be a mapping" in load_error(path)
+
+
+def test_missing_file_says_where_to_run(tmp_path: Path) -> None:
+    """Running a stage from the wrong folder gives a hint instead of a traceback."""
+    message = load_error(tmp_path / "params.yaml")
+    assert "not found" in message and "root" in message
+
+
+@pytest.mark.parametrize("digest", ["a" * 64, "0123456789ABCDEF" * 4])
+def test_valid_sha256_pins_are_accepted(tmp_path: Path, digest: str) -> None:
+    """Both lower- and upper-case hex digests are valid pins."""
+    params = load_params(write_params(tmp_path / "params.yaml", {"data.sha256": digest}))
+    assert params.data.sha256 == digest
+
+
+def test_numbers_are_normalised(tmp_path: Path) -> None:
+    """An integer where a float is expected is accepted and stored as a float."""
+    params = load_params(write_params(tmp_path / "params.yaml", {"data.timeout": 5}))
+    assert params.data.timeout == 5.0 and isinstance(params.data.timeout, float)
+
+
+def test_digest_tracks_every_value(tmp_path: Path) -> None:
+    """The params digest recorded beside checkpoints changes when any value changes."""
+    base = load_params(write_params(tmp_path / "a.yaml"))
+    same = load_params(write_params(tmp_path / "b.yaml"))
+    other = load_params(write_params(tmp_path / "c.yaml", {"train.finetune.gamma": 0.5}))
+    assert base.digest() == same.digest()
+    assert base.digest() != other.digest()

@@ -1,0 +1,258 @@
+"""Stage ``train@<mode>``, run in-process on tiny image folders: what each mode trains, what
+stays bit-identical, what it writes, and that a seeded run is reproducible.
+
+The "pretrained" weights are a random resnet18 state_dict with randomised BatchNorm
+statistics, passed through the real weights stage, so "the backbone still holds the file's
+tensors" cannot pass by accident with freshly initialised ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+import stages.train
+import stages.weights
+from tests.imagefolders import make_image_folders, random_state_dict, save_state_dict, tiny_params, train_argv
+from transfer.checkpoints import load_trained_model, read_meta
+from transfer.errors import UserError
+
+#: Columns and metrics that measure time, the only things two seeded runs may disagree on.
+TIMING = {"seconds", "train_images_per_second", "wall_seconds"}
+RESNET18_TENSORS = 62  # parameter tensors in resnet18
+RESNET18_PARAMS_2_CLASSES = 11_689_512 - 512 * 1000 - 1000 + 512 * 2 + 2
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 classes x (6 train + 4 val) 32x32 images: 3 training batches of 4."""
+    return make_image_folders(tmp_path_factory.mktemp("data") / "hymenoptera_data")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """models/pretrained.pt written by the weights stage from a local .pth, and the tensors."""
+    root = tmp_path_factory.mktemp("pretrained")
+    state = random_state_dict("resnet18", seed=11)
+    source = save_state_dict(state, root / "imagenet-like.pth")
+    params = tiny_params(root / "params.yaml", {"model.weights": str(source)})
+    out = root / "models" / "pretrained.pt"
+    stages.weights.main(["--params", str(params), "--out", str(out)])
+    return out, state
+
+
+class RecordingSGD(torch.optim.SGD):
+    """torch's SGD, remembering the parameters each instance was given (and their values then)."""
+
+    made: ClassVar[list[list[torch.Tensor]]] = []
+    initial: ClassVar[list[list[torch.Tensor]]] = []
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        params = list(params)
+        RecordingSGD.made.append(params)
+        RecordingSGD.initial.append([p.detach().clone() for p in params])
+        super().__init__(params, **kwargs)
+
+
+@pytest.fixture
+def sgd_spy(monkeypatch: pytest.MonkeyPatch) -> type[RecordingSGD]:
+    """Spies on the SGD optimizers the stage builds (torch's SGD, doing its usual work)."""
+    RecordingSGD.made, RecordingSGD.initial = [], []
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    return RecordingSGD
+
+
+def train(tmp_path: Path, mode: str, data: Path, weights: Path, changes: dict[str, Any] | None = None,
+          name: str = "out") -> Path:
+    """Run ``train@<mode>``; return the folder holding its outputs."""
+    params = tiny_params(tmp_path / f"{name}.params.yaml", changes)
+    out = tmp_path / name
+    stages.train.main(train_argv(mode, params, data, weights, out))
+    return out
+
+
+def with_weights(weights: Path) -> dict[str, Any]:
+    """The params that match ``weights`` (the train stage checks its sidecar against them)."""
+    return {"model.weights": read_meta(weights)["weights"]}
+
+
+def checkpoint(out: Path, mode: str) -> dict[str, torch.Tensor]:
+    return torch.load(out / f"{mode}.pt", map_location="cpu", weights_only=True)
+
+
+def is_bn_buffer(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def test_feature_extract_trains_the_head_only(tmp_path: Path, data: Path, sgd_spy: type[RecordingSGD],
+                                              pretrained: tuple[Path, dict[str, torch.Tensor]],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The optimizer gets the new head's weight and bias, nothing else; every backbone tensor
+    (weights and, with ``batchnorm: frozen``, BatchNorm statistics) leaves training unchanged."""
+    weights, state = pretrained
+    out = train(tmp_path, "feature_extract", data, weights, with_weights(weights))
+
+    (given,) = sgd_spy.made
+    assert [tuple(p.shape) for p in given] == [(2, 512), (2,)]
+    assert "1,026 trainable parameters" in capsys.readouterr().out
+
+    trained = checkpoint(out, "feature_extract")
+    backbone = [k for k in state if not k.startswith("fc.")]
+    assert sum(is_bn_buffer(k) for k in backbone) == 3 * 20
+    for key in backbone:
+        assert torch.equal(trained[key], state[key]), key
+    # The head did learn (so the equalities above are not those of a run that changed nothing).
+    initial_weight, initial_bias = sgd_spy.initial[0]
+    assert not torch.equal(trained["fc.weight"], initial_weight)
+    assert not torch.equal(trained["fc.bias"], initial_bias)
+
+
+def test_feature_extract_with_batchnorm_update(tmp_path: Path, data: Path,
+                                               pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """``batchnorm: update`` is the tutorial's behaviour: the frozen weights stay, but the
+    BatchNorm running statistics follow the new data."""
+    weights, state = pretrained
+    out = train(tmp_path, "feature_extract", data, weights,
+                {**with_weights(weights), "train.feature_extract.batchnorm": "update"})
+    trained = checkpoint(out, "feature_extract")
+    for key in state:
+        if key.startswith("fc."):
+            continue
+        if key.endswith("num_batches_tracked"):
+            assert int(trained[key]) == int(state[key]) + 3, key  # 12 images, batches of 4
+        elif is_bn_buffer(key):
+            assert not torch.equal(trained[key], state[key]), key
+        else:
+            assert torch.equal(trained[key], state[key]), key
+
+
+def test_finetune_trains_everything(tmp_path: Path, data: Path, sgd_spy: type[RecordingSGD],
+                                    pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """Every parameter goes to the optimizer and moves: the counterpart of the freezing test,
+    showing its bit-for-bit equalities are not true of any training run."""
+    weights, state = pretrained
+    out = train(tmp_path, "finetune", data, weights, with_weights(weights))
+    (given,) = sgd_spy.made
+    assert len(given) == RESNET18_TENSORS
+    assert sum(p.numel() for p in given) == RESNET18_PARAMS_2_CLASSES
+    assert all(p.requires_grad for p in given)
+    trained = checkpoint(out, "finetune")
+    assert not torch.equal(trained["conv1.weight"], state["conv1.weight"])
+    assert not torch.equal(trained["layer4.1.bn2.running_mean"], state["layer4.1.bn2.running_mean"])
+
+
+def test_outputs(tmp_path: Path, data: Path, pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """The checkpoint is a plain state_dict plus a sidecar that rebuilds the model; history
+    has one row per epoch; the metrics agree with the history about the best epoch."""
+    weights, _ = pretrained
+    out = train(tmp_path, "finetune", data, weights, {**with_weights(weights), "train.finetune.epochs": 2})
+
+    state = checkpoint(out, "finetune")
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    meta = read_meta(out / "finetune.pt")
+    assert meta["mode"] == "finetune" and meta["arch"] == "resnet18" and meta["head"] == "fc"
+    assert meta["classes"] == ["ants", "bees"]
+    assert meta["preprocess"]["resize"] == 40 and meta["preprocess"]["crop"] == 32
+
+    with (out / "finetune" / "history.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(rows[0])
+    accs = [float(r["val_acc"]) for r in rows]
+    best = accs.index(max(accs)) + 1
+
+    metrics = json.loads((out / "finetune" / "train.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["best_epoch"] == best == meta["epoch"]
+    assert metrics["best_val_acc"] == pytest.approx(max(accs), abs=1e-6) == meta["val_acc"]
+    assert metrics["device"] == "cpu"
+
+    model, loaded_meta = load_trained_model(out / "finetune.pt", torch.device("cpu"))
+    assert loaded_meta == meta and not model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_three_classes_without_code_changes(tmp_path: Path) -> None:
+    """The class count comes from the folders: a third class gives a 3-way head (both modes
+    build it with the same ``replace_head``, so finetune alone is run)."""
+    three = make_image_folders(tmp_path / "three", classes=("ants", "bees", "wasps"), n_train=4, n_val=2)
+    params = tiny_params(tmp_path / "params.yaml")
+    weights = tmp_path / "models" / "pretrained.pt"
+    stages.weights.main(["--params", str(params), "--out", str(weights)])
+    out = tmp_path / "out"
+    stages.train.main(train_argv("finetune", params, three, weights, out))
+    assert read_meta(out / "finetune.pt")["classes"] == ["ants", "bees", "wasps"]
+    assert checkpoint(out, "finetune")["fc.weight"].shape == (3, 512)
+    model, _ = load_trained_model(out / "finetune.pt", torch.device("cpu"))
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    metrics = json.loads((out / "finetune" / "train.json").read_text())
+    assert metrics["best_val_acc"] in {k / 6 for k in range(7)}  # 6 validation images
+
+
+def run_outputs(out: Path, mode: str) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, torch.Tensor]]:
+    """History rows and metrics without timing, and the checkpoint, of one run."""
+    with (out / mode / "history.csv").open(newline="") as f:
+        rows = [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+    metrics = json.loads((out / mode / "train.json").read_text())
+    return rows, {k: v for k, v in metrics.items() if k not in TIMING}, checkpoint(out, mode)
+
+
+def assert_same_run(a: Path, b: Path, mode: str) -> None:
+    rows_a, metrics_a, state_a = run_outputs(a, mode)
+    rows_b, metrics_b, state_b = run_outputs(b, mode)
+    assert rows_a == rows_b
+    assert metrics_a == metrics_b
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert read_meta(a / f"{mode}.pt") == read_meta(b / f"{mode}.pt")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_seeded_runs_are_identical(tmp_path: Path, data: Path, workers: int) -> None:
+    """Same seed, same data, same params: the same losses, accuracies and weights, bit for
+    bit, also when augmentations run in DataLoader worker processes. Random initialisation
+    (``model.weights: none``) makes the seed decide the starting weights too."""
+    params = tiny_params(tmp_path / "params.yaml")
+    weights = tmp_path / "models" / "pretrained.pt"
+    stages.weights.main(["--params", str(params), "--out", str(weights)])
+    changes = {"train.num_workers": workers}
+    first = train(tmp_path, "finetune", data, weights, changes, name="first")
+    second = train(tmp_path, "finetune", data, weights, changes, name="second")
+    assert_same_run(first, second, "finetune")
+    if workers == 0:  # the comparison can fail: another seed gives other weights
+        other = train(tmp_path, "finetune", data, weights, {**changes, "seed": 1}, name="other")
+        with pytest.raises(AssertionError):
+            assert_same_run(first, other, "finetune")
+
+
+def test_weights_made_for_other_params_are_refused(tmp_path: Path, data: Path,
+                                                    pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """models/pretrained.pt from an older weights run must not be trained on silently."""
+    weights, _ = pretrained
+    with pytest.raises(UserError, match=r"holds resnet18 weights '.*imagenet-like\.pth', not those in "
+                                        r"params\.yaml: run `dvc repro`"):
+        train(tmp_path, "finetune", data, weights, {"model.weights": "none"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_pretrained_weights(tmp_path: Path, data: Path) -> None:
+    """Running train before weights says which stage to run, not a FileNotFoundError."""
+    with pytest.raises(UserError, match=r"pretrained\.json does not exist: run the stage that writes"):
+        train(tmp_path, "finetune", data, tmp_path / "models" / "pretrained.pt")
+
+
+def test_not_an_image_folder(tmp_path: Path, pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """A data folder without val/ fails before any training, naming what was found."""
+    weights, _ = pretrained
+    empty = tmp_path / "data"
+    (empty / "train" / "ants").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"is not an image-folder data set: no val/ split"):
+        train(tmp_path, "finetune", empty, weights, with_weights(weights))

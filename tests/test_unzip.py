@@ -1,0 +1,304 @@
+"""Stage ``unzip``: safe extraction of an image-folder zip. Unsafe archives are refused before
+anything is written, the layout is validated with a message listing what was found, litter
+is ignored, undecodable or unsupported files are skipped and reported by name, and a failure
+leaves the previous good output (or nothing)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import zipfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+from conftest import CORRUPT_NAME, GIF_NAME, ZIP_TIME, error_line, leftovers, run_module, write_params
+from PIL import Image
+
+from stages import unzip as unzip_stage
+from transfer.errors import UserError, run_stage
+from transfer.layout import is_litter, layout_problem
+
+MakeZip = Callable[..., Path]
+
+
+def stage_args(archive: Path, tmp_path: Path, changes: dict[str, Any] | None = None) -> list[str]:
+    """argv for the stage, with a params file (the repo's, plus ``changes``) in tmp_path."""
+    params = write_params(tmp_path / "params.yaml", {"data.val_fraction": 0, **(changes or {})})
+    return [str(archive), "--params", str(params), "--out", str(tmp_path / "out" / "data"),
+            "--report", str(tmp_path / "metrics" / "data.json")]
+
+
+def run_ok(archive: Path, tmp_path: Path, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the stage in-process on ``archive``; return the data report it wrote."""
+    unzip_stage.main(stage_args(archive, tmp_path, changes))
+    return json.loads((tmp_path / "metrics" / "data.json").read_text())
+
+
+def run_failing(archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the stage through run_stage expecting a user error; return its one stderr line."""
+    with pytest.raises(SystemExit) as info:
+        run_stage(unzip_stage.main, stage_args(archive, tmp_path))
+    assert info.value.code == 1
+    return error_line(capsys.readouterr().err)
+
+
+def assert_nothing_written(tmp_path: Path) -> None:
+    """No output folder, no report, no temporary folders."""
+    assert not (tmp_path / "out" / "data").exists()
+    assert not (tmp_path / "metrics" / "data.json").exists()
+    assert leftovers(tmp_path / "out") == []
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def add_member(archive: Path, name: str, data: bytes = b"x", mode: int = stat.S_IFREG | 0o644) -> None:
+    """Append one member with the given Unix mode (e.g. a symlink) to an existing zip."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
+    info.external_attr = mode << 16
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr(info, data)
+
+
+# --------------------------------------------------------------------------- good archives
+
+def test_extracts_and_reports(make_zip: MakeZip, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Images land in <split>/<class>/, each decodable; the gif and the corrupt jpg are skipped
+    and named in the report and on stderr; litter is ignored and counted."""
+    archive = make_zip(tmp_path / "a.zip", n_train=3, n_val=2, extra=("gif", "corrupt", "litter"))
+    report = run_ok(archive, tmp_path)
+    out = tmp_path / "out" / "data"
+    assert files_under(out) == sorted(
+        [f"train/{c}/{c}_train_{i}.png" for c in ("ants", "bees") for i in range(3)]
+        + [f"val/{c}/{c}_val_{i}.png" for c in ("ants", "bees") for i in range(2)])
+    with Image.open(out / "train" / "ants" / "ants_train_0.png") as image:
+        assert image.size == (32, 32)
+    assert report["classes"] == 2
+    assert report["train"] == {"images": 6, "per_class": {"ants": 3, "bees": 3}}
+    assert report["val"] == {"images": 4, "per_class": {"ants": 2, "bees": 2}}
+    gif, corrupt = f"train/ants/{GIF_NAME}", f"val/bees/{CORRUPT_NAME}"
+    assert sorted(report["skipped"]) == [gif, corrupt] and report["skipped_count"] == 2
+    assert "unsupported file type '.gif'" in report["skipped"][gif]
+    assert "does not decode" in report["skipped"][corrupt]
+    # __MACOSX fork, 2 x .DS_Store, the image inside .ipynb_checkpoints
+    assert report["ignored_entries"] == 4
+    captured = capsys.readouterr()
+    warnings = [ln for ln in captured.err.splitlines() if ln.startswith("warning: skipped")]
+    assert len(warnings) == 2 and gif in warnings[0] and corrupt in warnings[1]
+    assert "train 6 images, val 4 images in 2 classes, 2 skipped" in captured.out
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_splits_at_archive_top_and_jpeg(make_zip: MakeZip, tmp_path: Path) -> None:
+    """A zip without the wrapping folder, holding JPEGs and three classes, works too."""
+    archive = make_zip(tmp_path / "a.zip", classes=("cats", "dogs", "owls"), n_train=2, n_val=1,
+                       top="", fmt="JPEG")
+    report = run_ok(archive, tmp_path)
+    assert report["classes"] == 3 and report["val"]["per_class"] == {"cats": 1, "dogs": 1, "owls": 1}
+    assert (tmp_path / "out" / "data" / "train" / "owls" / "owls_train_1.jpg").is_file()
+
+
+def test_rerun_replaces_the_whole_folder(make_zip: MakeZip, tmp_path: Path) -> None:
+    """A new archive replaces the old output whole: nothing stale survives."""
+    run_ok(make_zip(tmp_path / "a.zip", classes=("ants", "bees")), tmp_path)
+    report = run_ok(make_zip(tmp_path / "b.zip", classes=("cats", "dogs")), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "out" / "data" / "train").iterdir()) == ["cats", "dogs"]
+    assert report["skipped"] == {}
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_dataset_zip_fixture(dataset_zip: Path, tmp_path: Path) -> None:
+    """The shared fixture is a valid data set with the real archive's one skipped gif."""
+    report = run_ok(dataset_zip, tmp_path)
+    assert report["train"]["per_class"] == {"ants": 6, "bees": 6}
+    assert report["val"]["per_class"] == {"ants": 4, "bees": 4}
+    assert list(report["skipped"]) == [f"train/ants/{GIF_NAME}"]
+
+
+# --------------------------------------------------------------------------- unsafe archives
+
+@pytest.mark.parametrize(
+    ("name", "mode", "reason"),
+    [
+        ("/etc/evil.png", stat.S_IFREG | 0o644, "absolute path"),
+        ("hymenoptera_data/train/ants/../../../../evil.png", stat.S_IFREG | 0o644, "'..'"),
+        ("..\\evil.png", stat.S_IFREG | 0o644, "'..'"),
+        ("hymenoptera_data/train/ants/link.png", stat.S_IFLNK | 0o777, "symbolic link"),
+    ],
+)
+def test_unsafe_members_refused_before_writing(make_zip: MakeZip, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               name: str, mode: int, reason: str) -> None:
+    """Zip-slip and symlinks are refused with the member named; nothing is written."""
+    archive = make_zip(tmp_path / "a.zip")
+    add_member(archive, name, b"/etc/passwd", mode)
+    line = run_failing(archive, tmp_path, capsys)
+    assert "unsafe members, nothing extracted" in line and name in line and reason in line
+    assert_nothing_written(tmp_path)
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_failure_keeps_previous_good_output(make_zip: MakeZip, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad archive after a good one leaves the good output and its report untouched."""
+    run_ok(make_zip(tmp_path / "good.zip"), tmp_path)
+    before = files_under(tmp_path / "out" / "data")
+    report_before = (tmp_path / "metrics" / "data.json").read_bytes()
+    bad = make_zip(tmp_path / "bad.zip", n_val=0)
+    assert "no val/ split" in run_failing(bad, tmp_path, capsys)
+    assert files_under(tmp_path / "out" / "data") == before
+    assert (tmp_path / "metrics" / "data.json").read_bytes() == report_before
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_subprocess_unsafe_archive(make_zip: MakeZip, tmp_path: Path) -> None:
+    """The real command line: exit code 1, one 'error:' line, no traceback, nothing written."""
+    archive = make_zip(tmp_path / "a.zip")
+    add_member(archive, "../evil.png")
+    proc = run_module("stages.unzip", stage_args(archive, tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    assert "../evil.png (path with '..')" in error_line(proc.stderr)
+    assert_nothing_written(tmp_path)
+
+
+# --------------------------------------------------------------------------- bad layouts
+
+def test_missing_split(make_zip: MakeZip, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No val/: the message says so and lists what train/ held."""
+    line = run_failing(make_zip(tmp_path / "a.zip", n_val=0), tmp_path, capsys)
+    assert "not an image-folder data set" in line and "no val/ split" in line
+    assert "found train: ants (6), bees (6)" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_different_classes(make_zip: MakeZip, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A class only in val/ would give mismatched labels: refused, both splits listed."""
+    archive = make_zip(tmp_path / "a.zip")
+    with zipfile.ZipFile(archive) as zf:
+        ants = zf.read("hymenoptera_data/val/ants/ants_val_0.png")
+    add_member(archive, "hymenoptera_data/val/wasps/w.png", ants)
+    line = run_failing(archive, tmp_path, capsys)
+    assert "different class folders" in line
+    assert "train: ants (6), bees (6); val: ants (4), bees (4), wasps (1)" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_class_without_images(make_zip: MakeZip, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A class whose only file is unusable counts as empty and is refused, by name."""
+    archive = make_zip(tmp_path / "a.zip", n_val=0)
+    add_member(archive, "hymenoptera_data/val/ants/", b"", stat.S_IFDIR | 0o755)
+    add_member(archive, "hymenoptera_data/val/bees/broken.jpg", b"\xff\xd8\xff\xe0 not really")
+    line = run_failing(archive, tmp_path, capsys)
+    assert "class folders without images: val/ants, val/bees" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_single_class(make_zip: MakeZip, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One class is not a classification problem."""
+    line = run_failing(make_zip(tmp_path / "a.zip", classes=("ants",)), tmp_path, capsys)
+    assert "at least 2 classes" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_no_train_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unrelated zip: the top-level folders are listed."""
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("docs/readme.txt", "hi")
+        zf.writestr("src/main.py", "print()")
+    line = run_failing(archive, tmp_path, capsys)
+    assert "no train/ folder" in line and "docs, src" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_not_a_zip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An HTML page saved as the zip is named as not a zip."""
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(b"<html>nope</html>")
+    assert "is not a zip archive" in run_failing(archive, tmp_path, capsys)
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_archive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Running unzip before fetch says which stage to run."""
+    line = run_failing(tmp_path / "none.zip", tmp_path, capsys)
+    assert "does not exist: run the fetch stage first" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_corrupt_member_data(make_zip: MakeZip, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Flipped bytes inside a compressed member (bad CRC/deflate data) mean: fetch it again."""
+    archive = make_zip(tmp_path / "a.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("hymenoptera_data/val/bees/bees_val_3.png")
+    data = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for i in range(start + 10, start + 40):
+        data[i] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    line = run_failing(archive, tmp_path, capsys)
+    assert "is corrupt at hymenoptera_data/val/bees/bees_val_3.png" in line and "fetch it again" in line
+    assert_nothing_written(tmp_path)
+
+
+# --------------------------------------------------------------------------- the rules themselves
+
+@pytest.mark.parametrize(
+    ("name", "litter"),
+    [
+        ("__MACOSX/train/ants/._a.png", True),
+        ("data/.DS_Store", True),
+        ("train/ants/.ipynb_checkpoints/a.png", True),
+        ("train/ants/._a.png", True),
+        ("train/ants/Thumbs.db", True),
+        ("train/ants/a.png", False),
+        ("train/ants.v2/a.png", False),
+    ],
+)
+def test_is_litter(name: str, litter: bool) -> None:
+    """Hidden and OS entries are litter; dotted names that are not hidden are data."""
+    assert is_litter(PurePosixPath(name)) is litter
+
+
+def test_layout_problem_accepts_a_good_layout() -> None:
+    """The check is not a blanket refusal."""
+    assert layout_problem({"train": {"a": 1, "b": 2}, "val": {"a": 1, "b": 1}}) is None
+
+
+def test_layout_problem_lists_what_was_found() -> None:
+    """With nothing usable, the message says so rather than being empty."""
+    problem = layout_problem({})
+    assert problem is not None and "no train/ or val/ split" in problem and "found nothing" in problem
+
+
+def test_user_error_is_the_failure_type(make_zip: MakeZip, tmp_path: Path) -> None:
+    """Stages called in-process raise UserError (not SystemExit) so callers can handle it."""
+    with pytest.raises(UserError, match="no val/ split"):
+        run_ok(make_zip(tmp_path / "a.zip", n_val=0), tmp_path)
+
+
+# --------------------------------------------------------------------------- val split off train
+
+def test_val_split_off_train(make_zip: MakeZip, tmp_path: Path) -> None:
+    """Without val/, data.val_fraction moves a seeded, stratified share of train/ there."""
+    archive = make_zip(tmp_path / "a.zip", n_train=8, n_val=0)
+    report = run_ok(archive, tmp_path, {"data.val_fraction": 0.25, "seed": 3})
+    assert report["train"]["per_class"] == {"ants": 6, "bees": 6}
+    assert report["val"]["per_class"] == {"ants": 2, "bees": 2}
+    assert report["val_split_from_train"] == 0.25
+    out = tmp_path / "out" / "data"
+    val_files = files_under(out / "val")
+    assert all("_train_" in name for name in val_files)
+    assert not set(files_under(out / "train")) & set(val_files), "an image is in one split only"
+    run_ok(archive, tmp_path, {"data.val_fraction": 0.25, "seed": 3})
+    assert files_under(out / "val") == val_files, "the same seed gives the same split"
+
+
+def test_val_fraction_ignored_when_val_exists(make_zip: MakeZip, tmp_path: Path) -> None:
+    """An archive's own val/ split is never replaced."""
+    report = run_ok(make_zip(tmp_path / "a.zip"), tmp_path, {"data.val_fraction": 0.5})
+    assert report["val"]["per_class"] == {"ants": 4, "bees": 4}
+    assert report["val_split_from_train"] == 0
