@@ -391,23 +391,34 @@ def project_files(root: Path = REPO_ROOT) -> list[str]:
     return sorted({name for name in out.split("\0") if name and (root / name).is_file()})
 
 
-@pytest.fixture
-def dvc_repo(tmp_path: Path) -> DvcRepo:
-    """A committed git copy of the project in ``tmp_path/"repo"`` (no data, no DVC cache)."""
-    root = tmp_path / "repo"
+def copy_project(root: Path) -> None:
+    """Copy the project's files (as git sees them, see :func:`project_files`) into ``root``."""
     for name in project_files():
         target = root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, target)
+
+
+def dvc_env(home: Path, site_cache: Path, **extra: str) -> dict[str, str]:
+    """The stages' environment for the dvc CLI, with its own HOME and site cache and no telemetry."""
     env = stage_env()
     env.update({
         "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),
+        "DVC_SITE_CACHE_DIR": str(site_cache),
         "GIT_CONFIG_NOSYSTEM": "1",
-        "HOME": str(tmp_path / "home"),
+        "HOME": str(home),
+        **extra,
     })
-    (tmp_path / "home").mkdir()
-    repo = DvcRepo(root, env)
+    home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> DvcRepo:
+    """A committed git copy of the project in ``tmp_path/"repo"`` (no data, no DVC cache)."""
+    root = tmp_path / "repo"
+    copy_project(root)
+    repo = DvcRepo(root, dvc_env(tmp_path / "home", tmp_path / "dvc-site-cache"))
     repo.git("init", "-q")
     repo.git("add", "-A")
     repo.git("commit", "-q", "-m", "copy of the project")

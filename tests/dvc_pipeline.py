@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, DvcRepo, make_dataset_zip, project_files, stage_env
+from conftest import REPO_ROOT, DvcRepo, copy_project, dvc_env, make_dataset_zip
 from imagefolders import TINY_TRAIN
 
 MODES = ("finetune", "feature_extract")
@@ -47,20 +47,11 @@ class Pipeline:
 _SHARED: dict[str, Pipeline] = {}
 
 
-def dvc_env(home: Path, site_cache: Path) -> dict[str, str]:
-    """``conftest.dvc_repo``'s environment, plus one torch thread per stage: with 32-pixel
-    images thread hand-offs cost more than they save, and on a loaded machine spinning
-    OpenMP threads made the stages many times slower. Results are the same."""
-    env = stage_env()
-    env.update({
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(site_cache),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "HOME": str(home),
-        "OMP_NUM_THREADS": "1",
-    })
-    home.mkdir(parents=True, exist_ok=True)
-    return env
+def pipeline_env(home: Path, site_cache: Path) -> dict[str, str]:
+    """``conftest.dvc_env`` plus one torch thread per stage: with 32-pixel images thread
+    hand-offs cost more than they save, and on a loaded machine spinning OpenMP threads made
+    the stages many times slower. Results are the same."""
+    return dvc_env(home, site_cache, OMP_NUM_THREADS="1")
 
 
 def declared_stages(root: Path = REPO_ROOT) -> list[str]:
@@ -81,11 +72,8 @@ def declared_stages(root: Path = REPO_ROOT) -> list[str]:
 def build_pipeline(base: Path) -> Pipeline:
     """Copy the project into ``base/repo``, commit, ``dvc repro`` it all, commit the results."""
     root = base / "repo"
-    for name in project_files():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, target)
-    repo = DvcRepo(root, dvc_env(base / "home", base / "dvc-site-cache"))
+    copy_project(root)
+    repo = DvcRepo(root, pipeline_env(base / "home", base / "dvc-site-cache"))
     archive = make_dataset_zip(base / "src" / "hymenoptera_data.zip", n_train=4, n_val=3)
     repo.set_params({**PIPELINE_PARAMS, "data.url": str(archive), "data.sha256": None})
     repo.git("init", "-q")
@@ -107,7 +95,7 @@ def shared_pipeline(factory: pytest.TempPathFactory) -> Pipeline:
 def copy_repo(repo: DvcRepo, base: Path) -> DvcRepo:
     """A private copy of ``repo`` (git history, DVC cache and workspace) to change freely."""
     root = Path(shutil.copytree(repo.root, base / "repo", symlinks=True))
-    return DvcRepo(root, dvc_env(base / "home", base / "dvc-site-cache"))
+    return DvcRepo(root, pipeline_env(base / "home", base / "dvc-site-cache"))
 
 
 # --------------------------------------------------------------------------- declared plots

@@ -233,6 +233,25 @@ def test_seeded_runs_are_identical(tmp_path: Path, data: Path, workers: int) -> 
             assert_same_run(first, other, "finetune")
 
 
+def test_mixed_precision_and_deterministic_algorithms_on_cpu(tmp_path: Path, data: Path) -> None:
+    """``train.amp`` runs the CPU in bfloat16 autocast (other numbers than float32, still finite),
+    and ``train.deterministic`` turns on torch's deterministic algorithms without breaking a run."""
+    params = tiny_params(tmp_path / "params.yaml")
+    weights = tmp_path / "models" / "pretrained.pt"
+    stages.weights.main(["--params", str(params), "--out", str(weights)])
+    plain = train(tmp_path, "finetune", data, weights, name="fp32")
+    try:
+        amp = train(tmp_path, "finetune", data, weights, {"train.amp": True, "train.deterministic": True}, name="amp")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    rows = {name: list(csv.DictReader((out / "finetune" / "history.csv").open())) for name, out in
+            (("fp32", plain), ("amp", amp))}
+    losses = {name: [float(r["train_loss"]) for r in rows[name]] for name in rows}
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
+    assert losses["amp"] != losses["fp32"]
+
+
 def test_weights_made_for_other_params_are_refused(tmp_path: Path, data: Path,
                                                     pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
     """models/pretrained.pt from an older weights run must not be trained on silently."""
