@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     images = load_image_folders(args.data, build_transforms(preprocess))
     classes = images["train"].classes
     workers = resolve_workers(params.train.num_workers)
-    loaders = {
-        split: make_loader(images[split], batch_size=params.train.batch_size, shuffle=True,
+    loaders = {  # validation order does not change its metrics: keep it fixed, spend no randomness
+        split: make_loader(images[split], batch_size=params.train.batch_size, shuffle=split == "train",
                            workers=workers, generator=generator, device=device)
         for split in ("train", "val")
     }
