@@ -423,3 +423,12 @@ def dvc_repo(tmp_path: Path) -> DvcRepo:
     repo.git("add", "-A")
     repo.git("commit", "-q", "-m", "copy of the project")
     return repo
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny trained checkpoint (``trained.Trained``), made once per session for the
+    evaluate and predict tests. Imported here, not at the top: ``trained`` imports conftest."""
+    from trained import shared_trained
+
+    return shared_trained(tmp_path_factory)

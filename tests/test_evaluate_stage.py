@@ -32,7 +32,6 @@ from trained import (
     Trained,
     exit_code,
     is_decoy,
-    shared_trained,
     single_thread,
 )
 
@@ -43,12 +42,6 @@ from transfer.data import eval_transform, load_image_folders
 
 GRID = EVAL_PARAMS["evaluate.grid_images"]
 OUTPUTS = ("eval.json", "predictions.csv", "predictions.png", "mistakes.png")
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """Trained once per session and shared with the other evaluate/predict tests."""
-    return shared_trained(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)

@@ -21,18 +21,12 @@ import pytest
 import torch
 from conftest import CLASS_COLOURS, REPO_ROOT, error_line, make_image, stage_env
 from imagefolders import tiny_params
-from trained import EVAL_PARAMS, Trained, exit_code, is_decoy, shared_trained, single_thread
+from trained import EVAL_PARAMS, Trained, exit_code, is_decoy, single_thread
 
 from stages import evaluate as evaluate_stage
 from stages import predict as predict_stage
 
 ANTS_FOLDER = ["ants_val_0.png", "ants_val_1.png", "ants_val_2.png", "decoy_ants_0.png", "decoy_ants_1.png"]
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """Trained once per session and shared with the other evaluate/predict tests."""
-    return shared_trained(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)
