@@ -432,3 +432,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from trained import shared_trained
 
     return shared_trained(tmp_path_factory)
+
+
+def find_metrics(node: Any, path: str) -> dict[str, Any] | None:
+    """The metrics of ``path`` anywhere in ``dvc metrics show/diff --json`` output (the nesting
+    differs between DVC versions)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.replace("\\", "/") == path and isinstance(value, dict):
+                return value.get("data", value)
+            found = find_metrics(value, path)
+            if found is not None:
+                return found
+    return None

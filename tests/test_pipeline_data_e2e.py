@@ -6,24 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from conftest import GIF_NAME, DvcRepo, LoopbackServer
+from conftest import GIF_NAME, DvcRepo, LoopbackServer, find_metrics
 
 from transfer.download import sha256_of
-
-
-def find_report(node: Any, path: str) -> dict[str, Any] | None:
-    """The metrics of ``path`` anywhere in ``dvc metrics show --json`` output (its nesting
-    differs between DVC versions)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key.replace("\\", "/") == path and isinstance(value, dict):
-                return value.get("data", value)
-            found = find_report(value, path)
-            if found is not None:
-                return found
-    return None
 
 
 def test_repro_fetch_and_unzip(dvc_repo: DvcRepo, http_server: LoopbackServer, dataset_zip: Path) -> None:
@@ -58,7 +44,7 @@ def test_repro_fetch_and_unzip(dvc_repo: DvcRepo, http_server: LoopbackServer, d
     assert "up to date" in status.stdout
 
     shown = json.loads(dvc_repo.dvc("metrics", "show", "--json").stdout)
-    metrics = find_report(shown, "metrics/data.json")
+    metrics = find_metrics(shown, "metrics/data.json")
     assert metrics is not None, shown
     assert metrics["skipped_count"] == 1 and metrics["val"]["images"] == 8
 

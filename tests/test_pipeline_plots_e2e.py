@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from conftest import DvcRepo
+from conftest import DvcRepo, find_metrics
 from dvc_pipeline import (
     MODES,
     Pipeline,
@@ -38,19 +37,6 @@ from PIL import Image
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """Reproduced once per session (the slow part) and shared with the rendering test."""
     return shared_pipeline(tmp_path_factory)
-
-
-def find_metrics(node: Any, path: str) -> dict[str, Any] | None:
-    """The metrics of ``path`` anywhere in ``dvc metrics show/diff --json`` output (the nesting
-    differs between DVC versions)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key.replace("\\", "/") == path and isinstance(value, dict):
-                return value.get("data", value)
-            found = find_metrics(value, path)
-            if found is not None:
-                return found
-    return None
 
 
 def ran_stages(stdout: str) -> list[str]:
