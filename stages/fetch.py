@@ -2,8 +2,10 @@
 
 ``data.url`` may be an http(s):// URL, a file:// URL or a local path, so offline users can
 point it at a mirror; a local folder (holding ``train/`` and ``val/``) is packed into the zip.
-The sha256 of what arrived is written to a small metrics file, so a change of the upstream
-file shows up in ``dvc metrics diff``; pin ``data.sha256`` to turn such a change into an error.
+The URL, sha256 and size of what arrived go to ``reports/fetch.json`` (and the zip's hash to
+dvc.lock), so a change of the upstream file shows; pin ``data.sha256`` to turn such a change
+into an error. The network knobs (``runtime.download_*``) cannot change what arrives, so the
+stage does not declare them to DVC.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ import argparse
 import zipfile
 from pathlib import Path
 
-from transfer.archive import zip_folder
 from transfer.atomic import write_json
-from transfer.download import fetch, local_path
+from transfer.download import fetch, local_path, zip_folder
 from transfer.errors import run_stage
 from transfer.params import load_params
 
@@ -32,10 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="data/hymenoptera_data.zip", help="where the zip goes")
-    parser.add_argument("--report", default="metrics/fetch.json", help="digest and size seen")
+    parser.add_argument("--report", default="reports/fetch.json", help="URL, digest and size seen")
     args = parser.parse_args(argv)
 
-    data = load_params(args.params).data
+    params = load_params(args.params)
+    data, net = params.data, params.runtime
     out = Path(args.out)
     source = local_path(data.url)
     if source is not None and source.is_dir():  # a local image folder: pack it as the zip
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         hint = f"download {data.url} by hand and set data.url in {args.params} to the file's path"
         fetched = fetch(
-            data.url, out, sha256=data.sha256, retries=data.retries, timeout=data.timeout,
+            data.url, out, sha256=data.sha256, retries=net.download_retries, timeout=net.download_timeout,
             check=_is_zip, hint=hint,
         )
     write_json(args.report, {"url": data.url, "sha256": fetched.sha256, "bytes": fetched.size,

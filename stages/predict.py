@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from transfer.checkpoints import load_trained_model, preprocess_of
-from transfer.data import eval_transform
 from transfer.devices import resolve_device
 from transfer.errors import UserError, run_stage
+from transfer.images import decode
 from transfer.layout import is_image_name, is_litter
 from transfer.params import MODES, load_params
+from transfer.preprocess import eval_transform
 
 
 def expand(paths: list[Path]) -> list[Path | UserError]:
@@ -41,8 +42,7 @@ def expand(paths: list[Path]) -> list[Path | UserError]:
 
 def load_image(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return decode(path)
     except Exception as exc:  # PIL raises many types for unreadable files
         raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 

@@ -1,7 +1,8 @@
-"""Stage ``preview``: one augmented training batch with its class names (``plots/train_batch.png``).
+"""Stage ``preview``: the first augmented training batch with its class names (``plots/train_batch.png``).
 
 The tutorial shows this picture before training, to check that the data and the
-augmentations look right. The batch is drawn with ``seed``, so reruns give the same picture.
+augmentations look right. It is exactly the first batch fine-tuning trains on (epoch 1's
+seeded order and views), so reruns give the same picture.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from transfer.checkpoints import read_pretrained_meta
-from transfer.data import build_transforms, load_image_folders, make_loader, resolve_preprocess
+from transfer.data import EpochSampler, TrainImages, image_folders
 from transfer.errors import run_stage
 from transfer.figures import save_image_grid
 from transfer.params import load_params
-from transfer.reproducibility import seed_everything
+from transfer.preprocess import resolve_preprocess
+
+#: The params this stage reads that can change its output, as dvc.yaml declares them.
+PARAMS = ("seed", "model", "preprocess", "train.batch_size")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,16 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    generator = seed_everything(params.seed)
     pre = resolve_preprocess(params.preprocess, read_pretrained_meta(args.weights, params.model)["preprocess"])
-    train = load_image_folders(args.data, {"train": build_transforms(pre)["train"]})["train"]
-    loader = make_loader(train, batch_size=params.train.batch_size, shuffle=True, workers=0,
-                         generator=generator, device=torch.device("cpu"))
-    inputs, labels = next(iter(loader))
-    save_image_grid(args.out, list(inputs), [train.classes[i] for i in labels.tolist()],
-                    mean=pre.mean, std=pre.std,
-                    suptitle="one augmented training batch")
-    print(f"preview: {len(inputs)} training images -> {args.out}")
+    split = image_folders(args.data)["train"]
+    train = TrainImages(split, pre, seed=params.seed, cache_bytes=0)
+    first = list(EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None))[:params.train.batch_size]
+    batch = [train[key] for key in first]
+    save_image_grid(args.out, [image for image, _ in batch], [split.classes[label] for _, label in batch],
+                    suptitle="the first augmented training batch")
+    print(f"preview: {len(batch)} training images -> {args.out}")
 
 
 if __name__ == "__main__":

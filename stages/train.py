@@ -1,111 +1,170 @@
-"""Stage ``train@<mode>``: transfer-learn the backbone on the image folders, one of two ways.
+"""Stage ``train@<mode>``: transfer-learn the backbone, one of two ways.
 
 - ``finetune``: start from the pretrained weights, replace the final layer with one sized to
-  the number of classes, and train every parameter.
+  the number of classes, and train every parameter on the images (``--inputs``: the image
+  folders), with a fresh seeded random crop and flip of every image each epoch.
 - ``feature_extract``: freeze the backbone ("ConvNet as fixed feature extractor") and train
-  only the new final layer; ``train.feature_extract.batchnorm`` says whether the frozen
-  BatchNorm statistics stay fixed (``frozen``) or drift as in the tutorial (``update``).
+  only the new final layer, on the backbone's outputs that the features stage computed once
+  (``--inputs``: its folder); see :mod:`transfer.features`.
 
-Writes the best epoch's weights (``models/<mode>.pt`` + ``.json``), one history row per
-epoch (``plots/<mode>/history.csv``) and a summary (``metrics/<mode>/train.json``).
+Writes the best epoch's weights (``models/<mode>.pt`` + ``.json``), the history
+(``plots/<mode>/history.csv``, rewritten after every epoch so that ``dvc plots`` and editor
+integrations show a run as it goes) and a run record (``reports/<mode>/train.json``:
+summary, timings, versions, device).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn, optim
 from torch.optim import lr_scheduler
+from torch.utils.data import DataLoader
 
 from transfer.atomic import write_json, write_text
-from transfer.checkpoints import read_pretrained_meta, save_checkpoint
-from transfer.data import build_transforms, load_image_folders, make_loader, resolve_preprocess, resolve_workers
-from transfer.devices import describe_device, resolve_device
+from transfer.checkpoints import pretrained_classifier, read_pretrained_meta, save_checkpoint
+from transfer.data import EpochSampler, FeatureViews, TrainImages, ValImages, image_folders, make_loader
+from transfer.devices import resolve_device
 from transfer.errors import run_stage
-from transfer.models import check_input_size, create_backbone, freeze_backbone, load_backbone_state, replace_head
-from transfer.params import MODES, load_params
+from transfer.features import PARAMS as FEATURE_PARAMS
+from transfer.features import TRAIN, VAL, StoredFeatures, read_features
+from transfer.models import freeze_backbone
+from transfer.params import MODES, Params, load_params
+from transfer.preprocess import Preprocess, model_input, resolve_preprocess
 from transfer.reproducibility import configure_backends, seed_everything
+from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
 from transfer.training import EpochRecord, train_model
 
 
+def tracked_params(mode: str) -> tuple[str, ...]:
+    """The params this stage reads that can change its outputs, as dvc.yaml declares them."""
+    return ("seed", "device", "model", "preprocess", "train.batch_size", "train.amp",
+            "train.deterministic", f"train.{mode}")
+
+
+@dataclass
+class Inputs:
+    """What one mode trains on: its loaders, how a batch becomes the model's input, and
+    for feature_extract the stored features (whose BatchNorm statistics it may need)."""
+
+    classes: list[str]
+    loaders: dict[str, DataLoader]
+    prepare: Any
+    features: StoredFeatures | None = None
+
+
+def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.device, workers: int) -> Inputs:
+    """Images, decoded once and cached; a fresh augmented view of each per epoch."""
+    split = image_folders(folder)
+    budget = params.runtime.image_cache_mb * 2**20
+    train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=budget // 2)
+    val = ValImages(split["val"], pre, cache_bytes=budget // 2)
+    for name, images in (("train", train.images), ("val", val.images)):
+        images.fill(f"decode {name}")
+    loaders = {
+        "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None),
+                             batch_size=params.train.batch_size, workers=workers, device=device),
+        "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=1),
+                           batch_size=params.runtime.inference_batch_size, workers=workers, device=device),
+    }
+    return Inputs(split["train"].classes, loaders, lambda batch: model_input(batch, pre, device))
+
+
+def feature_inputs(folder: Path, params: Params, device: torch.device) -> Inputs:
+    """The frozen backbone's stored outputs: view ``(e - 1) % views`` of each image in epoch ``e``."""
+    features = read_features(folder, params.digest(FEATURE_PARAMS))
+    train = FeatureViews(features.array(TRAIN), features.labels("train"))
+    val = FeatureViews(features.array(VAL), features.labels("val"))
+    loaders = {
+        "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True,
+                                                 cycle=train.features.shape[0]),
+                             batch_size=params.train.batch_size, workers=0, device=device),
+        "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=val.features.shape[0]),
+                           batch_size=params.runtime.inference_batch_size, workers=0, device=device),
+    }
+    return Inputs(features.meta["classes"], loaders, None, features)
+
+
 def history_csv(history: list[EpochRecord]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(history[0].as_row()), lineterminator="\n")
-    writer.writeheader()
-    for record in history:
-        writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in record.as_row().items()})
-    return out.getvalue()
+    return pd.DataFrame([r.as_row() for r in history]).round(6).to_csv(index=False, lineterminator="\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", type=Path, default=Path("data/hymenoptera_data"))
+    parser.add_argument("--inputs", type=Path, help="finetune: the image folders (default data/hymenoptera_data); "
+                        "feature_extract: the features stage's folder (default data/features)")
     parser.add_argument("--weights", type=Path, default=Path("models/pretrained.pt"))
     parser.add_argument("--model-out", type=Path, help="default: models/<mode>.pt")
     parser.add_argument("--history", type=Path, help="default: plots/<mode>/history.csv")
-    parser.add_argument("--metrics", type=Path, help="default: metrics/<mode>/train.json")
+    parser.add_argument("--record", type=Path, help="run record; default: reports/<mode>/train.json")
     args = parser.parse_args(argv)
     mode: str = args.mode
+    finetune = mode == "finetune"
+    inputs_path = args.inputs or Path("data/hymenoptera_data" if finetune else "data/features")
     model_out = args.model_out or Path(f"models/{mode}.pt")
     history_out = args.history or Path(f"plots/{mode}/history.csv")
-    metrics_out = args.metrics or Path(f"metrics/{mode}/train.json")
+    record_out = args.record or Path(f"reports/{mode}/train.json")
 
+    started = time.perf_counter()
     params = load_params(args.params)
     recipe = params.train.mode(mode)
     device = resolve_device(params.device)
     configure_backends(device, params.train.deterministic)
-    generator = seed_everything(params.seed)
+    threads = configure_threads(params.runtime.threads)
+    workers = resolve_workers(params.runtime.num_workers, device) if finetune else 0
+    if warning := amp_warning(device, params.train.amp):
+        print(warning, file=sys.stderr)
+    seed_everything(params.seed)
 
     pretrained = read_pretrained_meta(args.weights, params.model)
-    preprocess = resolve_preprocess(params.preprocess, pretrained["preprocess"])
-    images = load_image_folders(args.data, build_transforms(preprocess))
-    classes = images["train"].classes
-    workers = resolve_workers(params.train.num_workers)
-    loaders = {  # validation order does not change its metrics: keep it fixed, spend no randomness
-        split: make_loader(images[split], batch_size=params.train.batch_size, shuffle=split == "train",
-                           workers=workers, generator=generator, device=device)
-        for split in ("train", "val")
-    }
-
-    model = create_backbone(params.model.arch)
-    if pretrained["pretrained"]:  # otherwise `none`: keep the seeded random initialisation
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        load_backbone_state(model, state, str(args.weights))
-    head = replace_head(model, len(classes))
-    check_input_size(model, preprocess.crop)
-
-    if mode == "feature_extract":
-        trained_params = freeze_backbone(model, head)
+    pre = resolve_preprocess(params.preprocess, pretrained["preprocess"])
+    if finetune:
+        inputs = image_inputs(inputs_path, pre, params, device, workers)
     else:
+        inputs = feature_inputs(inputs_path, params, device)
+    classes = inputs.classes
+    model, head = pretrained_classifier(args.weights, pretrained, len(classes), pre.crop)
+
+    if finetune:
+        trained: nn.Module = model.to(device, memory_format=torch.channels_last)
         trained_params = list(model.parameters())
-    frozen_bn = mode == "feature_extract" and params.train.feature_extract.batchnorm == "frozen"
-    model = model.to(device)
+    else:  # only the head learns, from the stored outputs of the frozen backbone
+        trained_params = freeze_backbone(model, head)
+        trained = model.get_submodule(head.name).to(device)
 
     criterion = nn.CrossEntropyLoss()
     optimizer = optim.SGD(trained_params, lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay)
     scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
 
+    sizes = {phase: len(loader.dataset) for phase, loader in inputs.loaders.items()}  # type: ignore[arg-type]
     print(f"train@{mode}: {params.model.arch} ({pretrained['source']}), {len(classes)} classes "
-          f"{classes}, {len(images['train'])} train / {len(images['val'])} val images, "
-          f"{sum(p.numel() for p in trained_params):,} trainable parameters, {describe_device(device)}")
-    started = time.perf_counter()
+          f"{classes}, {sizes['train']} train / {sizes['val']} val images, "
+          f"{sum(p.numel() for p in trained_params):,} trainable parameters, {device.type}, {threads} threads")
     result = train_model(
-        model, loaders, criterion, optimizer, scheduler, recipe.epochs, device,
-        train_only=model.get_submodule(head.name) if frozen_bn else None, amp=params.train.amp,
+        trained, inputs.loaders, criterion, optimizer, scheduler, recipe.epochs, device,
+        prepare=inputs.prepare, amp=params.train.amp,
+        on_epoch=lambda history: write_text(history_out, history_csv(history)),
     )
-    wall = time.perf_counter() - started
 
-    last = result.history[-1]
-    save_checkpoint(model_out, result.best_state, {
+    if finetune:
+        best_state = result.best_state
+    else:  # the whole classifier: pretrained backbone (with the best epoch's statistics) and trained head
+        model.get_submodule(head.name).load_state_dict(result.best_state)
+        if inputs.features and inputs.features.meta["batchnorm"] == "update":
+            model.load_state_dict(inputs.features.batchnorm(result.best_epoch), strict=False)
+        best_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(model_out, best_state, {
         "mode": mode,
         "arch": params.model.arch,
         "classes": classes,
@@ -115,24 +174,19 @@ def main(argv: list[str] | None = None) -> None:
         "weights": params.model.weights,
         "weights_source": pretrained["source"],
         "weights_sha256": pretrained.get("sha256"),
-        "preprocess": dataclasses.asdict(preprocess),
-        "params_digest": params.digest(),
+        "preprocess": dataclasses.asdict(pre),
+        "params_digest": params.digest(tracked_params(mode)),
     })
-    write_text(history_out, history_csv(result.history))
-    write_json(metrics_out, {
-        "best_val_acc": result.best_acc,
-        "best_epoch": result.best_epoch,
-        "epochs": len(result.history),
-        "final_train_loss": last.train_loss,
-        "final_train_acc": last.train_acc,
-        "final_val_loss": last.val_loss,
-        "final_val_acc": last.val_acc,
-        "wall_seconds": round(wall, 2),
-        "train_images_per_second": round(
-            len(result.history) / sum(1 / r.train_images_per_second for r in result.history), 2),
-        "device": describe_device(device),
-        "torch_version": torch.__version__,
-    })
+    last = result.history[-1]
+    wall = time.perf_counter() - started
+    write_json(record_out, run_record(
+        device, threads, workers,
+        best_epoch=result.best_epoch, best_val_acc=result.best_acc, epochs=len(result.history),
+        final={"train_loss": last.train_loss, "train_acc": last.train_acc,
+               "val_loss": last.val_loss, "val_acc": last.val_acc},
+        wall_seconds=round(wall, 2), epoch_seconds=[round(s, 3) for s in result.epoch_seconds],
+        train_images_per_second=round(result.train_images_per_second, 2),
+    ))
     print(f"train@{mode}: best val acc {result.best_acc:.4f} at epoch {result.best_epoch}, "
           f"{wall:.1f}s -> {model_out}")
 

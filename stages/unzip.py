@@ -3,7 +3,7 @@
 Unsafe archives are refused before anything is written; files that are not accepted images
 are left out and listed; the result is checked to be a usable image-folder data set. The
 extraction happens in a temporary folder that replaces the output only when all is well.
-A data report (images per split and class, what was skipped and why) goes to ``metrics/``.
+A data report (images per split and class, what was skipped and why) goes to ``reports/``.
 A data set without ``val/`` can have one split off ``train/`` (``data.val_fraction``).
 """
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("archive", type=Path, help="the zip fetched by the fetch stage")
     parser.add_argument("--out", type=Path, default=Path("data/hymenoptera_data"))
-    parser.add_argument("--report", type=Path, default=Path("metrics/data.json"))
+    parser.add_argument("--report", type=Path, default=Path("reports/data.json"))
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 

@@ -19,7 +19,7 @@ import torch
 
 from transfer.checkpoints import save_checkpoint
 from transfer.download import fetch, sha256_of
-from transfer.errors import UserError, run_stage
+from transfer.errors import ParamError, UserError, run_stage
 from transfer.models import (
     STATE_SUFFIXES,
     TIMM_PREFIX,
@@ -31,10 +31,10 @@ from transfer.models import (
     torchvision_weights,
     weights_hash_prefix,
 )
-from transfer.params import DataParams, load_params
+from transfer.params import RuntimeParams, load_params
 
 
-def download_torchvision_weights(arch: str, name: str, net: DataParams) -> tuple[Path, str]:
+def download_torchvision_weights(arch: str, name: str, net: RuntimeParams) -> tuple[Path, str]:
     """Return the verified local file of torchvision's weights ``name`` and its URL."""
     url = torchvision_weights(arch, name).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
@@ -51,9 +51,9 @@ def download_torchvision_weights(arch: str, name: str, net: DataParams) -> tuple
         if problem is None:
             return cached, url
         raise UserError(f"cached weights {cached} are damaged ({problem}); delete the file and rerun")
-    hint = (f"download {url} by hand into {cached.parent}/ (or set model.weights in params.yaml "
+    hint = (f"download {url} by hand into {cached.parent}/ (or set model.weights in {ParamError.source} "
             "to a local .pth file)")
-    fetch(url, cached, retries=net.retries, timeout=net.timeout, check=matches_prefix, hint=hint)
+    fetch(url, cached, retries=net.download_retries, timeout=net.download_timeout, check=matches_prefix, hint=hint)
     return cached, url
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         state = model.state_dict()
         meta.update(source=f"timm {model.pretrained_cfg.get('hf_hub_id') or arch}")
     else:
-        path, url = download_torchvision_weights(arch, weights, params.data)
+        path, url = download_torchvision_weights(arch, weights, params.runtime)
         state = read_state_dict(path)
         load_backbone_state(model, state, f"weights file {path}")
         meta.update(source=url, sha256=sha256_of(path))

@@ -33,7 +33,7 @@ PIPELINE_PARAMS: dict[str, Any] = {
     **TINY_TRAIN,
     "train.finetune.epochs": 2,
     "train.feature_extract.epochs": 2,
-    "evaluate.batch_size": 8,
+    "runtime.inference_batch_size": 8,
     "evaluate.grid_images": 4,
 }
 

@@ -24,12 +24,13 @@ TINY_TRAIN: dict[str, Any] = {
     "device": "cpu",
     "model.arch": "resnet18",
     "model.weights": "none",
-    "data.retries": 0,
-    "data.timeout": 5,
+    "runtime.download_retries": 0,
+    "runtime.download_timeout": 5,
     "preprocess.resize": 40,
     "preprocess.crop": 32,
     "train.batch_size": 4,
-    "train.num_workers": 0,
+    "runtime.num_workers": 0,
+    "runtime.threads": 1,
     "train.amp": False,
     "train.deterministic": False,
     "train.finetune.epochs": 1,
@@ -96,10 +97,31 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[s
     return path
 
 
-def train_argv(mode: str, params: Path, data: Path, weights: Path, out: Path) -> list[str]:
-    """The train stage's command line, with every output under ``out/`` (``<mode>.pt`` ...)."""
+def features_argv(params: Path, data: Path, weights: Path, out: Path) -> list[str]:
+    """The features stage's command line, writing ``out/features/`` and its run record."""
+    return ["--params", str(params), "--data", str(data), "--weights", str(weights),
+            "--out", str(out / "features"), "--record", str(out / "features.json")]
+
+
+def train_argv(mode: str, params: Path, inputs: Path, weights: Path, out: Path) -> list[str]:
+    """The train stage's command line, with every output under ``out/`` (``<mode>.pt`` ...).
+    ``inputs``: the image folders for finetune, the features folder for feature_extract."""
     return [
-        "--mode", mode, "--params", str(params), "--data", str(data), "--weights", str(weights),
+        "--mode", mode, "--params", str(params), "--inputs", str(inputs), "--weights", str(weights),
         "--model-out", str(out / f"{mode}.pt"), "--history", str(out / mode / "history.csv"),
-        "--metrics", str(out / mode / "train.json"),
+        "--record", str(out / mode / "train.json"),
     ]
+
+
+def run_training(mode: str, params: Path, data: Path, weights: Path, out: Path) -> Path:
+    """``train@<mode>`` on ``data`` with outputs under ``out/``, after the features stage for
+    feature_extract (as ``dvc repro`` runs them); return ``out``."""
+    import stages.features
+    import stages.train
+
+    inputs = data
+    if mode == "feature_extract":
+        stages.features.main(features_argv(params, data, weights, out))
+        inputs = out / "features"
+    stages.train.main(train_argv(mode, params, inputs, weights, out))
+    return out

@@ -26,12 +26,12 @@ no_mps = pytest.mark.skipif(_mps_available(), reason="this machine has MPS")
 @no_cuda
 @pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3"])
 def test_cuda_without_cuda(spec: str) -> None:
-    """Asking for a GPU the machine lacks stops the run and says how to fix params.yaml."""
+    """Asking for a GPU the machine lacks stops the run and says how to fix the params."""
     with pytest.raises(UserError) as info:
         resolve_device(spec)
     message = str(info.value)
     assert message.startswith(f"device {spec!r} was asked for, but CUDA is not available on this machine")
-    assert "set device: auto or cpu in params.yaml" in message
+    assert "set device: auto or cpu in the params" in message
 
 
 @no_mps
@@ -75,3 +75,14 @@ def test_train_stage_stops_at_once_on_a_missing_gpu(tmp_path: Path, capsys: pyte
     line = error_line(capsys.readouterr().err)
     assert line.startswith("error: device 'cuda:3' was asked for, but CUDA is not available")
     assert not out.exists()
+
+
+def test_errors_name_the_params_file_the_stage_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad value found after loading (not by the schema) names the file given with
+    ``--params``, not a params.yaml the stage never read."""
+    params = tiny_params(tmp_path / "experiment.yaml", {"device": "gpu"})
+    argv = train_argv("finetune", params, tmp_path / "no-data", tmp_path / "no-weights.pt", tmp_path / "out")
+    with pytest.raises(SystemExit):
+        run_stage(stages.train.main, argv)
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {params}: device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'")

@@ -1,7 +1,7 @@
 """The ``evaluate@<mode>`` and ``preview`` stages, run in-process on a tiny trained model.
 
 Most checks use the *oracle* checkpoint of ``trained.py``, whose answers are known in
-advance (own-colour images right, decoys wrong), so ``eval.json`` is compared with numbers
+advance (own-colour images right, decoys wrong), so the metrics are compared with numbers
 counted by hand rather than with a second implementation of the same code. The grids are
 checked through a spy on the figure function (the real one still draws the PNG): which
 validation images each grid shows, with which titles and frames. Reruns must give
@@ -38,10 +38,10 @@ from trained import (
 from stages import evaluate as evaluate_stage
 from stages import preview as preview_stage
 from transfer.checkpoints import preprocess_of, read_meta
-from transfer.data import eval_transform, load_image_folders
+from transfer.data import ValImages, image_folders
 
 GRID = EVAL_PARAMS["evaluate.grid_images"]
-OUTPUTS = ("eval.json", "predictions.csv", "predictions.png", "mistakes.png")
+OUTPUTS = ("metrics.json", "predictions.csv", "classes.csv", "predictions.png", "mistakes.png")
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,8 @@ def evaluate(trained: Trained, out: Path, *, model: Path | None = None, data: Pa
     """``evaluate@finetune`` with every output under ``out``; the oracle checkpoint by default."""
     return exit_code(evaluate_stage.main, [
         "--mode", "finetune", "--params", str(params or trained.params), "--data", str(data or trained.data),
-        "--model", str(model or trained.oracle), "--metrics", str(out / "eval.json"), "--plots", str(out),
+        "--model", str(model or trained.oracle), "--metrics", str(out / "metrics.json"), "--plots", str(out),
+        "--record", str(out / "record.json"),
     ])
 
 
@@ -97,11 +98,11 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def val_tensors(trained: Trained, data: Path | None = None) -> dict[str, torch.Tensor]:
-    """Each validation image as the stage feeds it to the model, by its predictions.csv path."""
+    """Each validation image's crop (uint8) as the stage shows it, by its predictions.csv path."""
     root = data or trained.data
-    pre = preprocess_of(read_meta(trained.oracle))
-    dataset = load_image_folders(root, {"val": eval_transform(pre)})["val"]
-    return {Path(p).relative_to(root).as_posix(): dataset[i][0] for i, (p, _) in enumerate(dataset.samples)}
+    split = image_folders(root)["val"]
+    dataset = ValImages(split, preprocess_of(read_meta(trained.oracle)), cache_bytes=0)
+    return {Path(p).relative_to(root).as_posix(): dataset[(0, i)][0] for i, p in enumerate(split.paths)}
 
 
 def which_files(images: list[torch.Tensor], tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -132,25 +133,30 @@ def test_eval_json_matches_hand_count(trained: Trained, tmp_path: Path, capsys: 
 
     ants: 5 images, 4 predicted ants (3 right): precision 3/4, recall 3/5, F1 6/9
     bees: 4 images, 5 predicted bees (3 right): precision 3/5, recall 3/4, F1 6/9
-    macro precision = recall = (3/4 + 3/5) / 2 = 27/40; accuracy 6/9.
+    macro F1 = 2/3; accuracy 6/9, whose 95% Wilson interval is 0.3542 to 0.8794 (as published
+    tables and calculators give it).
     """
     assert evaluate(trained, tmp_path) == 0
-    report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["images"] == VAL_IMAGES == 9
-    assert report["accuracy"] == pytest.approx(6 / 9)
-    assert report["per_class"] == {
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report == {
+        "accuracy": pytest.approx(6 / 9), "ci95_low": pytest.approx(0.3542, abs=1e-4),
+        "ci95_high": pytest.approx(0.8794, abs=1e-4), "macro_f1": pytest.approx(2 / 3), "images": VAL_IMAGES,
+        "best_epoch": read_meta(trained.oracle)["epoch"], "loss": report["loss"],
+    }
+    assert VAL_IMAGES == 9
+    per_class = {row.pop("class"): {k: float(v) for k, v in row.items()} for row in read_rows(tmp_path / "classes.csv")}
+    assert per_class == {
         "ants": pytest.approx({"precision": 3 / 4, "recall": 3 / 5, "f1": 2 / 3, "support": 5}),
         "bees": pytest.approx({"precision": 3 / 5, "recall": 3 / 4, "f1": 2 / 3, "support": 4}),
     }
-    assert report["macro"] == pytest.approx({"precision": 27 / 40, "recall": 27 / 40, "f1": 2 / 3})
-    assert report["device"] == "cpu"
-    assert report["checkpoint_epoch"] == read_meta(trained.oracle)["epoch"]
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["device"] == "cpu" and record["images"] == 9 and record["wall_seconds"] > 0
     # Two classes: the true class's probability is the confidence when right, 1 - it when wrong.
     rows = read_rows(tmp_path / "predictions.csv")
     losses = [-math.log(float(r["confidence"]) if r["actual"] == r["predicted"] else 1 - float(r["confidence"]))
               for r in rows]
     assert report["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-3)
-    assert "evaluate@finetune: accuracy 0.6667 on 9 images" in capsys.readouterr().out
+    assert "evaluate@finetune: accuracy 0.6667 (95% CI 0.3542-0.8794) on 9 images" in capsys.readouterr().out
     assert leftovers(tmp_path) == []
 
 
@@ -179,12 +185,12 @@ def test_accuracy_equals_what_training_validated(trained: Trained, tmp_path: Pat
     for it: evaluation uses the same deterministic transforms, eval mode and weights."""
     checkpoint = trained.checkpoint("finetune")
     assert evaluate(trained, tmp_path, model=checkpoint) == 0
-    report = json.loads((tmp_path / "eval.json").read_text())
+    report = json.loads((tmp_path / "metrics.json").read_text())
     meta = read_meta(checkpoint)
-    train_report = json.loads(trained.train_metrics("finetune").read_text())
+    train_record = json.loads(trained.train_record("finetune").read_text())
     assert report["accuracy"] == pytest.approx(meta["val_acc"], abs=1e-12)
-    assert report["checkpoint_epoch"] == meta["epoch"] == train_report["epochs"] == 1
-    assert report["loss"] == pytest.approx(train_report["final_val_loss"], rel=1e-4)
+    assert report["best_epoch"] == meta["epoch"] == train_record["epochs"] == 1
+    assert report["loss"] == pytest.approx(train_record["final"]["val_loss"], rel=1e-4)
 
 
 def test_reruns_are_byte_identical(trained: Trained, tmp_path: Path) -> None:
@@ -239,9 +245,9 @@ def test_no_mistakes(trained: Trained, tmp_path: Path, grids: dict[str, GridCall
     for decoy in data.glob("val/*/decoy_*"):
         decoy.unlink()
     assert evaluate(trained, tmp_path / "out", data=data) == 0
-    report = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert report["accuracy"] == 1.0 and report["images"] == 6
-    assert report["macro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["accuracy"] == 1.0 and report["images"] == 6 and report["macro_f1"] == 1.0
+    assert report["ci95_high"] == 1.0 and report["ci95_low"] == pytest.approx(0.6097, abs=1e-4)
     assert grids["mistakes.png"].images == []
     assert "(0 of 6 wrong)" in grids["mistakes.png"].suptitle
     assert_png(tmp_path / "out" / "mistakes.png")
@@ -299,8 +305,8 @@ def test_missing_checkpoint(trained: Trained, tmp_path: Path, capsys: pytest.Cap
 
 def test_preview_draws_one_seeded_training_batch(trained: Trained, tmp_path: Path,
                                                  grids: dict[str, GridCall]) -> None:
-    """plots/train_batch.png: one augmented training batch (train.batch_size images, titled
-    with their classes), the same picture on a rerun, another one for another seed."""
+    """plots/train_batch.png: the first training batch (train.batch_size augmented images,
+    titled with their classes), the same picture on a rerun, another one for another seed."""
     def preview(out: Path, params: Path) -> int:
         return exit_code(preview_stage.main, ["--params", str(params), "--data", str(trained.data),
                                         "--weights", str(trained.models / "pretrained.pt"), "--out", str(out)])

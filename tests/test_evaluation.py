@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transfer.evaluation import classification_report, confusion_matrix, predict
+from transfer.evaluation import classification_report, confusion_matrix, predict, wilson_interval
 
 CLASSES = ["ants", "bees", "wasps"]
 # Ten images: 4 ants, 3 bees, 3 wasps. Nothing is ever predicted "wasps".
@@ -126,3 +126,21 @@ def test_predict_keeps_order_and_averages_loss_per_image() -> None:
     assert preds.predicted.tolist() == [0, 0, 1]
     assert preds.confidence.tolist() == pytest.approx([0.5, 0.75, 0.75])
     assert preds.mean_loss == pytest.approx((math.log(2) + math.log(4) + math.log(4 / 3)) / 3)
+
+
+@pytest.mark.parametrize(("correct", "total", "low", "high"), [
+    (6, 9, 0.3542, 0.8794),    # published values of the Wilson score interval at 95%
+    (0, 10, 0.0, 0.2775),
+    (10, 10, 0.7225, 1.0),
+    (140, 153, 0.8601, 0.9497),  # 140 of the real data set's 153 validation images
+])
+def test_wilson_interval(correct: int, total: int, low: float, high: float) -> None:
+    """The 95% interval of an accuracy, as statistics tables give it; never outside [0, 1]."""
+    assert wilson_interval(correct, total) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_wilson_interval_narrows_with_more_images() -> None:
+    """Ten times the images at the same accuracy: a much narrower interval (about 1/sqrt(10))."""
+    small, large = wilson_interval(90, 100), wilson_interval(900, 1000)
+    assert small[0] < large[0] < 0.9 < large[1] < small[1]
+    assert (large[1] - large[0]) < 0.4 * (small[1] - small[0])

@@ -22,7 +22,7 @@ HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Log in 
 
 def stage_args(tmp_path: Path, changes: dict[str, Any]) -> list[str]:
     """argv for the stage, with a params file (the repo's, plus ``changes``) in tmp_path."""
-    params = write_params(tmp_path / "params.yaml", {"data.retries": 0, **changes})
+    params = write_params(tmp_path / "params.yaml", {"runtime.download_retries": 0, **changes})
     return ["--params", str(params), "--out", str(tmp_path / "data" / "d.zip"),
             "--report", str(tmp_path / "metrics" / "fetch.json")]
 
@@ -75,9 +75,9 @@ def test_fetch_file_url(dataset_zip: Path, tmp_path: Path) -> None:
 
 def test_fetch_survives_a_transient_error(http_server: LoopbackServer, dataset_zip: Path,
                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A 503 on the first try is retried (data.retries) and the stage succeeds."""
+    """A 503 on the first try is retried (runtime.download_retries) and the stage succeeds."""
     url = http_server.serve("d.zip", dataset_zip.read_bytes(), fail_first=1, fail_with=503)
-    fetch_stage.main(stage_args(tmp_path, {"data.url": url, "data.retries": 1}))
+    fetch_stage.main(stage_args(tmp_path, {"data.url": url, "runtime.download_retries": 1}))
     assert http_server.hits("d.zip") == 2
     assert (tmp_path / "data" / "d.zip").read_bytes() == dataset_zip.read_bytes()
     assert "warning: server answered HTTP 503" in capsys.readouterr().err
@@ -109,7 +109,7 @@ def test_other_non_zip_payload(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_http_404(http_server: LoopbackServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A moved upstream file: the status, the URL and the manual route are all in the line."""
     url = http_server.url("gone.zip")
-    line = run_failing(tmp_path, {"data.url": url, "data.retries": 3}, capsys)
+    line = run_failing(tmp_path, {"data.url": url, "runtime.download_retries": 3}, capsys)
     assert "HTTP 404" in line and url in line
     assert f"download {url} by hand and set data.url in" in line
     assert http_server.hits("gone.zip") == 1
@@ -124,7 +124,7 @@ def test_refused_connection(closed_port: int, tmp_path: Path, capsys: pytest.Cap
 def test_unknown_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """DNS failure (offline): fast, no retries, says the host could not be resolved."""
     start = time.monotonic()
-    line = run_failing(tmp_path, {"data.url": "http://no-such-host.invalid/x.zip", "data.retries": 3},
+    line = run_failing(tmp_path, {"data.url": "http://no-such-host.invalid/x.zip", "runtime.download_retries": 3},
                        capsys)
     assert time.monotonic() - start < 5
     assert "cannot resolve host 'no-such-host.invalid'" in line and "by hand" in line
@@ -141,7 +141,7 @@ def test_failure_keeps_previous_zip(tmp_path: Path, dataset_zip: Path) -> None:
     args = stage_args(tmp_path, {"data.url": str(dataset_zip)})
     fetch_stage.main(args)
     good = (tmp_path / "data" / "d.zip").read_bytes()
-    write_params(tmp_path / "params.yaml", {"data.url": str(tmp_path / "nope.zip"), "data.retries": 0})
+    write_params(tmp_path / "params.yaml", {"data.url": str(tmp_path / "nope.zip"), "runtime.download_retries": 0})
     with pytest.raises(SystemExit):
         run_stage(fetch_stage.main, args)
     assert (tmp_path / "data" / "d.zip").read_bytes() == good
@@ -171,7 +171,7 @@ def test_subprocess_retries_then_fails(http_server: LoopbackServer, dataset_zip:
                                        tmp_path: Path) -> None:
     """Retry warnings go to stderr as 'warning:' lines; the final failure is one 'error:' line."""
     url = http_server.serve("d.zip", dataset_zip.read_bytes(), fail_first=ALWAYS, fail_with="truncate")
-    proc = run_module("stages.fetch", stage_args(tmp_path, {"data.url": url, "data.retries": 1}))
+    proc = run_module("stages.fetch", stage_args(tmp_path, {"data.url": url, "runtime.download_retries": 1}))
     assert proc.returncode == 1, proc.stderr
     line = error_line(proc.stderr)
     assert "after 2 attempts" in line and "connection closed after" in line

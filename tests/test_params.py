@@ -29,7 +29,7 @@ def test_committed_params_load() -> None:
     """The committed file passes its own schema (otherwise every stage fails at start-up)."""
     params = load_params(REPO_ROOT / "params.yaml")
     assert isinstance(params, Params)
-    assert params.data.retries >= 0 and params.data.timeout > 0
+    assert params.runtime.download_retries >= 0 and params.runtime.download_timeout > 0
 
 
 def effective_preprocess(p: Params) -> dict[str, Any]:
@@ -38,8 +38,8 @@ def effective_preprocess(p: Params) -> dict[str, Any]:
     values = dataclasses.asdict(p.preprocess)
     if "auto" not in values.values():
         return values
-    from transfer.data import resolve_preprocess
     from transfer.models import create_backbone, pretrained_preprocess
+    from transfer.preprocess import resolve_preprocess
 
     meta = pretrained_preprocess(p.model.arch, p.model.weights, create_backbone(p.model.arch))
     return dataclasses.asdict(resolve_preprocess(p.preprocess, meta))
@@ -78,9 +78,10 @@ def test_committed_params_reproduce_the_tutorial() -> None:
         pytest.param({"data": "x"}, ["data must be a mapping"], id="section-not-mapping"),
         pytest.param({"train.finetune.lr": 0}, ["train.finetune.lr", "> 0", "got 0"],
                      id="out-of-range-exclusive"),
-        pytest.param({"data.retries": -1}, ["data.retries", ">= 0", "got -1"], id="out-of-range"),
-        pytest.param({"data.timeout": -5}, ["data.timeout", "> 0"], id="negative-timeout"),
-        pytest.param({"train.num_workers": "many"}, ["train.num_workers", "'auto'"],
+        pytest.param({"runtime.download_retries": -1}, ["runtime.download_retries", ">= 0", "got -1"],
+                     id="out-of-range"),
+        pytest.param({"runtime.download_timeout": -5}, ["runtime.download_timeout", "> 0"], id="negative-timeout"),
+        pytest.param({"runtime.num_workers": "many"}, ["runtime.num_workers", "'auto'"],
                      id="int-or-auto"),
         pytest.param({"preprocess.interpolation": "lanczos"},
                      ["preprocess.interpolation", "'bilinear'", "'lanczos'"], id="not-a-choice"),
@@ -135,14 +136,16 @@ def test_valid_sha256_pins_are_accepted(tmp_path: Path, digest: str) -> None:
 
 def test_numbers_are_normalised(tmp_path: Path) -> None:
     """An integer where a float is expected is accepted and stored as a float."""
-    params = load_params(write_params(tmp_path / "params.yaml", {"data.timeout": 5}))
-    assert params.data.timeout == 5.0 and isinstance(params.data.timeout, float)
+    params = load_params(write_params(tmp_path / "params.yaml", {"runtime.download_timeout": 5}))
+    assert params.runtime.download_timeout == 5.0 and isinstance(params.runtime.download_timeout, float)
 
 
-def test_digest_tracks_every_value(tmp_path: Path) -> None:
-    """The params digest recorded beside checkpoints changes when any value changes."""
+def test_digest_covers_the_selected_params_only(tmp_path: Path) -> None:
+    """The params digest recorded beside outputs changes with a value of the keys a stage
+    declares, and not with any other param (a change there does not make it another run)."""
+    keys = ("seed", "train.finetune")
     base = load_params(write_params(tmp_path / "a.yaml"))
-    same = load_params(write_params(tmp_path / "b.yaml"))
+    same = load_params(write_params(tmp_path / "b.yaml", {"train.feature_extract.lr": 0.5, "runtime.threads": 1}))
     other = load_params(write_params(tmp_path / "c.yaml", {"train.finetune.gamma": 0.5}))
-    assert base.digest() == same.digest()
-    assert base.digest() != other.digest()
+    assert base.digest(keys) == same.digest(keys)
+    assert base.digest(keys) != other.digest(keys)

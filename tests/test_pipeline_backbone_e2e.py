@@ -49,7 +49,7 @@ def test_repro_with_mobilenet_on_a_local_three_class_folder(dvc_repo: DvcRepo, t
         "data.val_fraction": 0.34,
         "model.arch": "mobilenet_v3_small",
         "model.weights": str(weights),
-        "evaluate.batch_size": 8,
+        "runtime.inference_batch_size": 8,
         "evaluate.grid_images": 4,
     })
     proc = dvc_repo.dvc("repro", timeout=300)

@@ -15,7 +15,7 @@ from transfer.download import sha256_of
 def test_repro_fetch_and_unzip(dvc_repo: DvcRepo, http_server: LoopbackServer, dataset_zip: Path) -> None:
     """Fetch + unzip produce the image folders and reports; a rerun is a no-op."""
     url = http_server.serve("hymenoptera_data.zip", dataset_zip.read_bytes())
-    dvc_repo.set_params({"data.url": url, "data.sha256": None, "data.retries": 0})
+    dvc_repo.set_params({"data.url": url, "data.sha256": None, "runtime.download_retries": 0})
     root = dvc_repo.root
 
     first = dvc_repo.dvc("repro", "unzip")
@@ -52,7 +52,7 @@ def test_repro_fetch_and_unzip(dvc_repo: DvcRepo, http_server: LoopbackServer, d
 def test_repro_failed_download(dvc_repo: DvcRepo, http_server: LoopbackServer) -> None:
     """Through DVC, a 404 fails the run with the stage's one-line error and leaves no zip."""
     url = http_server.url("moved.zip")
-    dvc_repo.set_params({"data.url": url, "data.retries": 0})
+    dvc_repo.set_params({"data.url": url, "runtime.download_retries": 0})
     proc = dvc_repo.dvc("repro", "unzip", check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

@@ -101,7 +101,8 @@ def test_text_output_and_exit_code_zero(trained: Trained, tmp_path: Path, capsys
     both preprocess exactly as validation does."""
     assert exit_code(evaluate_stage.main, [
         "--mode", "finetune", "--params", str(trained.params), "--data", str(trained.data),
-        "--model", str(trained.oracle), "--metrics", str(tmp_path / "eval.json"), "--plots", str(tmp_path)]) == 0
+        "--model", str(trained.oracle), "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path),
+        "--record", str(tmp_path / "record.json")]) == 0
     evaluated = {line.split(",")[0]: line.split(",") for line in
                  (tmp_path / "predictions.csv").read_text().splitlines()[1:]}
     capsys.readouterr()

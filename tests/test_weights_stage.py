@@ -25,9 +25,9 @@ import stages.weights
 from tests.imagefolders import (
     make_image_folders,
     random_state_dict,
+    run_training,
     save_state_dict,
     tiny_params,
-    train_argv,
 )
 from transfer.checkpoints import read_meta
 from transfer.download import sha256_of
@@ -111,7 +111,7 @@ def test_local_file_reaches_the_trained_backbone(tmp_path: Path, suffix: str,
 
     data = make_image_folders(tmp_path / "data", n_train=2, n_val=1)
     params = tmp_path / "params.yaml"
-    stages.train.main(train_argv("feature_extract", params, data, out, tmp_path / "trained"))
+    run_training("feature_extract", params, data, out, tmp_path / "trained")
     trained = torch.load(tmp_path / "trained" / "feature_extract.pt", weights_only=True)
     backbone = [k for k in resnet_state if not k.startswith("fc.")]
     assert len(backbone) == 120
@@ -165,11 +165,11 @@ def test_damaged_cached_torchvision_weights(tmp_path: Path, torch_home: Path, of
 def test_offline_without_cache(tmp_path: Path, torch_home: Path, offline: None, name: str,
                                capsys: pytest.CaptureFixture[str]) -> None:
     """One line: which URL could not be fetched, where the file is expected, how to get it."""
-    line = weights_error(tmp_path, name, capsys, **{"data.retries": 0})
+    line = weights_error(tmp_path, name, capsys, **{"runtime.download_retries": 0})
     assert line.startswith(f"error: could not download {RESNET18_URL}: cannot resolve host "
                            "'download.pytorch.org' (offline?)")
     assert f"download {RESNET18_URL} by hand into {torch_home}/" in line
-    assert "set model.weights in params.yaml to a local .pth file" in line
+    assert f"set model.weights in {tmp_path / 'params.yaml'} to a local .pth file" in line
     assert not torch_home.exists() or list(torch_home.iterdir()) == []
 
 
@@ -185,7 +185,7 @@ def test_torchvision_weights_name_reaches_the_network(tmp_path: Path, torch_home
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     with pytest.raises(UserError, match="cannot resolve host"):
-        run_weights(tmp_path, "IMAGENET1K_V1", **{"data.retries": 0})
+        run_weights(tmp_path, "IMAGENET1K_V1", **{"runtime.download_retries": 0})
     assert asked == ["download.pytorch.org"]
 
 

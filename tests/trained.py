@@ -31,8 +31,10 @@ from stages import train as train_stage
 from stages import weights as weights_stage
 from transfer.checkpoints import load_trained_model, preprocess_of, save_checkpoint
 from transfer.checkpoints import read_meta as read_sidecar
-from transfer.data import eval_transform, load_image_folders
+from transfer.data import image_folders
 from transfer.errors import run_stage
+from transfer.images import decode
+from transfer.preprocess import eval_transform
 
 CLASSES = ("ants", "bees")
 N_TRAIN, N_VAL = 6, 3
@@ -42,7 +44,7 @@ N_DECOYS = {"ants": 2, "bees": 1}
 VAL_IMAGES = len(CLASSES) * N_VAL + sum(N_DECOYS.values())
 #: Params of every run here (on top of ``imagefolders.TINY_TRAIN``): a grid smaller than the
 #: number of mistakes, and batches that do not divide the validation set.
-EVAL_PARAMS: dict[str, Any] = {"evaluate.batch_size": 4, "evaluate.grid_images": 2}
+EVAL_PARAMS: dict[str, Any] = {"runtime.inference_batch_size": 4, "evaluate.grid_images": 2}
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,8 @@ class Trained:
     def checkpoint(self, mode: str = "finetune") -> Path:
         return self.models / f"{mode}.pt"
 
-    def train_metrics(self, mode: str = "finetune") -> Path:
-        return self.root / "metrics" / mode / "train.json"
+    def train_record(self, mode: str = "finetune") -> Path:
+        return self.root / "reports" / mode / "train.json"
 
     @property
     def oracle(self) -> Path:
@@ -129,9 +131,10 @@ def write_oracle(checkpoint: Path, data: Path, dest: Path, margin: float = 4.0) 
     parent = model.get_submodule(parent_name) if parent_name else model
     head = getattr(parent, attr)
     setattr(parent, attr, torch.nn.Identity())
-    train = load_image_folders(data, {"train": eval_transform(preprocess_of(meta))})["train"]
-    features = torch.stack([model(image.unsqueeze(0))[0] for image, _ in train])
-    labels = torch.tensor(train.targets)
+    train = image_folders(data)["train"]
+    transform = eval_transform(preprocess_of(meta))
+    features = torch.stack([model(transform(decode(path)).unsqueeze(0))[0] for path in train.paths])
+    labels = torch.tensor(train.labels)
     means = torch.stack([features[labels == k].mean(dim=0) for k in range(len(train.classes))])
     spread = (means[0] - means[1]).pow(2).sum() / 2
     scale = margin / spread
@@ -150,10 +153,10 @@ def build(root: Path, modes: tuple[str, ...] = ("finetune",)) -> Trained:
     run_ok(weights_stage.main, ["--params", str(params), "--out", str(models / "pretrained.pt")])
     for mode in modes:
         run_ok(train_stage.main, [
-            "--mode", mode, "--params", str(params), "--data", str(data),
+            "--mode", mode, "--params", str(params), "--inputs", str(data),
             "--weights", str(models / "pretrained.pt"), "--model-out", str(models / f"{mode}.pt"),
             "--history", str(root / "plots" / mode / "history.csv"),
-            "--metrics", str(root / "metrics" / mode / "train.json"),
+            "--record", str(root / "reports" / mode / "train.json"),
         ])
     write_oracle(models / "finetune.pt", data, models / "oracle.pt")
     return Trained(root=root, data=data, params=params, models=models)

@@ -19,8 +19,6 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 from tqdm import tqdm
 
-from transfer.atomic import atomic_path
-from transfer.download import Fetched, sha256_of
 from transfer.errors import UserError
 from transfer.layout import SPLITS, is_image_name, is_litter, layout_problem
 
@@ -45,27 +43,6 @@ class ExtractReport:
             "ignored_entries": self.ignored,
             "val_split_from_train": self.val_from_train,
         }
-
-
-def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
-    """Store the folder ``src`` as a zip at ``dest``, byte-identical for identical contents.
-
-    Members are sorted and carry a fixed timestamp, so the zip's sha256 changes exactly when
-    a file's name or content does; a pinned ``sha256`` that does not match leaves ``dest`` as
-    it was. Images are already compressed: they are stored, not deflated.
-    """
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
-    with atomic_path(dest) as tmp:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-            for path in tqdm(files, desc=f"zip {src.name}", unit="file", disable=None, leave=False):
-                info = zipfile.ZipInfo(path.relative_to(src).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, path.read_bytes())
-        packed = Fetched(sha256_of(tmp), tmp.stat().st_size)
-        if sha256 and packed.sha256 != sha256.lower():
-            raise UserError(f"sha256 mismatch for the zip of {src}: expected {sha256.lower()}, got "
-                            f"{packed.sha256}; update data.sha256 if the folder changed on purpose")
-    return packed
 
 
 def unsafe_reason(info: zipfile.ZipInfo) -> str | None:

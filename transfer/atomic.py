@@ -63,6 +63,11 @@ def write_text(dest: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_json(dest: str | os.PathLike[str], data: Any) -> None:
     """Write indented JSON with sorted keys, so reruns give byte-identical files."""
     write_text(dest, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -7,6 +7,7 @@ rebuild the model and preprocess images exactly as training did.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -14,21 +15,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from transfer.atomic import atomic_path, write_json
-from transfer.data import Preprocess
-from transfer.errors import UserError
-from transfer.models import create_backbone, replace_head
+from transfer.atomic import write_bytes, write_json
+from transfer.errors import ParamError, UserError
+from transfer.models import Head, check_input_size, create_backbone, load_backbone_state, replace_head
 from transfer.params import ModelParams
+from transfer.preprocess import Preprocess
 
 
 def sidecar_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".json")
 
 
+def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """``torch.save`` through memory, then an atomic write: saving to the temporary file
+    directly would record its random name inside the archive, and the same tensors would
+    give different bytes (and a different DVC hash) on every run."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write the state_dict and then its sidecar, each atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write the state_dict and then its sidecar, each atomically and byte-reproducibly."""
+    save_tensors(path, state)
     write_json(sidecar_path(path), meta)
 
 
@@ -43,12 +52,28 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def read_pretrained_meta(path: Path, model: ModelParams) -> dict[str, Any]:
-    """The weights stage's sidecar, checked to describe the weights params.yaml asks for."""
+    """The weights stage's sidecar, checked to describe the weights the params ask for."""
     meta = read_meta(path)
     if meta["arch"] != model.arch or meta["weights"] != model.weights:
         raise UserError(f"{path} holds {meta['arch']} weights {meta['weights']!r}, not those in "
-                        "params.yaml: run `dvc repro` (the weights stage) first")
+                        f"{ParamError.source}: run `dvc repro` (the weights stage) first")
     return meta
+
+
+def pretrained_classifier(path: Path, meta: dict[str, Any], num_classes: int, crop: int) -> tuple[nn.Module, Head]:
+    """The backbone with the weights stage's weights (or, for ``none``, torch's seeded random
+    initialisation) and a new head for ``num_classes``; it must take ``crop``-pixel images.
+
+    Every stage that builds the classifier calls this after seeding, so the new head starts
+    from the same random weights in each of them.
+    """
+    model = create_backbone(meta["arch"])
+    if meta["pretrained"]:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        load_backbone_state(model, state, str(path))
+    head = replace_head(model, num_classes)
+    check_input_size(model, crop)
+    return model, head
 
 
 def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:

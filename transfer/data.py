@@ -1,79 +1,54 @@
-"""Image-folder data sets, their transforms and loaders, as the tutorial builds them."""
+"""Image-folder data sets and their loaders, with randomness that follows the seed, the epoch
+and the image, never the process that happens to do the work.
+
+Every data set here is indexed by ``(view, index)`` pairs, which :class:`EpochSampler`
+yields: the epoch decides the order (a seeded shuffle) and the view (a fresh augmentation
+per epoch, a cached view in turn, or always the same one). So the same seed gives the same
+batches with any number of DataLoader workers, and training on precomputed features sees
+exactly the batches that training on images would.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
 
+from transfer.augment import augmented_view
 from transfer.errors import UserError
+from transfer.images import ImageCache
 from transfer.layout import SPLITS, is_image_name, layout_problem
-from transfer.params import PreprocessParams
-from transfer.reproducibility import seed_worker
-
-INTERPOLATIONS = {
-    "nearest": transforms.InterpolationMode.NEAREST,
-    "bilinear": transforms.InterpolationMode.BILINEAR,
-    "bicubic": transforms.InterpolationMode.BICUBIC,
-}
+from transfer.preprocess import Preprocess, to_uint8_tensor, val_crop
 
 
 @dataclass(frozen=True)
-class Preprocess:
-    """Concrete preprocessing: what training used, recorded so evaluation and prediction match."""
+class Split:
+    """One split of an image-folder data set: sorted class names and (path, label) samples,
+    in torchvision ``ImageFolder``'s order."""
 
-    resize: int
-    crop: int
-    interpolation: str
-    mean: list[float]
-    std: list[float]
+    classes: list[str]
+    samples: list[tuple[str, int]]
 
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.samples]
 
-# What the tutorial uses, and what ImageNet-trained weights without metadata expect.
-IMAGENET = Preprocess(256, 224, "bilinear", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
 
-
-def resolve_preprocess(params: PreprocessParams, pretrained: dict[str, Any] | None) -> Preprocess:
-    """Each ``auto`` param is taken from the weights' metadata, or else from :data:`IMAGENET`."""
-    defaults = Preprocess(**pretrained) if pretrained else IMAGENET
-    return Preprocess(**{
-        name: getattr(defaults, name) if value == "auto" else value
-        for name, value in asdict(params).items()
-    })
+    def __len__(self) -> int:
+        return len(self.samples)
 
 
-def build_transforms(pre: Preprocess) -> dict[str, transforms.Compose]:
-    """The tutorial's ``data_transforms``: random crop and flip to train, centre crop to validate."""
-    mode = INTERPOLATIONS[pre.interpolation]
-    normalize = transforms.Normalize(pre.mean, pre.std)
-    return {
-        "train": transforms.Compose([
-            transforms.RandomResizedCrop(pre.crop, interpolation=mode),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]),
-        "val": eval_transform(pre),
-    }
-
-
-def eval_transform(pre: Preprocess) -> transforms.Compose:
-    """Deterministic preprocessing shared by validation, evaluation and prediction."""
-    return transforms.Compose([
-        transforms.Resize(pre.resize, interpolation=INTERPOLATIONS[pre.interpolation]),
-        transforms.CenterCrop(pre.crop),
-        transforms.ToTensor(),
-        transforms.Normalize(pre.mean, pre.std),
-    ])
-
-
-def load_image_folders(root: Path, tfms: dict[str, transforms.Compose]) -> dict[str, datasets.ImageFolder]:
-    """``ImageFolder`` per split; classes are the sorted folder names of train/."""
+def image_folders(root: Path) -> dict[str, Split]:
+    """``train`` and ``val`` of ``root``; classes are the sorted folder names of train/."""
     counts = {
         split: {
             folder.name: sum(1 for f in folder.rglob("*") if f.is_file() and is_image_name(f.name))
@@ -85,23 +60,106 @@ def load_image_folders(root: Path, tfms: dict[str, transforms.Compose]) -> dict[
     problem = layout_problem(counts)
     if problem:
         raise UserError(f"{root} is not an image-folder data set: {problem}")
-    return {split: datasets.ImageFolder(str(root / split), tfms[split]) for split in tfms}
+    folders = {split: datasets.ImageFolder(str(root / split)) for split in SPLITS}
+    return {split: Split(folder.classes, list(folder.samples)) for split, folder in folders.items()}
 
 
-def resolve_workers(setting: int | str) -> int:
-    """``auto``: one loader process per available core, at most 4 (the tutorial's count)."""
-    if setting != "auto":
-        return int(setting)
-    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (``"shuffle", seed, epoch``), stable across processes."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
-def make_loader(
-    dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool, workers: int,
-    generator: torch.Generator | None, device: torch.device,
-) -> DataLoader:
-    """A DataLoader whose shuffling and worker augmentations follow the seeded ``generator``."""
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-        generator=generator, worker_init_fn=seed_worker, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(view, index)`` for every sample of one epoch; call :meth:`set_epoch` first.
+
+    ``shuffle``: a permutation seeded by ``(seed, epoch)``, so epoch ``e`` has the same order
+    in any run, resumed or not. ``cycle``: epoch ``e`` uses view ``(e - 1) % cycle``; None
+    gives a new view every epoch (``e - 1``), 1 always view 0.
+    """
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool, cycle: int | None) -> None:
+        self.size, self.seed, self.shuffle, self.cycle = size, seed, shuffle, cycle
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def view(self) -> int:
+        return self.epoch - 1 if self.cycle is None else (self.epoch - 1) % self.cycle
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derived_seed("shuffle", self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = range(self.size)
+        view = self.view
+        return iter([(view, index) for index in order])
+
+
+class TrainImages(Dataset[tuple[torch.Tensor, int]]):
+    """``(view, index)`` -> view ``view`` of training image ``index`` (seeded random crop and
+    flip) as uint8 CHW pixels, and its label; ``augment=False`` gives the validation crop."""
+
+    def __init__(self, split: Split, pre: Preprocess, *, seed: int, cache_bytes: int, augment: bool = True) -> None:
+        self.labels = split.labels
+        self.pre, self.seed, self.augment = pre, seed, augment
+        self.images = ImageCache(split.paths, lambda image: image, cache_bytes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        view, index = key
+        image = self.images.image(index)
+        out = augmented_view(image, self.pre, self.seed, view, index) if self.augment else val_crop(image, self.pre)
+        return to_uint8_tensor(out), self.labels[index]
+
+
+class ValImages(Dataset[tuple[torch.Tensor, int]]):
+    """``(view, index)`` -> the validation crop of image ``index`` (uint8 CHW) and its label.
+
+    The crop is deterministic, so the cache holds it, already cropped, rather than the
+    decoded image: each image is decoded and resized once per run, not once per epoch.
+    """
+
+    def __init__(self, split: Split, pre: Preprocess, *, cache_bytes: int) -> None:
+        self.labels = split.labels
+        self.images = ImageCache(split.paths, lambda image: val_crop(image, pre), cache_bytes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        _, index = key
+        return torch.from_numpy(self.images.get(index)).permute(2, 0, 1), self.labels[index]
+
+
+class FeatureViews(Dataset[tuple[torch.Tensor, int]]):
+    """``(view, index)`` -> the stored backbone output of view ``view`` of sample ``index``.
+
+    ``features`` has shape (views, samples, ...); a memory-mapped ``.npy`` array is read
+    lazily, one batch at a time.
+    """
+
+    def __init__(self, features: np.ndarray, labels: list[int]) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        view, index = key
+        return torch.from_numpy(np.array(self.features[view, index])), self.labels[index]
+
+
+def make_loader(dataset: Dataset, sampler: EpochSampler, *, batch_size: int, workers: int,
+                device: torch.device) -> DataLoader:
+    """A DataLoader over ``sampler``'s pairs; pinned memory for non-blocking copies to CUDA."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)

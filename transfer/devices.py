@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from transfer.errors import UserError
+from transfer.errors import ParamError, UserError
 
 _SPEC = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -19,7 +19,7 @@ def resolve_device(spec: str) -> torch.device:
     meant for a GPU should not quietly take a day on the CPU.
     """
     if not _SPEC.fullmatch(spec):
-        raise UserError(f"params.yaml: device must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
+        raise ParamError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -29,7 +29,7 @@ def resolve_device(spec: str) -> torch.device:
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"device {spec!r} was asked for, but CUDA is not available on this machine "
-                            "(set device: auto or cpu in params.yaml)")
+                            "(set device: auto or cpu in the params)")
         index = int(spec.split(":")[1]) if ":" in spec else 0
         count = torch.cuda.device_count()
         if index >= count:
@@ -37,7 +37,7 @@ def resolve_device(spec: str) -> torch.device:
                             f"device(s): use cuda:0..cuda:{count - 1}")
     if spec == "mps" and not _mps_available():
         raise UserError("device 'mps' was asked for, but MPS is not available on this machine "
-                        "(set device: auto or cpu in params.yaml)")
+                        "(set device: auto or cpu in the params)")
     return torch.device(spec)
 
 

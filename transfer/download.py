@@ -1,4 +1,5 @@
-"""Fetching a file from http(s)://, file:// or a local path, atomically and verifiably.
+"""Fetching a file from http(s)://, file:// or a local path, atomically and verifiably, or
+packing a local folder into a reproducible zip.
 
 Used for the data set and for pretrained weights. The bytes stream into a temporary file
 beside the destination while their sha256 is computed; only a complete download whose digest
@@ -19,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,3 +168,24 @@ def _stream(src: BinaryIO, out: BinaryIO, total: int | None, name: str) -> Fetch
 def sha256_of(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as src:
         return hashlib.file_digest(src, "sha256").hexdigest()
+
+
+def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
+    """Store the folder ``src`` as a zip at ``dest``, byte-identical for identical contents.
+
+    Members are sorted and carry a fixed timestamp, so the zip's sha256 changes exactly when
+    a file's name or content does; a pinned ``sha256`` that does not match leaves ``dest`` as
+    it was. Images are already compressed: they are stored, not deflated.
+    """
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    with atomic_path(dest) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for path in tqdm(files, desc=f"zip {src.name}", unit="file", disable=None, leave=False):
+                info = zipfile.ZipInfo(path.relative_to(src).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, path.read_bytes())
+        packed = Fetched(sha256_of(tmp), tmp.stat().st_size)
+        if sha256 and packed.sha256 != sha256.lower():
+            raise UserError(f"sha256 mismatch for the zip of {src}: expected {sha256.lower()}, got "
+                            f"{packed.sha256}; update data.sha256 if the folder changed on purpose")
+    return packed

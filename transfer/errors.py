@@ -16,6 +16,17 @@ class UserError(Exception):
     """A problem the user can fix; the message is shown as-is, on one line."""
 
 
+class ParamError(UserError):
+    """A bad value of one param, found after the params file loaded (an architecture that
+    does not exist, a device this machine lacks). The message starts with the file the
+    stage read, which :func:`transfer.params.load_params` records in :attr:`source`."""
+
+    source = "params.yaml"
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{ParamError.source}: {key} {problem}")
+
+
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run a stage's ``main`` and exit with a one-line message on user errors or Ctrl-C."""
     try:

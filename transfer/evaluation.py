@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +28,17 @@ class Predictions:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "evaluate") -> Predictions:
-    """One pass over ``loader`` in eval mode, in the loader's order."""
+def predict(model: nn.Module, loader: DataLoader, device: torch.device,
+            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "evaluate") -> Predictions:
+    """One pass over ``loader`` in eval mode, in the loader's order; ``prepare`` turns a
+    batch into the model's input on ``device`` (default: moves it there)."""
+    prepare = prepare or (lambda batch: batch.to(device, non_blocking=True))
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     labels, probabilities = [], []
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     for inputs, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        inputs, targets = prepare(inputs), targets.to(device, non_blocking=True)
         logits = model(inputs).float()
         total_loss += criterion(logits, targets).double()
         labels.append(targets.cpu())
@@ -74,3 +79,16 @@ def classification_report(labels: torch.Tensor, predicted: torch.Tensor, classes
         "per_class": per_class,
         "macro": {"precision": precision.mean().item(), "recall": recall.mean().item(), "f1": f1.mean().item()},
     }
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``correct`` out of ``total`` (95% for the
+    default ``z``). Unlike the normal approximation it stays within [0, 1] and is sound for
+    accuracies near 0 or 1 and for small validation sets."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -14,7 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from transfer.atomic import atomic_path
@@ -23,24 +22,17 @@ MISTAKE = "#d62728"
 CORRECT = "#2ca02c"
 
 
-def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised CHW tensor back to an HWC array in [0, 1] for display (the tutorial's imshow)."""
-    array = image.detach().cpu().float().numpy().transpose((1, 2, 0))
-    return np.clip(array * np.array(std) + np.array(mean), 0, 1)
-
-
 def save_image_grid(
     path: Path,
     images: Sequence[torch.Tensor],
     titles: Sequence[str],
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
     mistakes: Sequence[bool] | None = None,
     suptitle: str = "",
     columns: int = 4,
 ) -> None:
-    """Save a grid of images with a title each; ``mistakes`` get a red frame and title."""
+    """Save a grid of images (uint8 CHW, as the model saw them before normalisation) with a
+    title each; ``mistakes`` get a red frame and title."""
     count = max(len(images), 1)
     cols = min(columns, count)
     rows = math.ceil(count / cols)
@@ -51,7 +43,7 @@ def save_image_grid(
         axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center", fontsize=14)
     for i, (image, title) in enumerate(zip(images, titles, strict=True)):
         ax = axes.flat[i]
-        ax.imshow(denormalize(image, mean, std))
+        ax.imshow(image.permute(1, 2, 0).cpu().numpy())
         if mistakes is not None:
             colour = MISTAKE if mistakes[i] else CORRECT
             ax.set_title(title, color=colour, fontsize=10, fontweight="bold" if mistakes[i] else "normal")

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from transfer.errors import UserError
+from transfer.errors import ParamError, UserError
 
 STATE_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -56,19 +56,19 @@ def create_backbone(arch: str) -> nn.Module:
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:6]
             hint = f" (close: {', '.join(close)})" if close else ""
-            raise UserError(f"params.yaml: model.arch {arch!r} is not a timm model{hint}")
+            raise ParamError("model.arch", f"{arch!r} is not a timm model{hint}")
         base, _, tag = name.partition(".")
         if tag and not timm.list_pretrained(name):  # is_model accepts any tag; create_model would not
             tags = ", ".join(k.split(".", 1)[1] for k in timm.list_pretrained(f"{base}.*")[:8]) or "none"
-            raise UserError(f"params.yaml: model.arch {arch!r}: {tag!r} is not a pretrained tag of {base} "
+            raise ParamError("model.arch", f"{arch!r}: {tag!r} is not a pretrained tag of {base} "
                             f"(tags: {tags})")
         return timm.create_model(name, pretrained=False)
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
         close = [n for n in names if n.startswith(arch[:4])][:6]
         hint = f" (close: {', '.join(close)})" if close else ""
-        raise UserError(
-            f"params.yaml: model.arch {arch!r} is not a torchvision classification model{hint}; "
+        raise ParamError(
+            "model.arch", f"{arch!r} is not a torchvision classification model{hint}; "
             f"timm models are written {TIMM_PREFIX}NAME"
         )
     model = torchvision.models.get_model(arch, weights=None)
@@ -245,15 +245,15 @@ def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
-        raise UserError(f"params.yaml: model.arch {arch!r} has no torchvision weights") from None
+        raise ParamError("model.arch", f"{arch!r} has no torchvision weights") from None
     if name == "DEFAULT":
         return enum.DEFAULT
     try:
         return enum[name]
     except KeyError:
         known = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
-        raise UserError(
-            f"params.yaml: model.weights {name!r} is neither a weights name of {arch} ({known}), "
+        raise ParamError(
+            "model.weights", f"{name!r} is neither a weights name of {arch} ({known}), "
             "none, nor a path ending in .pth, .pt or .safetensors"
         ) from None
 
@@ -270,7 +270,7 @@ def timm_pretrained(arch: str, tag: str) -> nn.Module:
     known = timm.list_pretrained(f"{base}.*")
     if tag != "DEFAULT" and full not in known:
         tags = ", ".join(k.split(".", 1)[1] for k in known[:8]) or "none"
-        raise UserError(f"params.yaml: model.weights {tag!r} is not a pretrained tag of {base} "
+        raise ParamError("model.weights", f"{tag!r} is not a pretrained tag of {base} "
                         f"(tags: {tags}), nor none or a .pth/.pt/.safetensors path")
     try:
         return timm.create_model(full, pretrained=True)

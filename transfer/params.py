@@ -14,13 +14,14 @@ import json
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from transfer.errors import UserError
+from transfer.errors import ParamError, UserError
 
 MODES = ("finetune", "feature_extract")
 Mode = Literal["finetune", "feature_extract"]
@@ -35,8 +36,6 @@ def _positive(**extra: Any) -> dict[str, Any]:
 class DataParams:
     url: str
     sha256: str | None = field(metadata={"pattern": r"[0-9a-fA-F]{64}", "what": "64 hex digits"})
-    retries: int = field(metadata={"min": 0})
-    timeout: float = field(metadata=_positive())
     val_fraction: float = field(metadata={"min": 0, "max": 1})
 
 
@@ -70,12 +69,16 @@ class ModeParams:
 @dataclass(frozen=True)
 class FeatureExtractParams(ModeParams):
     batchnorm: Literal["frozen", "update"]
+    views: int | Auto = field(metadata={"min": 0})
+
+    def view_count(self) -> int:
+        """Augmented views per training image the features stage computes (0: no augmentation)."""
+        return self.epochs if self.views == "auto" else self.views
 
 
 @dataclass(frozen=True)
 class TrainParams:
     batch_size: int = field(metadata=_positive())
-    num_workers: int | Auto = field(metadata={"min": 0})
     amp: bool
     deterministic: bool
     finetune: ModeParams
@@ -87,8 +90,19 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = field(metadata=_positive())
     grid_images: int = field(metadata=_positive())
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """How the stages run, not what they compute: no stage declares these in dvc.yaml."""
+
+    threads: int | Auto = field(metadata=_positive())
+    num_workers: int | Auto = field(metadata={"min": 0})
+    inference_batch_size: int = field(metadata=_positive())
+    image_cache_mb: int = field(metadata={"min": 0})
+    download_retries: int = field(metadata={"min": 0})
+    download_timeout: float = field(metadata=_positive())
 
 
 @dataclass(frozen=True)
@@ -100,10 +114,23 @@ class Params:
     preprocess: PreprocessParams
     train: TrainParams
     evaluate: EvaluateParams
+    runtime: RuntimeParams
 
-    def digest(self) -> str:
-        """A short hash of every param, recorded beside checkpoints to trace their origin."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    def select(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of dotted ``keys`` (``train.finetune``, ``seed``), as plain data."""
+        tree = dataclasses.asdict(self)
+        values = {}
+        for key in keys:
+            node: Any = tree
+            for part in key.split("."):
+                node = node[part]
+            values[key] = node
+        return values
+
+    def digest(self, keys: Iterable[str]) -> str:
+        """A short hash of the params ``keys`` (those a stage declares), recorded beside its
+        outputs to trace their origin."""
+        blob = json.dumps(self.select(keys), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -116,7 +143,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise UserError(f"{path} not found: run the stage from the project's root") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    return parse(Params, raw, source=str(path))
+    params = parse(Params, raw, source=str(path))
+    ParamError.source = str(path)
+    return params
 
 
 def parse(cls: type, raw: Any, source: str = "params.yaml", prefix: str = "") -> Any:

@@ -1,4 +1,10 @@
-"""Seeding and determinism switches, in one place so every stage applies the same ones."""
+"""Seeding and determinism switches, in one place so every stage applies the same ones.
+
+The global generators seeded here decide random initialisation (of the new head, and of
+the whole backbone with ``model.weights: none``). Shuffling and augmentation do not draw
+from them: they follow ``(seed, epoch, image)`` (see :mod:`transfer.data` and
+:mod:`transfer.augment`), so they do not depend on how many loader processes run.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +15,11 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a generator for DataLoader shuffling."""
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: derive Python and NumPy seeds from torch's per-worker seed."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:

@@ -1,16 +1,23 @@
 """The training loop of PyTorch's transfer-learning tutorial (``train_model``), kept recognisable.
 
 Each epoch has a training and a validation phase; the model with the best validation
-accuracy is kept. Improvements over the tutorial: a progress bar per phase, losses summed
-on the device (no host sync per batch), optional mixed precision, a history row per epoch,
-ties in accuracy go to the earlier epoch, and a frozen backbone can keep its BatchNorm
-statistics fixed.
+accuracy is kept. Improvements over the tutorial: a progress bar per phase; batches arrive as
+uint8 pixels (or stored features) and are prepared on the device; each epoch's order and
+augmentation follow the seed and the epoch (the loaders' :class:`~transfer.data.EpochSampler`);
+validation runs under ``torch.inference_mode()``; losses are summed on the device (no host
+sync per batch); optional mixed precision; a history row per epoch, handed to ``on_epoch``
+as soon as the epoch ends; ties in accuracy go to the earlier epoch; and a frozen backbone can
+keep its BatchNorm statistics fixed.
+
+The same loop trains a whole network on images and a lone head on the frozen backbone's
+precomputed outputs: only the model and what ``prepare`` does to a batch differ.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,8 +34,6 @@ class EpochRecord:
     val_loss: float
     val_acc: float
     lr: float
-    seconds: float
-    train_images_per_second: float
 
     def as_row(self) -> dict[str, float]:
         return asdict(self)
@@ -40,6 +45,8 @@ class TrainResult:
     best_epoch: int
     best_acc: float
     history: list[EpochRecord]
+    epoch_seconds: list[float]
+    train_images_per_second: float
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[None]:
@@ -72,27 +79,38 @@ def train_model(
     num_epochs: int,
     device: torch.device,
     *,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     train_only: nn.Module | None = None,
     amp: bool = False,
+    on_epoch: Callable[[list[EpochRecord]], None] | None = None,
     log: bool = True,
 ) -> TrainResult:
     """Train for ``num_epochs``; return the best epoch's weights (on the CPU) and the history.
 
-    ``train_only``: the submodule put in training mode during the training phase, the rest
-    staying in eval mode (see :func:`set_train_mode`); None trains the whole model's modes.
+    ``prepare`` turns a loader's batch into the model's input on ``device`` (default: move
+    it there). ``train_only``: the submodule put in training mode during the training phase,
+    the rest staying in eval mode (see :func:`set_train_mode`); None trains the whole
+    model's modes. ``on_epoch`` gets the history after every epoch (to write it out).
     """
+    prepare = prepare or (lambda batch: batch.to(device, non_blocking=True))
     dataset_sizes = {phase: len(loader.dataset) for phase, loader in loaders.items()}  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     best_state = _cpu_copy(model)
     best_acc, best_epoch = -1.0, 0
     history: list[EpochRecord] = []
+    epoch_seconds: list[float] = []
+    train_seconds = 0.0
 
     for epoch in range(1, num_epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        stats: dict[str, tuple[float, float, float]] = {}
+        stats: dict[str, tuple[float, float]] = {}
         for phase in ["train", "val"]:
-            set_train_mode(model, phase == "train", train_only)
+            training = phase == "train"
+            set_train_mode(model, training, train_only)
+            sampler = loaders[phase].sampler
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
             phase_start = time.perf_counter()
             running_loss = torch.zeros((), device=device, dtype=torch.float64)
             running_corrects = torch.zeros((), device=device, dtype=torch.int64)
@@ -100,43 +118,47 @@ def train_model(
             bar = tqdm(loaders[phase], desc=f"epoch {epoch}/{num_epochs} {phase}", unit="batch",
                        leave=False, disable=None)
             for inputs, labels in bar:
-                inputs = inputs.to(device, non_blocking=True)
+                inputs = prepare(inputs)
                 labels = labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
 
-                with torch.set_grad_enabled(phase == "train"), autocast(device, amp):
+                grad_mode = torch.enable_grad() if training else torch.inference_mode()
+                with grad_mode, autocast(device, amp):
                     outputs = model(inputs)
                     _, preds = torch.max(outputs, 1)
                     loss = criterion(outputs, labels)
 
-                if phase == "train":
+                if training:
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
 
                 running_loss += loss.detach().double() * inputs.size(0)
                 running_corrects += torch.sum(preds == labels)
-            if phase == "train":
+            if training:
                 scheduler.step()
+                train_seconds += time.perf_counter() - phase_start
 
             size = dataset_sizes[phase]
-            seconds = time.perf_counter() - phase_start
-            stats[phase] = (running_loss.item() / size, running_corrects.item() / size, size / seconds)
+            stats[phase] = (running_loss.item() / size, running_corrects.item() / size)
 
-        (train_loss, train_acc, train_ips), (val_loss, val_acc, _) = stats["train"], stats["val"]
-        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr,
-                             time.perf_counter() - started, train_ips)
+        (train_loss, train_acc), (val_loss, val_acc) = stats["train"], stats["val"]
+        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr)
         history.append(record)
+        epoch_seconds.append(time.perf_counter() - started)
         if val_acc > best_acc:  # strictly better: ties keep the earlier epoch
             best_acc, best_epoch = val_acc, epoch
             best_state = _cpu_copy(model)
+        if on_epoch is not None:
+            on_epoch(history)
         if log:
             tqdm.write(
                 f"Epoch {epoch}/{num_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2g}  {record.seconds:.1f}s"
+                f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2g}  {epoch_seconds[-1]:.1f}s"
                 + ("  *best" if best_epoch == epoch else "")
             )
-    return TrainResult(best_state, best_epoch, best_acc, history)
+    images_per_second = dataset_sizes["train"] * num_epochs / train_seconds if train_seconds else 0.0
+    return TrainResult(best_state, best_epoch, best_acc, history, epoch_seconds, images_per_second)
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:

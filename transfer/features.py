@@ -1,0 +1,140 @@
+"""The frozen backbone's outputs, computed once by the ``features`` stage and read by
+``train@feature_extract``, which then trains the new head alone.
+
+In the tutorial's feature_extract mode every epoch runs every training and validation
+image through the frozen backbone again, although only the head changes. Here the
+backbone runs once: for the validation images, and for ``views`` seeded augmentations
+(random crop + flip, see :mod:`transfer.augment`) of each training image. Epoch ``e``
+trains on view ``(e - 1) % views``, in the order and batches training on the images would
+use, so with one view per epoch the head sees exactly what it would have seen.
+
+With ``batchnorm: update`` (the tutorial's own behaviour) the backbone's BatchNorm
+statistics follow the training batches, so its outputs change every epoch; but the batches
+do not depend on the head, so the whole trajectory is computed once as well: each epoch's
+training outputs in its batches, validation outputs after it, and the statistics, of which
+the best epoch's go into the checkpoint.
+
+The stored tensor is the head's input (captured with a hook), so any model whose head is its
+last layer works; a model that computes more after its head (SqueezeNet) cannot be split
+there, and the stage says so.
+
+Layout of the output folder: ``train.npy`` (views, train images, *feature shape) and
+``val.npy`` (1 or epochs, val images, ...) as float32, memory-mapped when read;
+``batchnorm.pt`` (``update`` only) a plain state_dict of each epoch's statistics, keys
+``"<epoch>/<buffer name>"``; ``features.json`` what they were computed from and for which
+samples.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transfer.errors import UserError
+
+TRAIN, VAL, BATCHNORM, META = "train.npy", "val.npy", "batchnorm.pt", "features.json"
+#: The params the features stage reads that can change its outputs, as dvc.yaml declares them.
+#: The batch size and epochs matter to ``batchnorm: update`` (and epochs to ``views: auto``).
+PARAMS = ("seed", "device", "model", "preprocess", "train.batch_size", "train.amp", "train.deterministic",
+          "train.feature_extract.epochs", "train.feature_extract.batchnorm", "train.feature_extract.views")
+
+
+@contextmanager
+def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects what ``head`` receives during the forward passes inside the block."""
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def head_is_last(model: nn.Module, head: nn.Module, sample: torch.Tensor) -> bool:
+    """Whether the model's output is the head's output, so training the head on stored head
+    inputs is training the model. Checked on ``sample`` in eval mode."""
+    outputs: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            result = model.eval()(sample)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return len(outputs) == 1 and outputs[0].shape == result.shape and torch.equal(outputs[0], result)
+
+
+def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of every BatchNorm layer (what ``batchnorm: update`` changes)."""
+    return {
+        f"{name}.{buffer}": getattr(module, buffer).detach().cpu().clone()
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for buffer in ("running_mean", "running_var", "num_batches_tracked")
+        if getattr(module, buffer, None) is not None
+    }
+
+
+@dataclass
+class FeatureWriter:
+    """Fills ``<folder>/train.npy`` and ``val.npy`` batch by batch, memory-mapped, so a large
+    data set's features never have to fit in memory at once."""
+
+    arrays: dict[str, np.ndarray] | None = None
+
+    def open(self, folder: Path, feature_shape: tuple[int, ...], train: tuple[int, int], val: tuple[int, int]) -> None:
+        """``train``/``val``: (views, images) of each array, followed by ``feature_shape``."""
+        self.arrays = {
+            name: np.lib.format.open_memmap(folder / name, mode="w+", dtype=np.float32, shape=(*lead, *feature_shape))
+            for name, lead in ((TRAIN, train), (VAL, val))
+        }
+
+    def write(self, name: str, views: torch.Tensor, indices: torch.Tensor, outputs: torch.Tensor) -> None:
+        assert self.arrays is not None
+        self.arrays[name][views.numpy(), indices.numpy()] = outputs.float().cpu().numpy()
+
+    def close(self) -> None:
+        for array in (self.arrays or {}).values():
+            array.flush()
+        self.arrays = None
+
+
+@dataclass(frozen=True)
+class StoredFeatures:
+    """What ``train@feature_extract`` reads back."""
+
+    folder: Path
+    meta: dict[str, Any]
+
+    def array(self, name: str) -> np.ndarray:
+        return np.load(self.folder / name, mmap_mode="r")
+
+    def labels(self, split: str) -> list[int]:
+        return [label for _, label in self.meta["samples"][split]]
+
+    def batchnorm(self, epoch: int) -> dict[str, torch.Tensor]:
+        state = torch.load(self.folder / BATCHNORM, map_location="cpu", weights_only=True)
+        prefix = f"{epoch}/"
+        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def read_features(folder: Path, params_digest: str) -> StoredFeatures:
+    """The features stage's output, checked to have been computed with the params in use
+    (``params_digest`` of :data:`PARAMS`), so stale features are never trained on."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder / META} does not exist: run the features stage first (`dvc repro`)") from None
+    if meta["params_digest"] != params_digest:
+        raise UserError(f"{folder} holds features computed with other params than these: run `dvc repro` "
+                        "(the features stage) first")
+    return StoredFeatures(folder, meta)

@@ -1,0 +1,87 @@
+"""The preprocessing recipe: sizes, interpolation and normalisation, and the exact steps
+that turn an image into the model's input.
+
+Geometry (resize, crop, flip) happens on PIL images, as in the tutorial, and yields uint8
+pixels; :func:`normalize` turns a batch of them into floats wherever the model runs (on the
+GPU, a quarter of the bytes cross the bus). Together they give bit for bit what the
+tutorial's ``ToTensor()`` + ``Normalize()`` give; :func:`eval_transform` is that reference
+pipeline, used to predict single images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import functional as F
+
+from transfer.params import PreprocessParams
+
+INTERPOLATIONS = {
+    "nearest": transforms.InterpolationMode.NEAREST,
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Concrete preprocessing: what training used, recorded so evaluation and prediction match."""
+
+    resize: int
+    crop: int
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+
+
+# What the tutorial uses, and what ImageNet-trained weights without metadata expect.
+IMAGENET = Preprocess(256, 224, "bilinear", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def resolve_preprocess(params: PreprocessParams, pretrained: dict[str, Any] | None) -> Preprocess:
+    """Each ``auto`` param is taken from the weights' metadata, or else from :data:`IMAGENET`."""
+    defaults = Preprocess(**pretrained) if pretrained else IMAGENET
+    return Preprocess(**{
+        name: getattr(defaults, name) if value == "auto" else value
+        for name, value in asdict(params).items()
+    })
+
+
+def val_crop(image: Image.Image, pre: Preprocess) -> Image.Image:
+    """The tutorial's validation geometry: ``Resize(resize)`` then ``CenterCrop(crop)``."""
+    resized = F.resize(image, pre.resize, interpolation=INTERPOLATIONS[pre.interpolation])
+    return F.center_crop(resized, pre.crop)
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a CHW uint8 tensor (the pixels ``ToTensor`` would scale to [0, 1])."""
+    return F.pil_to_tensor(image)
+
+
+def normalize(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 NCHW pixels to the model's float input: ``ToTensor`` then ``Normalize``, the same
+    operations in the same order, so the values are bit-identical to the tutorial's."""
+    mean = torch.tensor(pre.mean, device=batch.device).view(-1, 1, 1)
+    std = torch.tensor(pre.std, device=batch.device).view(-1, 1, 1)
+    return batch.float().div_(255).sub_(mean).div_(std)
+
+
+def model_input(batch: torch.Tensor, pre: Preprocess, device: torch.device) -> torch.Tensor:
+    """A uint8 batch from a loader, on ``device`` (non-blocking from pinned memory),
+    normalised, in channels-last layout (faster convolutions on CPUs and tensor cores)."""
+    return normalize(batch.to(device, non_blocking=True), pre).contiguous(memory_format=torch.channels_last)
+
+
+def eval_transform(pre: Preprocess) -> transforms.Compose:
+    """The tutorial's validation transform on one PIL image (``predict`` uses it; the stages'
+    uint8 path is tested against it)."""
+    return transforms.Compose([
+        transforms.Resize(pre.resize, interpolation=INTERPOLATIONS[pre.interpolation]),
+        transforms.CenterCrop(pre.crop),
+        transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std),
+    ])
