@@ -78,11 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     feature_shape = tuple(captured[0].shape[1:])
     model = model.to(device, memory_format=torch.channels_last)
 
-    budget = params.runtime.image_cache_mb * 2**20
+    # Frozen: each image is decoded once and all its views made in a row, so nothing needs
+    # caching. Update: every epoch goes over all images again, so they are decoded once and kept.
+    budget = params.runtime.image_cache_mb * 2**20 if update else 0
     views = recipe.epochs if update else recipe.view_count()
     stored = max(views, 1)  # no augmentation still stores one view: the validation crop
-    train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=budget // 2, augment=views > 0)
-    val = ValImages(split["val"], pre, cache_bytes=budget // 2)
+    val = ValImages(split["val"], pre, cache_bytes=budget)
+    val.images.fill("decode val")
+    train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=budget - val.images.used, augment=views > 0)
+    train.images.fill("decode train")
 
     writer = FeatureWriter()
 

@@ -19,9 +19,9 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from transfer.atomic import write_json, write_text
 from transfer.checkpoints import pretrained_classifier, read_pretrained_meta, save_checkpoint
 from transfer.data import EpochSampler, FeatureViews, TrainImages, ValImages, image_folders, make_loader
-from transfer.devices import resolve_device
+from transfer.devices import describe_device, resolve_device
 from transfer.errors import run_stage
 from transfer.features import PARAMS as FEATURE_PARAMS
 from transfer.features import TRAIN, VAL, StoredFeatures, read_features
@@ -57,7 +57,7 @@ class Inputs:
 
     classes: list[str]
     loaders: dict[str, DataLoader]
-    prepare: Any
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None
     features: StoredFeatures | None = None
 
 
@@ -65,10 +65,10 @@ def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.de
     """Images, decoded once and cached; a fresh augmented view of each per epoch."""
     split = image_folders(folder)
     budget = params.runtime.image_cache_mb * 2**20
-    train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=budget // 2)
-    val = ValImages(split["val"], pre, cache_bytes=budget // 2)
-    for name, images in (("train", train.images), ("val", val.images)):
-        images.fill(f"decode {name}")
+    val = ValImages(split["val"], pre, cache_bytes=budget)  # small crops first, then whole images
+    val.images.fill("decode val")
+    train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=budget - val.images.used)
+    train.images.fill("decode train")
     loaders = {
         "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None),
                              batch_size=params.train.batch_size, workers=workers, device=device),
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {phase: len(loader.dataset) for phase, loader in inputs.loaders.items()}  # type: ignore[arg-type]
     print(f"train@{mode}: {params.model.arch} ({pretrained['source']}), {len(classes)} classes "
           f"{classes}, {sizes['train']} train / {sizes['val']} val images, "
-          f"{sum(p.numel() for p in trained_params):,} trainable parameters, {device.type}, {threads} threads")
+          f"{sum(p.numel() for p in trained_params):,} trainable parameters, {describe_device(device)}, "
+          f"{threads} threads")
     result = train_model(
         trained, inputs.loaders, criterion, optimizer, scheduler, recipe.epochs, device,
         prepare=inputs.prepare, amp=params.train.amp,

@@ -399,14 +399,22 @@ def copy_project(root: Path) -> None:
         shutil.copy2(REPO_ROOT / name, target)
 
 
+#: Who commits in the copies, as DvcRepo.git says with -c: DVC's own git (``dvc exp run`` commits
+#: experiments and stashes a changed workspace) reads it from these variables.
+GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+                for what, value in (("NAME", "test"), ("EMAIL", "test@example.invalid"))}
+
+
 def dvc_env(home: Path, site_cache: Path, **extra: str) -> dict[str, str]:
-    """The stages' environment for the dvc CLI, with its own HOME and site cache and no telemetry."""
+    """The stages' environment for the dvc CLI, with its own HOME and site cache, no
+    telemetry, and a git identity (the throw-away HOME has no git config)."""
     env = stage_env()
     env.update({
         "DVC_NO_ANALYTICS": "1",
         "DVC_SITE_CACHE_DIR": str(site_cache),
         "GIT_CONFIG_NOSYSTEM": "1",
         "HOME": str(home),
+        **GIT_IDENTITY,
         **extra,
     })
     home.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """The whole pipeline reproduced once per test session through the real DVC CLI, shared by
-the end-to-end test and the rendering test.
+the end-to-end tests and the rendering test, and helpers to read what dvc.yaml declares.
 
 A throw-away git copy of the project (as ``conftest.dvc_repo`` makes one, but built once,
 since ``dvc repro`` of every stage is the slowest thing the tests do) fetches a tiny
@@ -7,18 +7,29 @@ generated zip from a local path, trains both modes for two epochs on 32-pixel im
 random weights, evaluates them and draws every plot. The first run's results are committed,
 so ``HEAD`` holds the metrics and plots (they are ``cache: false`` and belong in git) and
 the diff commands have something to compare with. Tests that change the repository work
-on a copy (:func:`copy_repo`).
+on a copy (:func:`copy_repo`); copies are cheap (a few hundred MB of files, no training).
+
+:func:`shared_experiments` adds, once per session, two experiments on a copy of that pipeline,
+queued with ``dvc exp run --queue`` and run by ``dvc queue start`` workers in parallel: one
+with finetune's learning rate changed, one with feature_extract's. The caching and experiment
+tests start from it, so they have second results (and run-cache entries) without training.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +47,10 @@ PIPELINE_PARAMS: dict[str, Any] = {
     "runtime.inference_batch_size": 8,
     "evaluate.grid_images": 4,
 }
+#: The experiments of :func:`shared_experiments`: name -> the param it sets to EXPERIMENT_LR
+#: (the committed run has 0.001).
+EXPERIMENTS = {"finetune-lr": "train.finetune.lr", "head-lr": "train.feature_extract.lr"}
+EXPERIMENT_LR = 0.01
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,20 @@ class Pipeline:
     first_run: subprocess.CompletedProcess[str]   # the `dvc repro` that built everything
 
 
-_SHARED: dict[str, Pipeline] = {}
+@dataclass(frozen=True)
+class Experiments:
+    repo: DvcRepo              # a copy of the pipeline after the queue ran; workspace = the first run
+    status: dict[str, str]     # experiment name -> its final `dvc queue status` (Success, Failed)
+    logs: dict[str, str]       # experiment name -> its `dvc queue logs`
+
+    def rev(self, name: str) -> str:
+        """The git ref of experiment ``name`` (``refs/exps/..../<name>``)."""
+        refs = self.repo.git("for-each-ref", "--format=%(refname)", "refs/exps").split()
+        (ref,) = [r for r in refs if r.endswith("/" + name)]
+        return ref
+
+
+_SHARED: dict[str, Any] = {}
 
 
 def pipeline_env(home: Path, site_cache: Path) -> dict[str, str]:
@@ -54,81 +82,156 @@ def pipeline_env(home: Path, site_cache: Path) -> dict[str, str]:
     return dvc_env(home, site_cache, OMP_NUM_THREADS="1")
 
 
-def declared_stages(root: Path = REPO_ROOT) -> list[str]:
-    """The stage names ``dvc repro`` runs, from dvc.yaml (``matrix`` stages as ``name@value``)."""
+# --------------------------------------------------------------------------- dvc.yaml, resolved
+
+_INTERPOLATION = re.compile(r"\$\{\s*([\w.]+)\s*\}")
+
+
+def _lookup(context: dict[str, Any], dotted: str) -> Any:
+    node: Any = context
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _interpolate(node: Any, context: dict[str, Any]) -> Any:
+    """``node`` with every ``${name}`` replaced from ``context``, keys included (a whole-string
+    ``${name}`` keeps the value's type, as DVC does)."""
+    if isinstance(node, str):
+        whole = _INTERPOLATION.fullmatch(node)
+        if whole:
+            return _lookup(context, whole.group(1))
+        return _INTERPOLATION.sub(lambda m: str(_lookup(context, m.group(1))), node)
+    if isinstance(node, dict):
+        return {_interpolate(k, context): _interpolate(v, context) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, context) for v in node]
+    return node
+
+
+def resolved_stages(root: Path = REPO_ROOT) -> dict[str, dict[str, Any]]:
+    """dvc.yaml's stages as ``dvc repro`` runs them: ``foreach`` and ``matrix`` stages expanded
+    to ``name@key`` / ``name@value`` with ``${key}``, ``${item}`` and ``${item.field}`` filled in."""
     stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    names = []
+    resolved: dict[str, dict[str, Any]] = {}
     for name, stage in stages.items():
-        matrix = stage.get("matrix")
-        if matrix:
-            assert len(matrix) == 1, "name@value naming assumes a one-key matrix"
-            (values,) = matrix.values()
-            names.extend(f"{name}@{value}" for value in values)
+        if "foreach" in stage:
+            items = stage["foreach"]
+            pairs = items.items() if isinstance(items, dict) else ((item, item) for item in items)
+            for key, item in pairs:
+                resolved[f"{name}@{key}"] = _interpolate(stage["do"], {"key": key, "item": item})
+        elif "matrix" in stage:
+            matrix = stage["matrix"]
+            body = {k: v for k, v in stage.items() if k != "matrix"}
+            for values in itertools.product(*matrix.values()):
+                assert all(isinstance(v, str | int | float) for v in values), "name@value needs scalar values"
+                item = dict(zip(matrix, values, strict=True))
+                resolved[f"{name}@{'-'.join(map(str, values))}"] = _interpolate(body, {"item": item})
         else:
-            names.append(name)
-    return names
+            resolved[name] = stage
+    return resolved
 
 
-def build_pipeline(base: Path) -> Pipeline:
-    """Copy the project into ``base/repo``, commit, ``dvc repro`` it all, commit the results."""
-    root = base / "repo"
-    copy_project(root)
-    repo = DvcRepo(root, pipeline_env(base / "home", base / "dvc-site-cache"))
-    archive = make_dataset_zip(base / "src" / "hymenoptera_data.zip", n_train=4, n_val=3)
-    repo.set_params({**PIPELINE_PARAMS, "data.url": str(archive), "data.sha256": None})
-    repo.git("init", "-q")
-    repo.git("add", "-A")
-    repo.git("commit", "-q", "-m", "copy of the project, tiny params")
-    first = repo.dvc("repro", timeout=600)
-    repo.git("add", "-A")
-    repo.git("commit", "-q", "-m", "first run")
-    return Pipeline(repo, first)
+def declared_stages(root: Path = REPO_ROOT) -> list[str]:
+    """The stage names ``dvc repro`` runs, from dvc.yaml (``name@key`` for foreach/matrix)."""
+    return list(resolved_stages(root))
 
 
-def shared_pipeline(factory: pytest.TempPathFactory) -> Pipeline:
-    """The session's one reproduced pipeline (built on first use). Treat it as read-only."""
-    if "pipeline" not in _SHARED:
-        _SHARED["pipeline"] = build_pipeline(factory.mktemp("pipeline"))
-    return _SHARED["pipeline"]
+def _entries(stage: dict[str, Any], kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, options) of a stage's ``outs``/``metrics``/``plots`` list."""
+    for entry in stage.get(kind) or []:
+        if isinstance(entry, str):
+            yield entry, {}
+        else:
+            ((path, options),) = entry.items()
+            yield path, options or {}
 
 
-def copy_repo(repo: DvcRepo, base: Path) -> DvcRepo:
-    """A private copy of ``repo`` (git history, DVC cache and workspace) to change freely."""
-    root = Path(shutil.copytree(repo.root, base / "repo", symlinks=True))
-    return DvcRepo(root, pipeline_env(base / "home", base / "dvc-site-cache"))
+def declared_outputs(root: Path = REPO_ROOT) -> dict[str, dict[str, str]]:
+    """Every output path by kind (``outs``, ``metrics``, ``plots``) and the stage that writes it."""
+    found: dict[str, dict[str, str]] = {"outs": {}, "metrics": {}, "plots": {}}
+    for name, stage in resolved_stages(root).items():
+        for kind, paths in found.items():
+            paths.update((path, name) for path, _ in _entries(stage, kind))
+    return found
+
+
+def in_dvc_cache(root: Path = REPO_ROOT) -> dict[str, bool]:
+    """Every output path and whether DVC caches it (``cache: false``: the file lives in git)."""
+    return {path: options.get("cache", True) for stage in resolved_stages(root).values()
+            for kind in ("outs", "metrics", "plots") for path, options in _entries(stage, kind)}
+
+
+def declared_metrics(root: Path = REPO_ROOT) -> list[str]:
+    """The metrics files the stages declare (what ``dvc metrics show`` lists)."""
+    return list(declared_outputs(root)["metrics"])
 
 
 # --------------------------------------------------------------------------- declared plots
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg")
+#: Output options that say how DVC stores a file, not how it is drawn.
+STORAGE_OPTIONS = frozenset({"cache", "persist", "desc", "remote", "push", "type", "labels", "meta"})
+
+
 @dataclass(frozen=True)
 class DeclaredPlot:
-    """One entry of dvc.yaml's top-level ``plots:``: a vega chart (``props``) or an image."""
+    """One plot ``dvc plots show`` draws: an entry of dvc.yaml's top-level ``plots:`` or a
+    stage's ``plots:`` output; a vega chart (``props``) or an image."""
 
-    id: str
+    id: str                        # the top-level name, or the output's path
     props: dict[str, Any] | None   # None for an image file
+    stage: str | None = None       # the stage declaring it; None for the top-level ``plots:``
 
     @property
     def is_image(self) -> bool:
         return self.props is None
 
+    @property
+    def title(self) -> str:
+        """The chart's title on the page: its ``title`` prop, else its id."""
+        assert self.props is not None
+        return self.props.get("title") or self.id
+
+    @property
+    def template(self) -> str:
+        assert self.props is not None
+        return self.props.get("template", "linear")
+
     def series(self) -> list[tuple[str, str]]:
         """(data file, y field) pairs the chart plots."""
         assert self.props is not None
+        y = self.props["y"]
+        per_file = y if isinstance(y, dict) else {self.id: y}
         pairs = []
-        for path, fields in self.props["y"].items():
+        for path, fields in per_file.items():
             pairs.extend((path, field) for field in ([fields] if isinstance(fields, str) else fields))
         return pairs
 
+    def files(self) -> list[str]:
+        """The files behind the plot: the image, or the chart's data files."""
+        return [self.id] if self.is_image else sorted({path for path, _ in self.series()})
+
+
+def _plot(plot_id: str, options: dict[str, Any] | None, stage: str | None) -> DeclaredPlot:
+    if plot_id.lower().endswith(IMAGE_SUFFIXES):
+        return DeclaredPlot(plot_id, None, stage)
+    return DeclaredPlot(plot_id, {k: v for k, v in (options or {}).items() if k not in STORAGE_OPTIONS}, stage)
+
 
 def declared_plots(root: Path = REPO_ROOT) -> list[DeclaredPlot]:
-    """dvc.yaml's top-level ``plots:``, read from the project so new plots are covered too."""
+    """Every plot dvc.yaml declares, top-level ``plots:`` first, then each stage's ``plots:``
+    outputs, read from the project so new plots are covered too."""
+    raw = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
     plots = []
-    for entry in yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["plots"]:
+    for entry in raw.get("plots") or []:
         if isinstance(entry, str):
-            plots.append(DeclaredPlot(entry, None))
+            plots.append(_plot(entry, {}, None))
         else:
             ((plot_id, props),) = entry.items()
-            plots.append(DeclaredPlot(plot_id, props or {}))
+            plots.append(_plot(plot_id, props, None))
+    for name, stage in resolved_stages(root).items():
+        plots.extend(_plot(path, options, name) for path, options in _entries(stage, "plots"))
     return plots
 
 
@@ -148,24 +251,35 @@ def expected_points(plot: DeclaredPlot, root: Path) -> set[Point]:
             for path, field in plot.series() for row in read_csv_rows(root / path)}
 
 
+def _series_file(plot: DeclaredPlot, name: str) -> str:
+    """The declared file DVC calls ``name`` (it drops the files' common folder prefix)."""
+    (path,) = {p for p, _ in plot.series() if p == name or p.endswith("/" + name)}
+    return path
+
+
 def datum_point(datum: dict[str, Any], plot: DeclaredPlot) -> Point | None:
     """The (file, field, x, y) of one vega datum of ``plot``, or None for a datum without a
     y value (vega's smoothing layer adds such rows).
 
-    DVC names each series by file (one field per file) or ``file::field``, with the files'
-    common folder prefix dropped, so names are matched by their end.
+    DVC names each series by file (one field per file: ``filename``), by ``file::field``, or
+    not at all when the chart has one file (a stage's plot output).
     """
     assert plot.props is not None
     if "filename::field" in datum:
         name, field = datum["filename::field"].split("::")
-        y = datum.get("dvc_inferred_y_value")
+        path, y = _series_file(plot, name), datum.get("dvc_inferred_y_value")
     else:
-        name = datum["filename"]
-        field = next(f for p, f in plot.series() if p == name or p.endswith("/" + name))
-        y = datum.get(field)
+        files = plot.files()
+        path = _series_file(plot, datum["filename"]) if "filename" in datum else files[0]
+        assert "filename" in datum or len(files) == 1, (plot.id, datum)
+        fields = [f for p, f in plot.series() if p == path]
+        if "field" in datum:
+            field, y = datum["field"], datum.get("dvc_inferred_y_value")
+        else:
+            (field,) = fields
+            y = datum.get(field)
     if y is None:
         return None
-    path = next(p for p, f in plot.series() if (p == name or p.endswith("/" + name)) and f == field)
     return path, field, float(datum[plot.props["x"]]), float(y)
 
 
@@ -175,6 +289,20 @@ def expected_confusion(plot: DeclaredPlot, root: Path) -> dict[tuple[str, str], 
     ((path, field),) = plot.series()
     x = plot.props["x"]
     return dict(Counter((row[x], row[field]) for row in read_csv_rows(root / path)))
+
+
+def bar_axes(plot: DeclaredPlot) -> tuple[str, str]:
+    """(category field, value field) of a bar chart."""
+    assert plot.props is not None
+    x, y = plot.props["x"], plot.props["y"]
+    return (y, x) if plot.template == "bar_horizontal" else (x, y)
+
+
+def expected_bars(plot: DeclaredPlot, root: Path) -> dict[str, float]:
+    """category -> value of a bar chart, from its CSV file."""
+    category, value = bar_axes(plot)
+    ((path, _),) = plot.series()
+    return {row[category]: float(row[value]) for row in read_csv_rows(root / path)}
 
 
 # --------------------------------------------------------------------------- dvc plots show's page
@@ -203,3 +331,201 @@ def plots_show(repo: DvcRepo, out: Path, *options: str) -> str:
     """``dvc plots show -o out``; return the page's HTML."""
     repo.dvc("plots", "show", "-o", str(out), *options)
     return (out / "index.html").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- reading dvc's answers
+
+def ran_stages(output: str) -> list[str]:
+    """The stages a ``dvc repro``/``dvc exp run`` ran, in order (``Running stage 'name':``)."""
+    return re.findall(r"^Running stage '([^']+)'", output, re.M)
+
+
+def cached_stages(output: str) -> list[str]:
+    """The stages it restored from the run-cache instead of running them."""
+    return re.findall(r"^Stage '([^']+)' is cached - skipping run, checking out outputs", output, re.M)
+
+
+def dvc_json(repo: DvcRepo, *args: str) -> Any:
+    """Run a ``dvc ... --json`` command and parse its output."""
+    return json.loads(repo.dvc(*args, "--json").stdout)
+
+
+def lock_hashes(lock_text: str) -> dict[str, str]:
+    """path -> md5 of every output dvc.lock records (``outs``, with metrics and plots)."""
+    stages = yaml.safe_load(lock_text)["stages"]
+    return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", [])}
+
+
+def head_lock(repo: DvcRepo, rev: str = "HEAD") -> dict[str, str]:
+    """:func:`lock_hashes` of dvc.lock as committed in ``rev``."""
+    return lock_hashes(repo.git("show", f"{rev}:dvc.lock"))
+
+
+def workspace_lock(repo: DvcRepo) -> dict[str, str]:
+    return lock_hashes((repo.root / "dvc.lock").read_text(encoding="utf-8"))
+
+
+def wait_for_queue(repo: DvcRepo, names: list[str], timeout: float = 300) -> dict[str, str]:
+    """Poll ``dvc queue status`` until every task in ``names`` has finished (or fail after
+    ``timeout`` seconds, showing the queue and its logs); name -> final status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = repo.dvc("queue", "status").stdout
+        status = {}
+        for line in table.splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[1] in names:
+                status[fields[1]] = fields[-1]
+        if len(status) == len(names) and all(s not in ("Queued", "Running") for s in status.values()):
+            return status
+        if time.monotonic() > deadline:
+            logs = "\n".join(repo.dvc("queue", "logs", name, check=False).stdout[-3000:] for name in names)
+            pytest.fail(f"the queue did not finish in {timeout:.0f}s:\n{table}\n{logs}")
+        time.sleep(3)
+
+
+# --------------------------------------------------------------------------- background runs
+
+@dataclass
+class Background:
+    """A ``dvc`` command running in the background in ``repo`` (in its own process group,
+    its output going to files), and what its starter wants the test to know (``extra``)."""
+
+    repo: DvcRepo
+    process: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def result(self, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Wait for it; fail showing its output unless it succeeded."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        done = subprocess.CompletedProcess(self.process.args, code, self.stdout.read_text(), self.stderr.read_text())
+        if code != 0:
+            pytest.fail(f"{' '.join(map(str, self.process.args[1:]))} exited {code}\n"
+                        f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
+        return done
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+
+def run_in_background(repo: DvcRepo, args: list[str], base: Path, **extra: Any) -> Background:
+    """Start ``dvc <args>`` in ``repo`` without waiting for it."""
+    stdout, stderr = base / "dvc-stdout.txt", base / "dvc-stderr.txt"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo.root, env=repo.env,
+                                   stdout=out, stderr=err, start_new_session=True)
+    return Background(repo, process, stdout, stderr, extra)
+
+
+#: Slow runs that some tests need and that need nothing from the running session, started in
+#: the background beside the shared pipeline's build ("with") or right after it ("after"), so
+#: that they use the cores the build leaves idle (each stage runs one torch thread): test
+#: name -> (when, start). Test modules register theirs with :func:`beside_pipeline` when they
+#: are imported; a run starts only where its test was selected.
+_BESIDE: dict[str, tuple[str, Callable[..., Background]]] = {}
+
+
+def beside_pipeline(test: str, when: str) -> Callable[[Callable[..., Background]], Callable[..., Background]]:
+    """Register ``start(base)`` ("with"), or ``start(base, pipeline)`` ("after"), for ``test``."""
+    assert when in ("with", "after")
+
+    def register(start: Callable[..., Background]) -> Callable[..., Background]:
+        _BESIDE[test] = (when, start)
+        return start
+
+    return register
+
+
+def background(test: str) -> Background | None:
+    """The run started in the background for ``test``, or None where none was (the shared
+    pipeline was not built in this session before the test, or the test was not registered)."""
+    return _SHARED.get("background", {}).get(test)
+
+
+def _start_beside(request: pytest.FixtureRequest, factory: pytest.TempPathFactory, when: str,
+                  pipeline: Pipeline | None = None) -> None:
+    selected = {item.name for item in request.session.items}
+    runs = _SHARED.setdefault("background", {})
+    for test, (moment, start) in _BESIDE.items():
+        if moment == when and test in selected and test not in runs:
+            base = factory.mktemp(f"background-{test[5:25]}")
+            runs[test] = start(base) if pipeline is None else start(base, pipeline)
+            request.session.addfinalizer(runs[test].stop)  # whatever happens to the test
+
+
+# --------------------------------------------------------------------------- the shared builds
+
+def new_repo(base: Path, changes: dict[str, Any]) -> DvcRepo:
+    """A committed git copy of the project in ``base/repo`` with ``changes`` to params.yaml
+    (as ``conftest.dvc_repo``, with the pipeline's environment)."""
+    root = base / "repo"
+    copy_project(root)
+    repo = DvcRepo(root, pipeline_env(base / "home", base / "dvc-site-cache"))
+    repo.set_params(changes)
+    repo.git("init", "-q")
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "copy of the project, tiny params")
+    return repo
+
+
+def build_pipeline(base: Path) -> Pipeline:
+    """Copy the project into ``base/repo``, commit, ``dvc repro`` it all, commit the results."""
+    archive = make_dataset_zip(base / "src" / "hymenoptera_data.zip", n_train=4, n_val=3)
+    repo = new_repo(base, {**PIPELINE_PARAMS, "data.url": str(archive), "data.sha256": None})
+    first = repo.dvc("repro", timeout=600)
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "first run")
+    return Pipeline(repo, first)
+
+
+def shared_pipeline(factory: pytest.TempPathFactory, request: pytest.FixtureRequest | None = None) -> Pipeline:
+    """The session's one reproduced pipeline (built on first use). Treat it as read-only.
+    Given the fixture ``request``, the build also starts the selected tests' background runs
+    (:func:`beside_pipeline`)."""
+    if "pipeline" not in _SHARED:
+        if request is not None:
+            _start_beside(request, factory, "with")
+        _SHARED["pipeline"] = build_pipeline(factory.mktemp("pipeline"))
+        if request is not None:
+            _start_beside(request, factory, "after", _SHARED["pipeline"])
+    return _SHARED["pipeline"]
+
+
+def copy_repo(repo: DvcRepo, base: Path) -> DvcRepo:
+    """A private copy of ``repo`` (git history, DVC cache and workspace) to change freely."""
+    root = Path(shutil.copytree(repo.root, base / "repo", symlinks=True))
+    return DvcRepo(root, pipeline_env(base / "home", base / "dvc-site-cache"))
+
+
+def queue_experiments(repo: DvcRepo, experiments: dict[str, dict[str, Any]], jobs: int = 2,
+                      timeout: float = 400) -> dict[str, str]:
+    """``dvc exp run --queue -S ... --name <name>`` for each of ``experiments`` (name -> params),
+    ``dvc queue start --jobs <jobs>``, then wait for all of them; name -> final status."""
+    for name, params in experiments.items():
+        sets = [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
+        repo.dvc("exp", "run", "--queue", *sets, "--name", name)
+    repo.dvc("queue", "start", "--jobs", str(jobs))
+    try:
+        return wait_for_queue(repo, list(experiments), timeout=timeout)
+    finally:
+        repo.dvc("queue", "stop", check=False)  # the workers also leave by themselves once idle
+
+
+def shared_experiments(factory: pytest.TempPathFactory, request: pytest.FixtureRequest | None = None) -> Experiments:
+    """A copy of :func:`shared_pipeline` after the queue ran :data:`EXPERIMENTS` (built on first
+    use; read-only): the experiments are in its git refs, their runs in its run-cache, and its
+    workspace is still the first run's."""
+    if "experiments" not in _SHARED:
+        repo = copy_repo(shared_pipeline(factory, request).repo, factory.mktemp("experiments"))
+        status = queue_experiments(repo, {name: {key: EXPERIMENT_LR} for name, key in EXPERIMENTS.items()})
+        logs = {name: repo.dvc("queue", "logs", name, check=False).stdout for name in EXPERIMENTS}
+        _SHARED["experiments"] = Experiments(repo, status, logs)
+    return _SHARED["experiments"]

@@ -5,11 +5,13 @@ in params.yaml.
 The data set is a local folder of three generated classes with ``train/`` only (validation
 is split off by ``data.val_fraction``); the backbone is torchvision's MobileNetV3-Small,
 started from a local ``.pth`` state_dict the test writes (random, with randomised BatchNorm
-statistics). 32-pixel images, one epoch, one thread per stage: about half a minute.
+statistics). 32-pixel images, one epoch, one thread per stage: about a minute, which runs
+in the background beside the session's shared pipeline build where there is one.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -18,8 +20,8 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import CLASS_COLOURS, DvcRepo, make_image
-from dvc_pipeline import declared_stages
+from conftest import CLASS_COLOURS, make_image
+from dvc_pipeline import Background, background, beside_pipeline, declared_stages, new_repo, run_in_background
 
 from tests.imagefolders import TINY_TRAIN, make_image_folders, random_state_dict, save_state_dict
 
@@ -35,14 +37,18 @@ def train_only_folder(root: Path) -> Path:
     return root
 
 
-def test_repro_with_mobilenet_on_a_local_three_class_folder(dvc_repo: DvcRepo, tmp_path: Path) -> None:
-    """Every stage runs; the classes, their count and the split come from the folder; the
-    weights file reaches the trained model; evaluate and predict use the trained backbone."""
-    folder = train_only_folder(tmp_path / "my-images")
-    state = random_state_dict("mobilenet_v3_small", seed=3)
-    weights = save_state_dict(state, tmp_path / "weights" / "mobilenet_v3_small.pth")
-    dvc_repo.env["OMP_NUM_THREADS"] = "1"  # 32-pixel images: threads cost more than they save
-    dvc_repo.set_params({
+BACKBONE_TEST = "test_repro_with_mobilenet_on_a_local_three_class_folder"
+WEIGHTS_SEED = 3
+
+
+@beside_pipeline(BACKBONE_TEST, "with")
+def start_repro(base: Path) -> Background:
+    """``dvc repro`` of a fresh copy configured only in params.yaml, in the background (where
+    the session builds its shared pipeline, this runs beside it; see dvc_pipeline)."""
+    folder = train_only_folder(base / "my-images")
+    weights = save_state_dict(random_state_dict("mobilenet_v3_small", seed=WEIGHTS_SEED),
+                              base / "weights" / "mobilenet_v3_small.pth")
+    repo = new_repo(base, {  # one torch thread per stage: 32-pixel images, threads cost more than they save
         **TINY_TRAIN,
         "data.url": str(folder),
         "data.sha256": None,
@@ -52,11 +58,20 @@ def test_repro_with_mobilenet_on_a_local_three_class_folder(dvc_repo: DvcRepo, t
         "runtime.inference_batch_size": 8,
         "evaluate.grid_images": 4,
     })
-    proc = dvc_repo.dvc("repro", timeout=300)
+    return run_in_background(repo, ["repro"], base, weights=weights)
+
+
+def test_repro_with_mobilenet_on_a_local_three_class_folder(tmp_path: Path) -> None:
+    """Every stage runs; the classes, their count and the split come from the folder; the
+    weights file reaches the trained model; evaluate and predict use the trained backbone."""
+    run = background(BACKBONE_TEST) or start_repro(tmp_path)
+    proc = run.result(timeout=600)
+    dvc_repo, weights = run.repo, run.extra["weights"]
+    state = random_state_dict("mobilenet_v3_small", seed=WEIGHTS_SEED)
     root = dvc_repo.root
     assert set(re.findall(r"Running stage '([^']+)'", proc.stdout)) == set(declared_stages(root)), proc.stdout
 
-    data = json.loads((root / "metrics" / "data.json").read_text())
+    data = json.loads((root / "reports" / "data.json").read_text())
     assert data["classes"] == 3 and data["val_split_from_train"] == 0.34
     assert data["train"]["per_class"] == {c: 4 for c in CLASSES}  # round(6 * 0.34) = 2 of 6 to val
     assert data["val"]["per_class"] == {c: 2 for c in CLASSES}
@@ -73,8 +88,11 @@ def test_repro_with_mobilenet_on_a_local_three_class_folder(dvc_repo: DvcRepo, t
                                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
         trained = torch.load(root / "models" / f"{mode}.pt", map_location="cpu", weights_only=True)
         assert trained["classifier.3.weight"].shape == (3, 1024)
-        evaluation = json.loads((root / "metrics" / mode / "eval.json").read_text())
-        assert evaluation, f"empty metrics/{mode}/eval.json"
+        evaluation = json.loads((root / "metrics" / f"{mode}.json").read_text())
+        assert evaluation["images"] == 6 and evaluation["best_epoch"] == meta["epoch"] == 1, evaluation
+        assert 0 <= evaluation["ci95_low"] <= evaluation["accuracy"] <= evaluation["ci95_high"] <= 1
+        with (root / "plots" / mode / "classes.csv").open(newline="") as f:
+            assert [row["class"] for row in csv.DictReader(f)] == list(CLASSES)
     trained = torch.load(root / "models" / "feature_extract.pt", map_location="cpu", weights_only=True)
     backbone = [k for k in state if not k.startswith("classifier.3.")]
     assert all(torch.equal(trained[k], state[k]) for k in backbone), "feature_extract changed the backbone"

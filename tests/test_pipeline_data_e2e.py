@@ -1,13 +1,15 @@
 """The data half of the pipeline through the real DVC CLI, in a throw-away git copy of the
 project: ``dvc repro unzip`` fetches a tiny zip over loopback HTTP and extracts it; a second
-repro does nothing (no second download); the data report is visible to ``dvc metrics``."""
+repro does nothing (no second download); the fetch and data reports are DVC outputs in
+``reports/`` (in DVC's cache, not in git, and not metrics)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from conftest import GIF_NAME, DvcRepo, LoopbackServer, find_metrics
+import yaml
+from conftest import GIF_NAME, DvcRepo, LoopbackServer
 
 from transfer.download import sha256_of
 
@@ -28,12 +30,22 @@ def test_repro_fetch_and_unzip(dvc_repo: DvcRepo, http_server: LoopbackServer, d
         for cls in ("ants", "bees"):
             assert len(list((folder / cls).glob("*.png"))) == count
     assert not (root / "data" / "hymenoptera_data" / "train" / "ants" / GIF_NAME).exists()
-    data_report = json.loads((root / "metrics" / "data.json").read_text())
+    data_report = json.loads((root / "reports" / "data.json").read_text())
     assert list(data_report["skipped"]) == [f"train/ants/{GIF_NAME}"]
+    assert data_report["skipped_count"] == 1 and data_report["val"]["images"] == 8
     assert data_report["train"]["per_class"] == {"ants": 6, "bees": 6}
-    fetch_report = json.loads((root / "metrics" / "fetch.json").read_text())
+    fetch_report = json.loads((root / "reports" / "fetch.json").read_text())
     assert fetch_report["url"] == url and fetch_report["sha256"] == sha256_of(dataset_zip)
+    assert fetch_report["sha256_pinned"] is False and fetch_report["bytes"] == dataset_zip.stat().st_size
     assert url in (root / "dvc.lock").read_text()
+
+    # The reports are the stages' DVC-cached outputs: recorded in dvc.lock, in the cache, git-ignored.
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for stage, report in (("fetch", "reports/fetch.json"), ("unzip", "reports/data.json")):
+        (out,) = [o for o in lock[stage]["outs"] if o["path"] == report]
+        cached = root / ".dvc" / "cache" / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
+        assert cached.read_bytes() == (root / report).read_bytes(), report
+        assert dvc_repo.git("check-ignore", report).strip() == report
 
     second = dvc_repo.dvc("repro", "unzip")
     assert "Running stage" not in second.stdout
@@ -42,11 +54,7 @@ def test_repro_fetch_and_unzip(dvc_repo: DvcRepo, http_server: LoopbackServer, d
 
     status = dvc_repo.dvc("status", "unzip")
     assert "up to date" in status.stdout
-
-    shown = json.loads(dvc_repo.dvc("metrics", "show", "--json").stdout)
-    metrics = find_metrics(shown, "metrics/data.json")
-    assert metrics is not None, shown
-    assert metrics["skipped_count"] == 1 and metrics["val"]["images"] == 8
+    assert not (root / "metrics" / "data.json").exists() and not (root / "metrics" / "fetch.json").exists()
 
 
 def test_repro_failed_download(dvc_repo: DvcRepo, http_server: LoopbackServer) -> None:

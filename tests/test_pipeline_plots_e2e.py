@@ -1,11 +1,13 @@
 """The whole pipeline through the real DVC CLI, on tiny generated data: ``dvc repro`` builds
-every output of every stage, ``dvc metrics show`` and ``dvc plots show`` present them, an
-unchanged pipeline reruns nothing, and a changed param reruns exactly the stages that read
-it, with ``dvc params diff`` / ``dvc metrics diff`` showing the change against the commit.
+every output of every stage (and a run-cache entry for each), ``dvc metrics show`` and ``dvc
+plots show`` present them, an unchanged pipeline reruns nothing, and a changed param reruns
+exactly the stages that read it, with ``dvc params diff`` / ``dvc metrics diff`` showing the
+change against the commit.
 
-The plots page is checked against dvc.yaml's own ``plots:`` list, so a plot declared there
-but missing from the page (a wrong file name, a field the template cannot find) fails here.
-Whether the browser then draws it is ``test_plots_render.py``'s business.
+The plots page is checked against every plot dvc.yaml declares (its top-level ``plots:`` and
+each stage's ``plots:`` outputs), so a plot declared there but missing from the page (a wrong
+file name, a field the template cannot find) fails here. Whether the browser then draws it is
+``test_plots_render.py``'s business.
 """
 
 from __future__ import annotations
@@ -17,83 +19,137 @@ import pytest
 import yaml
 from conftest import DvcRepo, find_metrics
 from dvc_pipeline import (
+    EXPERIMENT_LR,
     MODES,
+    Experiments,
     Pipeline,
+    bar_axes,
+    cached_stages,
     copy_repo,
     datum_point,
+    declared_metrics,
+    declared_outputs,
     declared_plots,
     declared_stages,
+    expected_bars,
     expected_confusion,
     expected_points,
+    in_dvc_cache,
     page_images,
     page_specs,
     plots_show,
+    ran_stages,
+    read_csv_rows,
+    resolved_stages,
+    shared_experiments,
     shared_pipeline,
 )
 from PIL import Image
 
+#: What metrics/<mode>.json holds: the numbers people compare across runs, nothing else.
+METRIC_KEYS = {"accuracy", "ci95_low", "ci95_high", "loss", "macro_f1", "best_epoch", "images"}
+
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    """Reproduced once per session (the slow part) and shared with the rendering test."""
-    return shared_pipeline(tmp_path_factory)
+def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """Reproduced once per session (the slow part) and shared with the other e2e tests."""
+    return shared_pipeline(tmp_path_factory, request)
 
 
-def ran_stages(stdout: str) -> list[str]:
-    """The stages a ``dvc repro`` ran, in order."""
-    return [line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")]
+@pytest.fixture(scope="session")
+def experiments(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Experiments:
+    return shared_experiments(tmp_path_factory, request)
+
+
+def cache_object(root: Path, md5: str) -> Path:
+    """Where DVC's local cache keeps the object ``md5`` (a ``.dir`` listing for a folder)."""
+    return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 
 def test_repro_builds_every_output(pipeline: Pipeline) -> None:
-    """Every stage ran once, dvc.lock records each with all its outputs, and they exist."""
-    root = pipeline.repo.root
+    """Every stage ran once; dvc.lock records each with all its outputs, which exist; data,
+    models, reports and the training histories are in DVC's cache and git-ignored, the
+    evaluation's metrics and plots in git; every stage left a run-cache entry (a plain
+    ``cache: false`` output would have prevented it)."""
+    repo, root = pipeline.repo, pipeline.repo.root
     stages = declared_stages(root)
     assert sorted(ran_stages(pipeline.first_run.stdout)) == sorted(stages)
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
     assert sorted(lock) == sorted(stages)
+    declared = declared_outputs(root)
     for name, stage in lock.items():
-        for out in stage.get("outs", []):
-            assert (root / out["path"]).exists(), f"{name}: {out['path']} is missing"
+        locked = {out["path"] for out in stage.get("outs", [])}
+        expected = {path for paths in declared.values() for path, writer in paths.items() if writer == name}
+        assert locked == expected, name
+        for path in locked:
+            assert (root / path).exists(), f"{name}: {path} is missing"
+
+    tracked = set(repo.git("ls-files").split())
+    assert "dvc.lock" in tracked
+    cached = in_dvc_cache(root)
+    in_git = {path for path, by_dvc in cached.items() if not by_dvc}
+    assert in_git == set(declared["metrics"]) | {p for p in declared["plots"] if "history" not in p}
+    assert in_git <= tracked, sorted(in_git - tracked)
+    hashes = {out["path"]: out["md5"] for stage in lock.values() for out in stage.get("outs", [])}
+    for path in (p for p, by_dvc in cached.items() if by_dvc):
+        assert path not in tracked and not any(t.startswith(path + "/") for t in tracked), path
+        assert repo.git("check-ignore", path).strip() == path
+        assert cache_object(root, hashes[path]).is_file(), f"{path} is not in DVC's cache"
+    assert set(declared["outs"]) <= {p for p, by_dvc in cached.items() if by_dvc}
+    assert {p.split("/")[0] for p in declared["outs"]} == {"data", "models", "reports"}
+
+    # One run-cache entry per stage, recognised by its command.
+    runs = [yaml.safe_load(p.read_text(encoding="utf-8"))
+            for p in (root / ".dvc" / "cache" / "runs").glob("*/*/*")]
+    commands = {name: stage["cmd"] for name, stage in resolved_stages(root).items()}
+    assert sorted(entry["cmd"] for entry in runs) == sorted(commands.values()), "a stage has no run-cache entry"
 
     for mode in MODES:
-        report = json.loads((root / "metrics" / mode / "eval.json").read_text())
-        assert report["images"] == 6 and report["device"] == "cpu"
-        assert set(report["per_class"]) == {"ants", "bees"}
-        for key in ("accuracy", "loss", "macro", "checkpoint_epoch"):
-            assert key in report
+        metrics = json.loads((root / "metrics" / f"{mode}.json").read_text())
+        assert set(metrics) == METRIC_KEYS
+        assert metrics["images"] == 6 and metrics["best_epoch"] in (1, 2)
+        assert 0 <= metrics["ci95_low"] <= metrics["accuracy"] <= metrics["ci95_high"] <= 1
         header = (root / "plots" / mode / "predictions.csv").read_text().splitlines()[0]
         assert header == "path,actual,predicted,confidence"
+        classes = read_csv_rows(root / "plots" / mode / "classes.csv")
+        assert [row["class"] for row in classes] == ["ants", "bees"]
+        assert {row["support"] for row in classes} == {"3"}
+        assert set(classes[0]) == {"class", "precision", "recall", "f1", "support"}
+        for stage in ("train", "evaluate"):
+            record = json.loads((root / "reports" / mode / f"{stage}.json").read_text())
+            assert record["device"] == "cpu" and record["threads"] == 1, record
+            assert record["versions"]["dvc"] and record["git"]["commit"], record
     for png in [p.id for p in declared_plots(root) if p.is_image]:
         with Image.open(root / png) as image:
             assert image.format == "PNG", png
-    # metrics and plots are small text/pictures kept in git (cache: false), models in DVC's cache
-    tracked = pipeline.repo.git("ls-files").split()
-    assert "dvc.lock" in tracked and "metrics/finetune/eval.json" in tracked
-    assert "plots/finetune/predictions.png" in tracked and "models/finetune.pt" not in tracked
 
 
 def test_metrics_show_lists_both_evaluations(pipeline: Pipeline) -> None:
-    """``dvc metrics show`` presents each mode's eval.json, accuracy included."""
+    """``dvc metrics show`` presents exactly the declared metrics files (one per mode, no run
+    record or data report), with the values on disk."""
+    root = pipeline.repo.root
     shown = json.loads(pipeline.repo.dvc("metrics", "show", "--json").stdout)
-    for mode in MODES:
-        path = f"metrics/{mode}/eval.json"
+    assert declared_metrics(root) == [f"metrics/{mode}.json" for mode in MODES]
+    for path in declared_metrics(root):
         metrics = find_metrics(shown, path)
         assert metrics is not None, shown
-        on_disk = json.loads((pipeline.repo.root / path).read_text())
-        assert metrics["accuracy"] == on_disk["accuracy"]
-        assert metrics["per_class"]["ants"]["support"] == 3
+        assert metrics == json.loads((root / path).read_text()), path
+    assert "reports/" not in json.dumps(shown) and "models/" not in json.dumps(shown), shown
 
 
 def test_plots_show_presents_every_declared_plot(pipeline: Pipeline, tmp_path: Path) -> None:
-    """``dvc plots show`` writes a page with one chart per declared vega plot, holding the
-    data of its CSV files (both modes' histories, each confusion matrix's predictions), and
-    every declared image, copied next to the page byte for byte."""
+    """``dvc plots show`` writes a page with one chart per declared vega plot, titled as
+    declared and holding the data of its CSV files (both modes' histories, each confusion
+    matrix's predictions, each per-class bar), and every declared image, copied next to the
+    page byte for byte."""
     root = pipeline.repo.root
     html = plots_show(pipeline.repo, tmp_path / "out")
     specs, images = page_specs(html), page_images(html)
     plots = declared_plots(root)
-    assert set(specs) == {p.id for p in plots if not p.is_image}
+    charts = [p for p in plots if not p.is_image]
+    assert sorted(specs) == sorted(p.title for p in charts)
     assert set(images) == {p.id for p in plots if p.is_image}
+    assert {p.stage for p in plots} >= {None, *(f"evaluate@{mode}" for mode in MODES)}
 
     for plot in plots:
         if plot.is_image:
@@ -101,18 +157,24 @@ def test_plots_show_presents_every_declared_plot(pipeline: Pipeline, tmp_path: P
             assert copied.read_bytes() == (root / plot.id).read_bytes(), plot.id
             continue
         assert plot.props is not None
-        values = specs[plot.id]["data"]["values"]
-        if plot.props.get("template") == "confusion":
+        values = specs[plot.title]["data"]["values"]
+        assert values, plot.id
+        if plot.template == "confusion":
             x = plot.props["x"]
             ((_, y),) = plot.series()
             counts: dict[tuple[str, str], int] = {}
             for row in values:
                 counts[row[x], row[y]] = counts.get((row[x], row[y]), 0) + 1
             assert counts == expected_confusion(plot, root), plot.id
+        elif plot.template.startswith("bar"):
+            category, value = bar_axes(plot)
+            assert {row[category]: float(row[value]) for row in values} == expected_bars(plot, root), plot.id
         else:
             points = {p for p in (datum_point(d, plot) for d in values) if p is not None}
             assert points == expected_points(plot, root), plot.id
-            assert len({(path, field) for path, field, _, _ in points}) == len(plot.series()) > 1
+            assert len({x for _, _, x, _ in points}) == 2, f"{plot.id}: two epochs, two points per line"
+            if plot.stage is None:  # the top-level charts overlay both modes
+                assert len({(path, field) for path, field, _, _ in points}) == len(plot.series()) > 1
 
 
 def test_unchanged_pipeline_reruns_nothing(pipeline: Pipeline) -> None:
@@ -123,29 +185,36 @@ def test_unchanged_pipeline_reruns_nothing(pipeline: Pipeline) -> None:
     assert pipeline.repo.git("status", "--porcelain") == ""
 
 
-def test_changed_param_reruns_its_stages_and_shows_in_diffs(pipeline: Pipeline, tmp_path: Path) -> None:
-    """Changing train.finetune.lr reruns train@finetune and evaluate@finetune only; ``dvc
-    params diff`` shows the param and ``dvc metrics diff`` the finetune metrics that moved,
-    against the committed first run, and nothing of feature_extract."""
-    repo: DvcRepo = copy_repo(pipeline.repo, tmp_path)
-    repo.set_params({"train.finetune.lr": 0.01})
+def test_changed_param_reruns_its_stages_and_shows_in_diffs(experiments: Experiments, tmp_path: Path) -> None:
+    """Changing train.finetune.lr brings back train@finetune and evaluate@finetune only (from
+    the run-cache: the session's queued experiment "finetune-lr" ran this change, see
+    dvc_pipeline.shared_experiments); ``dvc params diff`` shows the param and ``dvc metrics
+    diff`` the finetune metrics that moved, against the committed first run, and nothing of
+    feature_extract."""
+    repo: DvcRepo = copy_repo(experiments.repo, tmp_path)
+    repo.set_params({"train.finetune.lr": EXPERIMENT_LR})
     rerun = repo.dvc("repro")
-    assert ran_stages(rerun.stdout) == ["train@finetune", "evaluate@finetune"]
+    assert ran_stages(rerun.stdout) == [], rerun.stdout
+    assert cached_stages(rerun.stdout) == ["train@finetune", "evaluate@finetune"], rerun.stdout
+    ran = json.loads(repo.git("show", f"{experiments.rev('finetune-lr')}:metrics/finetune.json"))
+    assert json.loads((repo.root / "metrics" / "finetune.json").read_text()) == ran
 
     params = json.loads(repo.dvc("params", "diff", "--json").stdout)
     assert list(params) == ["params.yaml"] and list(params["params.yaml"]) == ["train.finetune.lr"], params
     change = params["params.yaml"]["train.finetune.lr"]
-    assert (change["old"], change["new"]) == (0.001, 0.01)
+    assert (change["old"], change["new"]) == (0.001, EXPERIMENT_LR)
 
     diff = json.loads(repo.dvc("metrics", "diff", "--json").stdout)
-    before = json.loads(repo.git("show", "HEAD:metrics/finetune/train.json"))
-    after = json.loads((repo.root / "metrics" / "finetune" / "train.json").read_text())
-    assert after["final_train_loss"] != before["final_train_loss"]
-    train_diff = find_metrics(diff, "metrics/finetune/train.json")
-    assert train_diff is not None, diff
-    assert train_diff["final_train_loss"]["old"] == pytest.approx(before["final_train_loss"])
-    assert train_diff["final_train_loss"]["new"] == pytest.approx(after["final_train_loss"])
-    eval_diff = find_metrics(diff, "metrics/finetune/eval.json")
-    assert eval_diff is not None and "loss" in eval_diff, diff
-    assert find_metrics(diff, "metrics/feature_extract/eval.json") is None, diff
-    assert find_metrics(diff, "metrics/feature_extract/train.json") is None, diff
+    before = json.loads(repo.git("show", "HEAD:metrics/finetune.json"))
+    after = json.loads((repo.root / "metrics" / "finetune.json").read_text())
+    assert after["loss"] != before["loss"]
+    finetune_diff = find_metrics(diff, "metrics/finetune.json")
+    assert finetune_diff is not None, diff
+    assert finetune_diff["loss"]["old"] == pytest.approx(before["loss"])
+    assert finetune_diff["loss"]["new"] == pytest.approx(after["loss"])
+    assert find_metrics(diff, "metrics/feature_extract.json") is None, diff
+
+    # Finetune's git-tracked results changed, nothing of feature_extract; run records are DVC's.
+    changed = {line[3:] for line in repo.git("status", "--porcelain").splitlines()}
+    assert {"params.yaml", "dvc.lock", "metrics/finetune.json", "plots/finetune/predictions.csv"} <= changed
+    assert not any("feature_extract" in path or path.startswith("reports/") for path in changed), changed

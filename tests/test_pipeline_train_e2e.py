@@ -1,90 +1,100 @@
-"""The training half of the pipeline through the real DVC CLI, in a throw-away copy of the
-repository: ``dvc repro`` builds both modes from a tiny generated data set, the outputs are
-what later stages and users load, and a change to one mode's params reruns only that mode.
+"""The training half of the pipeline through the real DVC CLI, on the session's reproduced
+pipeline (``dvc_pipeline.shared_pipeline``: a tiny generated data set, weights ``none``,
+32-pixel images, two epochs): the outputs of ``train@finetune`` (trained on the images) and
+``train@feature_extract`` (trained on the features stage's stored backbone outputs) are what
+later stages and users load, and a change to one mode's params reruns only that mode.
 
-The data set is a zip on the local disk (``data.url`` may be a path), the weights are
-``none`` (no download), and images are 32x32, so the run takes seconds on two CPU cores.
 DVC commands target the ``train`` stages (and so everything upstream of them: fetch, unzip,
-weights); the evaluation and preview stages downstream belong to other tests.
+weights, features); the evaluation and preview stages downstream belong to other tests.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import re
+import random
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from conftest import DvcRepo, make_dataset_zip
+from conftest import find_metrics
+from dvc_pipeline import MODES, PIPELINE_PARAMS, Pipeline, copy_repo, dvc_json, ran_stages, shared_pipeline
 
-from tests.imagefolders import TINY_TRAIN
-from transfer.checkpoints import load_trained_model
+from transfer.checkpoints import load_trained_model, pretrained_classifier
+from transfer.reproducibility import seed_everything
 
-MODES = ("finetune", "feature_extract")
-DATA_AND_WEIGHTS = {"fetch", "unzip", "weights"}
-
-
-def dvc_json(repo: DvcRepo, *args: str) -> dict[str, Any]:
-    """Run a ``dvc ... --json`` command and parse its output."""
-    return json.loads(repo.dvc(*args, "--json").stdout)
+#: history.csv's columns: the per-epoch numbers and nothing that differs between identical runs.
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
 
-def workspace_metrics(repo: DvcRepo) -> dict[str, Any]:
-    """``dvc metrics show``'s files of the workspace (keyed "workspace" or "" by version)."""
-    (revision,) = dvc_json(repo, "metrics", "show").values()
-    return revision["data"]
+@pytest.fixture(scope="session")
+def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    return shared_pipeline(tmp_path_factory, request)
 
 
-def ran_stages(output: str) -> set[str]:
-    """The stages ``dvc repro`` says it runs (``Running stage 'name':``)."""
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-@pytest.fixture
-def built(dvc_repo: DvcRepo, tmp_path: Path) -> DvcRepo:
-    """The copy, pointed at a tiny data set with tiny-training params, after ``dvc repro``."""
-    archive = make_dataset_zip(tmp_path / "src" / "hymenoptera_data.zip", extra=("gif", "litter"))
-    dvc_repo.set_params({**TINY_TRAIN, "data.url": str(archive)})
-    proc = dvc_repo.dvc("repro", "train", timeout=600)
-    ran = ran_stages(proc.stdout)
-    assert DATA_AND_WEIGHTS | {f"train@{mode}" for mode in MODES} <= ran, proc.stdout
-    return dvc_repo
-
-
-def test_repro_trains_both_modes_and_reruns_only_what_changed(built: DvcRepo) -> None:
-    root = built.root
+def test_repro_trains_both_modes_and_reruns_only_what_changed(pipeline: Pipeline, tmp_path: Path) -> None:
+    root = pipeline.repo.root
+    shown = dvc_json(pipeline.repo, "metrics", "show")
+    # What both modes start from: with weights `none`, models/pretrained.pt is empty and the
+    # backbone is torch's initialisation from the seed, built as the stages build it (the
+    # global generators are given back afterwards).
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        seed_everything(PIPELINE_PARAMS["seed"])
+        start, _ = pretrained_classifier(root / "models" / "pretrained.pt",
+                                         json.loads((root / "models" / "pretrained.json").read_text()), 2, 32)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    pretrained = start.state_dict()
     for mode in MODES:
         state = torch.load(root / "models" / f"{mode}.pt", map_location="cpu", weights_only=True)
         assert state["fc.weight"].shape == (2, 512)
+        assert set(state) == set(pretrained), f"{mode}: the checkpoint is not the whole classifier"
         meta = json.loads((root / "models" / f"{mode}.json").read_text())
-        assert meta["mode"] == mode and meta["arch"] == "resnet18" and meta["epoch"] == 1
-        assert meta["classes"] == ["ants", "bees"]
+        assert meta["mode"] == mode and meta["arch"] == "resnet18" and meta["epoch"] in (1, 2)
+        assert meta["classes"] == ["ants", "bees"] and meta["weights"] == "none"
         model, _ = load_trained_model(root / "models" / f"{mode}.pt", torch.device("cpu"))
         with torch.no_grad():
             assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
         with (root / "plots" / mode / "history.csv").open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        assert [row["epoch"] for row in rows] == ["1"]
-        train = json.loads((root / "metrics" / mode / "train.json").read_text())
-        assert train["epochs"] == 1 and 0 <= train["best_val_acc"] <= 1
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        assert reader.fieldnames == HISTORY_COLUMNS
+        assert [row["epoch"] for row in rows] == ["1", "2"]
+        best = max(rows, key=lambda row: (float(row["val_acc"]), -int(row["epoch"])))
+        assert meta["epoch"] == int(best["epoch"]) and meta["val_acc"] == pytest.approx(float(best["val_acc"]))
 
-    # Both modes' metrics are visible to DVC (and so to `dvc metrics diff` and Studio).
-    shown = workspace_metrics(built)
-    for mode in MODES:
-        metrics = shown[f"metrics/{mode}/train.json"]["data"]
-        assert metrics["best_epoch"] == 1 and "best_val_acc" in metrics
+        record = json.loads((root / "reports" / mode / "train.json").read_text())
+        assert record["epochs"] == 2 and record["best_epoch"] == meta["epoch"]
+        assert 0 <= record["best_val_acc"] <= 1 and len(record["epoch_seconds"]) == 2
+        assert record["loader_workers"] == 0 and record["threads"] == 1
+
+        # The evaluation of this checkpoint is what DVC shows (and `dvc metrics diff` compares).
+        metrics = find_metrics(shown, f"metrics/{mode}.json")
+        assert metrics is not None, shown
+        assert metrics["best_epoch"] == meta["epoch"]
+
+    # feature_extract trained the head alone, on the features stage's stored outputs.
+    head_only = torch.load(root / "models" / "feature_extract.pt", map_location="cpu", weights_only=True)
+    backbone = [k for k in pretrained if not k.startswith("fc.")]
+    assert all(torch.equal(head_only[k], pretrained[k]) for k in backbone), "feature_extract changed the backbone"
+    assert not torch.equal(head_only["fc.weight"], pretrained["fc.weight"]), "feature_extract left the head"
+    finetuned = torch.load(root / "models" / "finetune.pt", map_location="cpu", weights_only=True)
+    assert not torch.equal(finetuned["conv1.weight"], pretrained["conv1.weight"]), "finetune left the backbone"
+    features = json.loads((root / "data" / "features" / "features.json").read_text())
+    assert features["views"] == 2 and features["classes"] == ["ants", "bees"]  # views: auto = one per epoch
+    assert len(features["samples"]["train"]) == 8 and len(features["samples"]["val"]) == 6
 
     # Everything is up to date; a change to one mode's recipe reruns that mode only.
-    assert dvc_json(built, "status", "train") == {}
-    built.set_params({"train.feature_extract.lr": 0.01})
-    status = dvc_json(built, "status", "train")
+    repo = copy_repo(pipeline.repo, tmp_path)
+    assert dvc_json(repo, "status", "train") == {}
+    repo.set_params({"train.feature_extract.lr": 0.01})
+    status = dvc_json(repo, "status", "train")
     assert set(status) == {"train@feature_extract"}, status
     assert "train.feature_extract" in json.dumps(status)
 
-    dry = built.dvc("repro", "--dry", "train")
-    assert ran_stages(dry.stdout) == {"train@feature_extract"}, dry.stdout
-    assert set(dvc_json(built, "status", "train")) == {"train@feature_extract"}, "--dry changed something"
+    dry = repo.dvc("repro", "--dry", "train")
+    assert ran_stages(dry.stdout) == ["train@feature_extract"], dry.stdout
+    assert set(dvc_json(repo, "status", "train")) == {"train@feature_extract"}, "--dry changed something"

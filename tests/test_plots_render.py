@@ -39,8 +39,10 @@ import pytest
 from conftest import REPO_ROOT, DvcRepo
 from dvc_pipeline import (
     Pipeline,
+    bar_axes,
     datum_point,
     declared_plots,
+    expected_bars,
     expected_confusion,
     expected_points,
     page_specs,
@@ -260,9 +262,9 @@ def render(browser: DevTools, page: Path, screenshot: Path) -> Rendered:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """The session's reproduced pipeline (shared with the end-to-end test)."""
-    return shared_pipeline(tmp_path_factory)
+    return shared_pipeline(tmp_path_factory, request)
 
 
 @pytest.fixture(scope="module")
@@ -303,9 +305,10 @@ def test_template_makes_the_page_self_contained(pipeline: Pipeline, tmp_path: Pa
 
 
 def test_charts_and_images_render_offline(pipeline: Pipeline, browser: DevTools, tmp_path: Path) -> None:
-    """Every declared chart is drawn by vega with exactly its CSV data (each history point,
-    each confusion-matrix cell count), every image decodes at its file's size, no script
-    fails, and nothing but the page's own files is requested."""
+    """Every declared chart (dvc.yaml's top-level and stage-level plots) is drawn by vega with
+    exactly its CSV data (each history point, each confusion-matrix cell count, each per-class
+    bar), every image decodes at its file's size, no script fails, and nothing but the page's
+    own files is requested."""
     root = pipeline.repo.root
     page = offline_page(pipeline.repo, tmp_path / "out")
     shown = render(browser, page, tmp_path / "screenshot.png")
@@ -317,17 +320,25 @@ def test_charts_and_images_render_offline(pipeline: Pipeline, browser: DevTools,
 
     plots = declared_plots(root)
     charts = {c["title"]: c for c in report["charts"]}
-    assert set(charts) == {p.id for p in plots if not p.is_image}, where
+    assert len(charts) == len(report["charts"]), "two charts with one title"
+    assert set(charts) == {p.title for p in plots if not p.is_image}, where
     for plot in plots:
         if plot.is_image:
             continue
         assert plot.props is not None
-        chart = charts[plot.id]
+        chart = charts[plot.title]
         assert chart["error"] is None and chart["embedded"], (plot.id, chart["error"], where)
         assert chart["ink"] > 500, f"{plot.id}: nothing painted on the canvas {where}"
-        if plot.props.get("template") == "confusion":
-            cells = {(d["actual"], d["predicted"]): d["xy_count"] for d in chart["rects"] if not d.get("_impute")}
+        if plot.template == "confusion":
+            x = plot.props["x"]
+            ((_, y),) = plot.series()
+            cells = {(d[x], d[y]): d["xy_count"] for d in chart["rects"] if not d.get("_impute")}
             assert cells == expected_confusion(plot, root), f"{plot.id} {where}"
+        elif plot.template.startswith("bar"):
+            category, value = bar_axes(plot)
+            bars = {d[category]: float(d[value]) for d in chart["rects"]}
+            assert len(chart["rects"]) == len(bars), f"{plot.id}: one bar per category {where}"
+            assert bars == expected_bars(plot, root), f"{plot.id} {where}"
         else:
             points = {p for p in (datum_point(d, plot) for d in chart["lines"]) if p is not None}
             assert points == expected_points(plot, root), f"{plot.id} {where}"
@@ -348,9 +359,8 @@ def test_checks_catch_a_broken_page(pipeline: Pipeline, browser: DevTools, tmp_p
     page = offline_page(pipeline.repo, tmp_path / "out")
     html = page.read_text(encoding="utf-8")
     specs = page_specs(html)
-    confusion = next(p for p in declared_plots(pipeline.repo.root)
-                     if p.props and p.props.get("template") == "confusion")
-    values = json.dumps(specs[confusion.id]["data"]["values"])
+    confusion = next(p for p in declared_plots(pipeline.repo.root) if p.props and p.template == "confusion")
+    values = json.dumps(specs[confusion.title]["data"]["values"])
     assert html.count(values) == 1
     page.write_text(html.replace(values, "[]"), encoding="utf-8")
     missing = next((tmp_path / "out" / "static").glob("*.png"))
@@ -358,7 +368,7 @@ def test_checks_catch_a_broken_page(pipeline: Pipeline, browser: DevTools, tmp_p
 
     shown = render(browser, page, tmp_path / "screenshot.png")
     charts = {c["title"]: c for c in shown.report["charts"]}
-    assert [d for d in charts[confusion.id]["rects"] if not d.get("_impute")] == []
+    assert [d for d in charts[confusion.title]["rects"] if not d.get("_impute")] == []
     broken = [i for i in shown.report["images"] if i["width"] == 0]
     assert [Path(i["src"]).name for i in broken] == [missing.name]
     assert [Path(url).name for url in shown.failed_loads] == [missing.name]

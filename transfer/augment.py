@@ -64,9 +64,13 @@ def sample_crop(rng: random.Random, width: int, height: int) -> Crop:
     return Crop((height - h) // 2, (width - w) // 2, h, w, rng.random() < 0.5)
 
 
-def augmented_view(image: Image.Image, pre: Preprocess, seed: int, view: int, index: int) -> Image.Image:
-    """View ``view`` of image ``index``: its seeded random crop, resized to ``pre.crop``, maybe flipped."""
-    box = sample_crop(view_rng(seed, view, index), image.width, image.height)
+def apply_crop(image: Image.Image, box: Crop, pre: Preprocess) -> Image.Image:
+    """What ``RandomResizedCrop(pre.crop)`` and ``RandomHorizontalFlip`` do once they drew ``box``."""
     out = F.resized_crop(image, box.top, box.left, box.height, box.width, [pre.crop, pre.crop],
                          interpolation=INTERPOLATIONS[pre.interpolation])
     return F.hflip(out) if box.flip else out
+
+
+def augmented_view(image: Image.Image, pre: Preprocess, seed: int, view: int, index: int) -> Image.Image:
+    """View ``view`` of image ``index``: its seeded random crop, resized to ``pre.crop``, maybe flipped."""
+    return apply_crop(image, sample_crop(view_rng(seed, view, index), image.width, image.height), pre)

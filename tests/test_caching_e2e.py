@@ -1,0 +1,254 @@
+"""What DVC can skip, through the real CLI, on copies of the session's reproduced pipeline
+(``dvc_pipeline.shared_pipeline``) and of its two queued experiments (``shared_experiments``:
+finetune's and feature_extract's learning rate changed, one each):
+
+- identical reruns: every stage writes the same bytes from the same inputs (checkpoints,
+  features, metrics, plot data), so a forced rerun changes nothing but the run records;
+- no spurious reruns: rerunning the weights stage, or changing ``runtime.*`` (how fast a stage
+  runs, not what it writes), leaves everything downstream up to date;
+- a change to the head's recipe reruns the head only, not the backbone (the features stage);
+- DVC's run-cache gives back earlier results instead of training again, locally and, pushed
+  to a DVC remote, in another clone of the repository.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DvcRepo
+from dvc_pipeline import (
+    EXPERIMENT_LR,
+    EXPERIMENTS,
+    MODES,
+    Background,
+    Experiments,
+    Pipeline,
+    background,
+    beside_pipeline,
+    cached_stages,
+    copy_repo,
+    declared_outputs,
+    declared_stages,
+    dvc_json,
+    head_lock,
+    pipeline_env,
+    ran_stages,
+    resolved_stages,
+    run_in_background,
+    shared_experiments,
+    shared_pipeline,
+    workspace_lock,
+)
+
+#: The stages a change of both modes' training params reruns (or restores), in pipeline order.
+TRAIN_AND_EVALUATE = ["train@finetune", "train@feature_extract", "evaluate@finetune", "evaluate@feature_extract"]
+#: Both modes' learning rates as the experiments set them, and as the committed run has them.
+BOTH_CHANGED = {key: EXPERIMENT_LR for key in EXPERIMENTS.values()}
+BOTH_ORIGINAL = {key: 0.001 for key in EXPERIMENTS.values()}
+
+
+@pytest.fixture(scope="session")
+def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    return shared_pipeline(tmp_path_factory, request)
+
+
+@pytest.fixture(scope="session")
+def experiments(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Experiments:
+    return shared_experiments(tmp_path_factory, request)
+
+
+FORCED_RERUN = "test_forced_rerun_writes_identical_outputs"
+
+
+@beside_pipeline(FORCED_RERUN, "after")
+def start_forced_rerun(base: Path, pipeline: Pipeline) -> Background:
+    """The slowest check here, a second run of every stage, starts in the background on a copy
+    of the shared pipeline as soon as it is built, and overlaps the tests that come before."""
+    return run_in_background(copy_repo(pipeline.repo, base), ["repro", "--force"], base)
+
+
+def sets(params: dict[str, object]) -> list[str]:
+    """``-S key=value`` arguments of ``dvc exp run``."""
+    return [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
+
+
+def changed_files(repo: DvcRepo) -> set[str]:
+    """Paths git sees as changed (staged or not) or untracked."""
+    return {line[3:] for line in repo.git("status", "--porcelain").splitlines()}
+
+
+def clone(source: DvcRepo, base: Path) -> DvcRepo:
+    """``git clone`` of ``source`` into ``base/repo``: what a colleague gets, without DVC's cache."""
+    subprocess.run(["git", "clone", "-q", str(source.root), str(base / "repo")], env=source.env,
+                   check=True, capture_output=True)
+    return DvcRepo(base / "repo", pipeline_env(base / "home", base / "dvc-site-cache"))
+
+
+def add_remote(repo: DvcRepo, remote: Path) -> None:
+    """A local-folder DVC remote as the default, committed so that clones have it too."""
+    repo.dvc("remote", "add", "-d", "shared", str(remote))
+    repo.git("commit", "-q", "-m", "a DVC remote", "--", ".dvc/config")
+
+
+def test_rerun_weights_and_runtime_params_rerun_nothing(pipeline: Pipeline, tmp_path: Path) -> None:
+    """``dvc repro --force weights`` rewrites the same weights, so features, train and evaluate
+    stay up to date; changing any ``runtime.*`` param (threads, workers, batch size for
+    inference, image cache, download retries and timeout) reruns no stage."""
+    repo = copy_repo(pipeline.repo, tmp_path)
+    forced = repo.dvc("repro", "--force", "weights")
+    assert ran_stages(forced.stdout) == ["weights"], forced.stdout
+    assert workspace_lock(repo) == head_lock(repo)
+    assert dvc_json(repo, "status") == {}
+    assert changed_files(repo) == set()
+
+    runtime = {"runtime.threads": 2, "runtime.num_workers": 2, "runtime.inference_batch_size": 3,
+               "runtime.image_cache_mb": 1, "runtime.download_retries": 5, "runtime.download_timeout": 30}
+    repo.set_params(runtime)
+    changed = dvc_json(repo, "params", "diff")["params.yaml"]
+    assert sorted(changed) == sorted(runtime), changed
+    assert dvc_json(repo, "status") == {}, "a stage declares a runtime.* param"
+    again = repo.dvc("repro")
+    assert ran_stages(again.stdout) == [] and cached_stages(again.stdout) == [], again.stdout
+    assert workspace_lock(repo) == head_lock(repo)
+
+
+def test_head_only_change_leaves_the_backbone_alone(pipeline: Pipeline, experiments: Experiments,
+                                                    tmp_path: Path) -> None:
+    """A new ``train.feature_extract.lr`` makes train@feature_extract out of date, and then
+    evaluate@feature_extract, and nothing else: the features stage (the backbone's outputs)
+    stays up to date and the backbone does not run again."""
+    repo = copy_repo(pipeline.repo, tmp_path)
+    repo.set_params({"train.feature_extract.lr": EXPERIMENT_LR})
+    # `dvc status` and `dvc repro --dry` compare each stage with its own inputs by hash:
+    # evaluate@feature_extract's input is still the old checkpoint until train@feature_extract
+    # has written a new one, so they name train@feature_extract alone.
+    status = dvc_json(repo, "status")
+    assert status == {"train@feature_extract": [
+        {"changed deps": {"params.yaml": {"train.feature_extract": "modified"}}}]}, status
+    dry = repo.dvc("repro", "--dry")
+    assert ran_stages(dry.stdout) == ["train@feature_extract"], dry.stdout
+    unchanged = set(declared_stages(repo.root)) - {"train@feature_extract"}
+    assert set(re.findall(r"^Stage '([^']+)' didn't change, skipping", dry.stdout, re.M)) == unchanged, dry.stdout
+    assert dvc_json(repo, "status") == status, "--dry changed something"
+
+    # The queue ran exactly this change ("head-lr"): train and evaluate of feature_extract ran,
+    # the features stage was skipped, and every other output is the first run's file.
+    log = experiments.logs["head-lr"]
+    assert ran_stages(log) == ["train@feature_extract", "evaluate@feature_extract"], log
+    assert "Stage 'features' didn't change, skipping" in log, log
+    first, head_lr = head_lock(experiments.repo), head_lock(experiments.repo, experiments.rev("head-lr"))
+    assert head_lr["models/feature_extract.pt"] != first["models/feature_extract.pt"]
+    for kind in declared_outputs(repo.root).values():
+        for path, writer in kind.items():
+            if not writer.endswith("@feature_extract"):
+                assert head_lr[path] == first[path], path
+
+
+def test_run_cache_restores_earlier_results(experiments: Experiments, tmp_path: Path) -> None:
+    """``dvc exp run -S`` of params that already ran (here in the queue's temporary copies)
+    restores every train and evaluate stage from the run-cache ("Stage '...' is cached -
+    skipping run, checking out outputs"), for both modes, with the earlier runs' outputs byte
+    for byte; and so does going back to the committed params."""
+    repo = copy_repo(experiments.repo, tmp_path)
+    there = repo.dvc("exp", "run", *sets(BOTH_CHANGED))
+    assert ran_stages(there.stdout) == [], there.stdout
+    assert cached_stages(there.stdout) == TRAIN_AND_EVALUATE, there.stdout
+    now, outputs = workspace_lock(repo), declared_outputs(repo.root)
+    for name, key in EXPERIMENTS.items():
+        mode = key.split(".")[1]
+        ran = head_lock(repo, experiments.rev(name))
+        written = [path for kind in outputs.values() for path, writer in kind.items() if writer.endswith("@" + mode)]
+        assert len(written) >= 8, written
+        for path in written:
+            assert now[path] == ran[path], f"{path} is not what experiment {name} wrote"
+    assert dvc_json(repo, "status") == {}
+
+    back = repo.dvc("exp", "run", *sets(BOTH_ORIGINAL))
+    assert ran_stages(back.stdout) == [], back.stdout
+    assert cached_stages(back.stdout) == TRAIN_AND_EVALUATE, back.stdout
+    assert workspace_lock(repo) == head_lock(repo), "the restored outputs are not the first run's"
+    assert dvc_json(repo, "status") == {}
+    # params.yaml is rewritten by `-S` (same values); every result file is the committed one.
+    assert changed_files(repo) <= {"params.yaml"}, changed_files(repo)
+    assert dvc_json(repo, "params", "diff") == {}
+
+
+#: Stages whose outputs all live in DVC's cache, so a remote can hold whole runs of them;
+#: evaluate and preview keep theirs in git (``cache: false``, never pushed) and rerun instead.
+SHAREABLE = {"fetch", "unzip", "weights", "features", "train@finetune", "train@feature_extract"}
+
+
+def test_a_remote_shares_results_and_trained_runs_with_a_fresh_clone(experiments: Experiments,
+                                                                     tmp_path: Path) -> None:
+    """Through a local-folder DVC remote: ``dvc push`` of the committed results lets a fresh
+    ``git clone`` get every output with ``dvc pull`` (``dvc status`` clean, ``dvc repro`` runs
+    nothing); ``dvc push --run-cache`` of an experiment's results then lets the colleague's
+    ``dvc exp run --pull -S`` of those params restore both trainings without training (the
+    remote holds every output of those runs), rerun only the evaluations (seconds), and end
+    with the same files."""
+    source = copy_repo(experiments.repo, tmp_path / "source")
+    remote = tmp_path / "remote"
+    add_remote(source, remote)
+    source.dvc("push")
+    restored = source.dvc("exp", "run", *sets(BOTH_CHANGED))
+    assert cached_stages(restored.stdout) == TRAIN_AND_EVALUATE, restored.stdout
+    source.dvc("push")
+    source.dvc("push", "--run-cache")
+
+    stage_of = {stage["cmd"]: name for name, stage in resolved_stages(source.root).items()}
+    entries = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in (remote / "runs").glob("*/*/*")]
+    now = workspace_lock(source)  # the runs whose outputs the workspace holds
+    shared = {stage_of[e["cmd"]]: e for e in entries if all(now[out["path"]] == out["md5"] for out in e["outs"])}
+    assert set(shared) == set(declared_stages(source.root)), sorted(shared)
+    for name in SHAREABLE:
+        for out in shared[name]["outs"]:
+            assert (remote / "files" / "md5" / out["md5"][:2] / out["md5"][2:]).exists(), (name, out["path"])
+
+    colleague = clone(source, tmp_path / "clone")
+    missing = dvc_json(colleague, "status")
+    assert set(missing) == set(declared_stages(colleague.root)), missing  # outputs or inputs not there
+    colleague.dvc("pull")
+    assert dvc_json(colleague, "status") == {}
+    rerun = colleague.dvc("repro")
+    assert ran_stages(rerun.stdout) == [] and "Data and pipelines are up to date" in rerun.stdout, rerun.stdout
+    assert workspace_lock(colleague) == head_lock(source)
+    assert changed_files(colleague) == set()
+
+    run = colleague.dvc("exp", "run", "--pull", *sets(BOTH_CHANGED), timeout=300)
+    assert set(cached_stages(run.stdout)) >= {"train@finetune", "train@feature_extract"}, run.stdout
+    assert set(ran_stages(run.stdout)) <= {"evaluate@finetune", "evaluate@feature_extract"}, run.stdout
+    theirs = workspace_lock(colleague)
+    for path, md5 in now.items():
+        if not path.startswith("reports/"):  # run records hold timings
+            assert theirs[path] == md5, path
+    assert dvc_json(colleague, "status") == {}
+
+
+def test_forced_rerun_writes_identical_outputs(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A second run of every stage (``dvc repro --force``) writes byte-identical checkpoints,
+    features, metrics and plots (dvc.lock's md5s equal the committed first run's, git sees no
+    changed metrics or plot file); only the run records in reports/ (timings) may differ."""
+    rerun = background(FORCED_RERUN) or start_forced_rerun(tmp_path, pipeline)
+    repo, forced = rerun.repo, rerun.result()
+    assert sorted(ran_stages(forced.stdout)) == sorted(declared_stages(repo.root)), forced.stdout
+
+    before, after = head_lock(repo), workspace_lock(repo)
+    assert sorted(after) == sorted(before)
+    differ = sorted(path for path in before if before[path] != after[path])
+    assert all(path.startswith("reports/") for path in differ), differ
+    must_match = [
+        *(f"models/{name}" for name in ("pretrained.pt", "pretrained.json")),
+        *(f"models/{mode}{suffix}" for mode in MODES for suffix in (".pt", ".json")),
+        "data/features",
+        *(f"metrics/{mode}.json" for mode in MODES),
+        *(f"plots/{mode}/{name}" for mode in MODES for name in ("history.csv", "predictions.csv", "classes.csv")),
+    ]
+    for path in must_match:
+        assert after[path] == before[path], f"{path} differs between two identical runs"
+    # The pictures too: git sees no change in any metrics or plot file, only dvc.lock (reports).
+    assert changed_files(repo) <= {"dvc.lock"}, changed_files(repo)
+    assert dvc_json(repo, "status") == {}

@@ -1,0 +1,74 @@
+"""dvc.yaml declares, for each stage, exactly what can change its outputs: the params its
+module says it reads for them, and the project code it runs. Too little and DVC misses a
+change (a stale result); too much and DVC reruns, or refuses its run-cache, for nothing."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+from conftest import REPO_ROOT
+from dvc_pipeline import resolved_stages
+
+from stages import evaluate, preview, train
+from transfer import features
+
+#: Plumbing that cannot change what a stage writes (see the header of dvc.yaml).
+PLUMBING = {"transfer/__init__.py", "transfer/errors.py", "transfer/atomic.py", "transfer/params.py",
+            "transfer/runtime.py", "stages/__init__.py"}
+
+
+def project_imports(module: str) -> set[str]:
+    """The project files ``module`` (``stages.train``) runs: itself and what it imports from
+    ``stages``/``transfer``, transitively (read from the source, not by importing it)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = f"{name.replace('.', '/')}.py"
+        if path in seen or not (REPO_ROOT / path).is_file():
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse((REPO_ROOT / path).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("stages", "transfer"):
+                todo.append(node.module)
+                todo.extend(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                todo.extend(a.name for a in node.names if a.name.split(".")[0] in ("stages", "transfer"))
+    return seen - PLUMBING
+
+
+def declared(stage: dict, kind: str) -> set[str]:
+    return {entry if isinstance(entry, str) else next(iter(entry)) for entry in stage.get(kind) or []}
+
+
+STAGES = resolved_stages(REPO_ROOT)
+PARAMS = {
+    "fetch": {"data.url", "data.sha256"},
+    "unzip": {"seed", "data.val_fraction"},
+    "weights": {"model.arch", "model.weights"},
+    "features": set(features.PARAMS),
+    "train@finetune": set(train.tracked_params("finetune")),
+    "train@feature_extract": set(train.tracked_params("feature_extract")),
+    "evaluate@finetune": set(evaluate.PARAMS),
+    "evaluate@feature_extract": set(evaluate.PARAMS),
+    "preview": set(preview.PARAMS),
+}
+
+
+def test_every_stage_is_checked() -> None:
+    assert set(STAGES) == set(PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_params_are_what_the_stage_reads_for_its_outputs(name: str) -> None:
+    """No runtime.* key anywhere: threads, workers, caches and network knobs change nothing."""
+    assert declared(STAGES[name], "params") == PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_code_deps_are_the_code_the_stage_runs(name: str) -> None:
+    stage = STAGES[name]
+    module = stage["cmd"].split()[2]  # python -m stages.X ...
+    code = {dep for dep in declared(stage, "deps") if dep.endswith(".py")}
+    assert code == project_imports(module), name

@@ -1,0 +1,216 @@
+"""The frozen backbone computed once: the ``features`` stage stores its outputs, and
+``train@feature_extract`` trains the head on them. Trained that way, the head must match the
+tutorial's way (the whole frozen network run on every image every epoch, here called the
+uncached path) wherever the two should agree: the same stored features, the same history
+and the same checkpoint, to within float rounding (tolerance 1e-5; the histories and
+checkpoints agree exactly on the 2-core CPU these tests were written on), for no
+augmentation, for one fresh view per epoch, for views reused in turn, and for
+``batchnorm: update``, whose drifting statistics are computed once too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import error_line
+from imagefolders import make_image_folders, run_training, tiny_params
+from torch import nn, optim
+from torch.optim import lr_scheduler
+
+import stages.features
+import stages.train
+import stages.weights
+from transfer.checkpoints import pretrained_classifier, read_pretrained_meta
+from transfer.data import EpochSampler, TrainImages, ValImages, image_folders, make_loader
+from transfer.errors import run_stage
+from transfer.features import head_inputs
+from transfer.models import freeze_backbone
+from transfer.params import load_params
+from transfer.preprocess import model_input, resolve_preprocess
+from transfer.reproducibility import seed_everything
+from transfer.runtime import configure_threads
+from transfer.training import train_model
+
+CPU = torch.device("cpu")
+TOLERANCE = 1e-5
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folders(tmp_path_factory.mktemp("data") / "images", n_train=5, n_val=3)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The weights stage's file for ``model.weights: none`` (the backbone's init is seeded)."""
+    root = tmp_path_factory.mktemp("weights")
+    out = root / "pretrained.pt"
+    stages.weights.main(["--params", str(tiny_params(root / "params.yaml")), "--out", str(out)])
+    return out
+
+
+def uncached(params_path: Path, data: Path, weights: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """The tutorial's way: the whole model (frozen backbone) over the images every epoch,
+    with the same seeded order and views; the best state and the history."""
+    params = load_params(params_path)
+    recipe = params.train.feature_extract
+    update = recipe.batchnorm == "update"
+    configure_threads(params.runtime.threads)
+    seed_everything(params.seed)
+    pretrained = read_pretrained_meta(weights, params.model)
+    pre = resolve_preprocess(params.preprocess, pretrained["preprocess"])
+    split = image_folders(data)
+    model, head = pretrained_classifier(weights, pretrained, len(split["train"].classes), pre.crop)
+    trained = freeze_backbone(model, head)
+    model = model.to(memory_format=torch.channels_last)
+    views = recipe.view_count()
+    train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=2**30, augment=views > 0)
+    val = ValImages(split["val"], pre, cache_bytes=2**30)
+    loaders = {
+        "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True,
+                                                 cycle=None if update else max(views, 1)),
+                             batch_size=params.train.batch_size, workers=0, device=CPU),
+        "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=1),
+                           batch_size=params.train.batch_size, workers=0, device=CPU),
+    }
+    optimizer = optim.SGD(trained, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
+    result = train_model(model, loaders, nn.CrossEntropyLoss(), optimizer, scheduler, recipe.epochs, CPU,
+                         prepare=lambda batch: model_input(batch, pre, CPU),
+                         train_only=None if update else model.get_submodule(head.name), log=False)
+    return result.best_state, [r.as_row() for r in result.history]
+
+
+def cached(tmp_path: Path, params_path: Path, data: Path,
+           weights: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    out = run_training("feature_extract", params_path, data, weights, tmp_path / "cached")
+    state = torch.load(out / "feature_extract.pt", map_location="cpu", weights_only=True)
+    with (out / "feature_extract" / "history.csv").open(newline="") as f:
+        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return state, history
+
+
+@pytest.mark.parametrize("changes", [
+    pytest.param({"train.feature_extract.views": 0}, id="no-augmentation"),
+    pytest.param({"train.feature_extract.views": "auto"}, id="a-fresh-view-per-epoch"),
+    pytest.param({"train.feature_extract.views": 2}, id="two-views-in-turn"),
+    pytest.param({"train.feature_extract.batchnorm": "update"}, id="batchnorm-update"),
+])
+def test_cached_path_matches_the_uncached_path(tmp_path: Path, data: Path, weights: Path,
+                                               changes: dict[str, Any]) -> None:
+    params = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.epochs": EPOCHS,
+                                                    "train.feature_extract.lr": 0.05, **changes})
+    cached_state, cached_history = cached(tmp_path, params, data, weights)
+    reference_state, reference_history = uncached(params, data, weights)
+
+    assert len(cached_history) == len(reference_history) == EPOCHS
+    for ours, theirs in zip(cached_history, reference_history, strict=True):
+        assert ours == pytest.approx({k: round(v, 6) for k, v in theirs.items()}, abs=TOLERANCE)
+    assert cached_state.keys() == reference_state.keys()
+    for key, value in reference_state.items():
+        torch.testing.assert_close(cached_state[key], value, atol=TOLERANCE, rtol=0, msg=key)
+    # The head did learn, so the agreement above is not that of two runs that changed nothing.
+    first = torch.load(tmp_path / "cached" / "feature_extract.pt", weights_only=True)
+    assert cached_history[0]["train_loss"] != cached_history[-1]["train_loss"]
+    assert first["fc.weight"].abs().sum() > 0
+
+
+def test_stored_features_are_the_backbone_outputs_of_each_view(tmp_path: Path, data: Path, weights: Path) -> None:
+    """train.npy holds, for view v of image i, what the head receives for that picture;
+    val.npy the same for the validation crops; features.json says what they were made of."""
+    params_path = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.views": 2})
+    stages.features.main(["--params", str(params_path), "--data", str(data), "--weights", str(weights),
+                          "--out", str(tmp_path / "features"), "--record", str(tmp_path / "features.json")])
+    train_features = np.load(tmp_path / "features" / "train.npy")
+    val_features = np.load(tmp_path / "features" / "val.npy")
+    meta = json.loads((tmp_path / "features" / "features.json").read_text())
+    assert train_features.shape == (2, 10, 512) and val_features.shape == (1, 6, 512)
+    assert meta["views"] == 2 and meta["classes"] == ["ants", "bees"] and meta["head"] == "fc"
+    assert meta["samples"]["train"][0] == ["ants/ants_train_0.png", 0]
+
+    params = load_params(params_path)
+    seed_everything(params.seed)
+    pretrained = read_pretrained_meta(weights, params.model)
+    pre = resolve_preprocess(params.preprocess, pretrained["preprocess"])
+    split = image_folders(data)
+    model, head = pretrained_classifier(weights, pretrained, 2, pre.crop)
+    model = model.eval().to(memory_format=torch.channels_last)
+    train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=0)
+    val = ValImages(split["val"], pre, cache_bytes=0)
+    with torch.inference_mode(), head_inputs(model.get_submodule(head.name)) as captured:
+        for view in (0, 1):
+            for index in range(len(train)):
+                model(model_input(train[(view, index)][0].unsqueeze(0), pre, CPU))
+                np.testing.assert_allclose(train_features[view, index], captured.pop()[0].numpy(), atol=TOLERANCE)
+        for index in range(len(val)):
+            model(model_input(val[(0, index)][0].unsqueeze(0), pre, CPU))
+            np.testing.assert_allclose(val_features[0, index], captured.pop()[0].numpy(), atol=TOLERANCE)
+    assert not np.allclose(train_features[0], train_features[1]), "two views must differ"
+    record = json.loads((tmp_path / "features.json").read_text())
+    assert record["backbone_passes"] == 2 * 10 + 6 and record["wall_seconds"] > 0
+
+
+def test_a_head_only_change_trains_on_the_same_features(tmp_path: Path, data: Path, weights: Path) -> None:
+    """Another learning rate changes what train@feature_extract learns, not the features it
+    reads (the stage's params digest covers only what changes them); other view counts do."""
+    base = tiny_params(tmp_path / "base.yaml")
+    out = run_training("feature_extract", base, data, weights, tmp_path / "base")
+    other_lr = tiny_params(tmp_path / "lr.yaml", {"train.feature_extract.lr": 0.5})
+    stages.train.main(["--mode", "feature_extract", "--params", str(other_lr), "--inputs", str(out / "features"),
+                       "--weights", str(weights), "--model-out", str(tmp_path / "lr" / "feature_extract.pt"),
+                       "--history", str(tmp_path / "lr" / "history.csv"),
+                       "--record", str(tmp_path / "lr" / "train.json")])
+    first = torch.load(out / "feature_extract.pt", weights_only=True)
+    second = torch.load(tmp_path / "lr" / "feature_extract.pt", weights_only=True)
+    assert not torch.equal(first["fc.weight"], second["fc.weight"])
+
+
+def stage_error(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        run_stage(main, argv)
+    assert info.value.code == 1
+    return error_line(capsys.readouterr().err)
+
+
+def test_stale_features_are_refused(tmp_path: Path, data: Path, weights: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Features computed for other views (a run by hand that skipped the features stage)
+    are not trained on: one line says to rerun the features stage; nothing is written."""
+    out = run_training("feature_extract", tiny_params(tmp_path / "a.yaml"), data, weights, tmp_path / "a")
+    other = tiny_params(tmp_path / "b.yaml", {"train.feature_extract.views": 3})
+    line = stage_error(stages.train.main, [
+        "--mode", "feature_extract", "--params", str(other), "--inputs", str(out / "features"),
+        "--weights", str(weights), "--model-out", str(tmp_path / "b" / "feature_extract.pt"),
+        "--history", str(tmp_path / "b" / "history.csv"), "--record", str(tmp_path / "b" / "train.json")], capsys)
+    assert "holds features computed with other params than these: run `dvc repro`" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_views_must_be_auto_with_batchnorm_update(tmp_path: Path, data: Path, weights: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    params = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.batchnorm": "update",
+                                                    "train.feature_extract.views": 2})
+    line = stage_error(stages.features.main, ["--params", str(params), "--data", str(data), "--weights", str(weights),
+                                              "--out", str(tmp_path / "features")], capsys)
+    assert line.startswith(f"error: {params}: train.feature_extract.views must be auto with batchnorm: update")
+    assert not (tmp_path / "features").exists()
+
+
+def test_a_model_that_computes_after_its_head_is_refused(tmp_path: Path, data: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """SqueezeNet's head is a 1x1 convolution followed by pooling: its inputs cannot stand in
+    for the model's, so the stage says to fine-tune it instead of training a wrong head."""
+    params = tiny_params(tmp_path / "params.yaml", {"model.arch": "squeezenet1_1"})
+    stages.weights.main(["--params", str(params), "--out", str(tmp_path / "pretrained.pt")])
+    line = stage_error(stages.features.main, ["--params", str(params), "--data", str(data),
+                                              "--weights", str(tmp_path / "pretrained.pt"),
+                                              "--out", str(tmp_path / "features")], capsys)
+    assert "squeezenet1_1 computes more after its classification head (classifier.1)" in line
+    assert "train it with finetune" in line
