@@ -214,3 +214,19 @@ def test_a_model_that_computes_after_its_head_is_refused(tmp_path: Path, data: P
                                               "--out", str(tmp_path / "features")], capsys)
     assert "squeezenet1_1 computes more after its classification head (classifier.1)" in line
     assert "train it with finetune" in line
+
+
+def test_backbone_in_worker_processes_gives_the_same_features(tmp_path: Path, data: Path, weights: Path) -> None:
+    """With two threads on the CPU the frozen backbone runs in two single-threaded loader
+    processes; the stored features are those of the in-process run (one thread)."""
+    arrays = {}
+    for threads in (1, 2):
+        params = tiny_params(tmp_path / f"{threads}.yaml",
+                             {"runtime.threads": threads, "train.feature_extract.views": 2})
+        out = tmp_path / f"threads{threads}"
+        stages.features.main(["--params", str(params), "--data", str(data), "--weights", str(weights),
+                              "--out", str(out), "--record", str(tmp_path / f"{threads}.json")])
+        arrays[threads] = [np.load(out / name) for name in ("train.npy", "val.npy")]
+        assert json.loads((tmp_path / f"{threads}.json").read_text())["threads"] == threads
+    for one, two in zip(arrays[1], arrays[2], strict=True):
+        np.testing.assert_allclose(one, two, atol=TOLERANCE, rtol=0)

@@ -28,7 +28,7 @@ samples.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from transfer.errors import UserError
 
@@ -82,6 +83,22 @@ def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
         for buffer in ("running_mean", "running_var", "num_batches_tracked")
         if getattr(module, buffer, None) is not None
     }
+
+
+class BackboneOutputs(Dataset[tuple[Sequence[tuple[int, int]], torch.Tensor]]):
+    """Item ``b``: chunk ``b`` of (view, image) pairs and what ``forward`` makes of their
+    pixels, so that DataLoader worker processes can run the backbone itself."""
+
+    def __init__(self, images: Dataset, chunks: Sequence[Sequence[tuple[int, int]]],
+                 forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.images, self.chunks, self.forward = images, chunks, forward
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, b: int) -> tuple[Sequence[tuple[int, int]], torch.Tensor]:
+        pixels = torch.stack([self.images[key][0] for key in self.chunks[b]])
+        return self.chunks[b], self.forward(pixels)
 
 
 @dataclass
