@@ -138,6 +138,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="where the copies, data and logs go; a new temporary folder if not given")
     p.add_argument("--keep", action="store_true", help="keep the work folder (it is kept anyway after a failure)")
     p.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/<timestamp>.json)")
+    p.add_argument("--report", type=Path, metavar="RESULTS",
+                   help="run nothing: print the tables of a results file (one whose run was killed, too)")
     args = p.parse_args(argv)
     if not args.compare and args.views is not None and args.views_reference == "reuse":
         p.error("--views-reference reuse needs the main comparison (drop --no-compare or use measure)")
@@ -682,8 +684,27 @@ def show(tables: Sequence[Table], results: Mapping[str, Any]) -> None:
         print(f"\nnote: {note}")
 
 
+def report(path: Path) -> int:
+    """Tables from a saved results file, with the options its run was given."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        print(f"error: cannot read results file {path}: {error}", file=sys.stderr)
+        return 1
+    if not results.get("runs"):
+        print(f"error: {path} holds no runs", file=sys.stderr)
+        return 1
+    tables = summarise(results, argparse.Namespace(**results["config"]))
+    show(tables, results)
+    if not results.get("completed"):
+        print(f"\nnote: the run that wrote {path} did not complete; the tables show what it measured")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report(args.report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or HERE / "results" / f"{stamp}.json"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="speed-bench-"))

@@ -5,7 +5,7 @@ tells OpenMP's idle threads to spin only briefly before they sleep, unless the u
 policy. Left spinning (the default), a stage's threads keep the cores busy while waiting for
 each other; on a machine shared with another job they take the time the other job's
 threads need, and a fine-tune epoch ran four to ten times slower. A short spin costs nothing
-measurable when the machine is free (benchmarks/README.md has the figures).
+measurable when the machine is free (the README's Speed section has the figures).
 """
 
 import os

@@ -453,3 +453,20 @@ def find_metrics(node: Any, path: str) -> dict[str, Any] | None:
             if found is not None:
                 return found
     return None
+
+
+@pytest.fixture(scope="session")
+def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The whole pipeline reproduced once per session through the dvc CLI and shared by the
+    end-to-end tests (``dvc_pipeline.Pipeline``; treat it as read-only, change a copy)."""
+    from dvc_pipeline import shared_pipeline
+
+    return shared_pipeline(tmp_path_factory, request)
+
+
+@pytest.fixture(scope="session")
+def experiments(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A copy of the pipeline with two queued experiments run (``dvc_pipeline.Experiments``)."""
+    from dvc_pipeline import shared_experiments
+
+    return shared_experiments(tmp_path_factory, request)

@@ -17,7 +17,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import DvcRepo
 from dvc_pipeline import (
@@ -39,8 +38,6 @@ from dvc_pipeline import (
     ran_stages,
     resolved_stages,
     run_in_background,
-    shared_experiments,
-    shared_pipeline,
     workspace_lock,
 )
 
@@ -51,14 +48,6 @@ BOTH_CHANGED = {key: EXPERIMENT_LR for key in EXPERIMENTS.values()}
 BOTH_ORIGINAL = {key: 0.001 for key in EXPERIMENTS.values()}
 
 
-@pytest.fixture(scope="session")
-def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    return shared_pipeline(tmp_path_factory, request)
-
-
-@pytest.fixture(scope="session")
-def experiments(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Experiments:
-    return shared_experiments(tmp_path_factory, request)
 
 
 FORCED_RERUN = "test_forced_rerun_writes_identical_outputs"

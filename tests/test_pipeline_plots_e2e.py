@@ -41,8 +41,6 @@ from dvc_pipeline import (
     ran_stages,
     read_csv_rows,
     resolved_stages,
-    shared_experiments,
-    shared_pipeline,
 )
 from PIL import Image
 
@@ -50,15 +48,6 @@ from PIL import Image
 METRIC_KEYS = {"accuracy", "ci95_low", "ci95_high", "loss", "macro_f1", "best_epoch", "images"}
 
 
-@pytest.fixture(scope="session")
-def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    """Reproduced once per session (the slow part) and shared with the other e2e tests."""
-    return shared_pipeline(tmp_path_factory, request)
-
-
-@pytest.fixture(scope="session")
-def experiments(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Experiments:
-    return shared_experiments(tmp_path_factory, request)
 
 
 def cache_object(root: Path, md5: str) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import find_metrics
-from dvc_pipeline import MODES, PIPELINE_PARAMS, Pipeline, copy_repo, dvc_json, ran_stages, shared_pipeline
+from dvc_pipeline import MODES, PIPELINE_PARAMS, Pipeline, copy_repo, dvc_json, ran_stages
 
 from transfer.checkpoints import load_trained_model, pretrained_classifier
 from transfer.reproducibility import seed_everything
@@ -27,10 +27,6 @@ from transfer.reproducibility import seed_everything
 #: history.csv's columns: the per-epoch numbers and nothing that differs between identical runs.
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
-
-@pytest.fixture(scope="session")
-def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    return shared_pipeline(tmp_path_factory, request)
 
 
 def test_repro_trains_both_modes_and_reruns_only_what_changed(pipeline: Pipeline, tmp_path: Path) -> None:

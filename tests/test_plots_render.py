@@ -47,7 +47,6 @@ from dvc_pipeline import (
     expected_points,
     page_specs,
     plots_show,
-    shared_pipeline,
 )
 from dvc_render.vega import VegaRenderer
 from PIL import Image
@@ -259,12 +258,6 @@ def render(browser: DevTools, page: Path, screenshot: Path) -> Rendered:
     events = [e for e in browser.events[first_event:] if e.get("sessionId") == session]
     browser.send("Target.closeTarget", {"targetId": target})
     return Rendered(report, events, screenshot)
-
-
-@pytest.fixture(scope="module")
-def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    """The session's reproduced pipeline (shared with the end-to-end test)."""
-    return shared_pipeline(tmp_path_factory, request)
 
 
 @pytest.fixture(scope="module")

@@ -177,6 +177,28 @@ def test_outputs(tmp_path: Path, data: Path, pretrained: tuple[Path, dict[str, t
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
+def test_history_is_on_disk_while_training_runs(tmp_path: Path, data: Path,
+                                                pretrained: tuple[Path, dict[str, torch.Tensor]],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user following ``dvc plots`` (or an editor's DVC integration) during a long run sees
+    each finished epoch: when epoch ``e`` finishes its training phase (the scheduler's step),
+    history.csv already holds epochs 1..e-1, as a whole CSV."""
+    weights, _ = pretrained
+    history = tmp_path / "out" / "finetune" / "history.csv"
+    seen: list[tuple[int, list[int]]] = []
+    step = torch.optim.lr_scheduler.StepLR.step
+
+    def watching_step(self: torch.optim.lr_scheduler.StepLR, *args: Any) -> None:
+        if self.last_epoch >= 1:  # not the step torch takes in the constructor, nor epoch 1's
+            with history.open(newline="") as f:
+                seen.append((self.last_epoch, [int(r["epoch"]) for r in csv.DictReader(f)]))
+        step(self, *args)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.StepLR, "step", watching_step)
+    train(tmp_path, "finetune", data, weights, {**with_weights(weights), "train.finetune.epochs": 3})
+    assert seen == [(1, [1]), (2, [1, 2])]
+
+
 def test_three_classes_without_code_changes(tmp_path: Path) -> None:
     """The class count comes from the folders: a third class gives a 3-way head (both modes
     build it with the same ``replace_head``, so finetune alone is run)."""
