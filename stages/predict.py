@@ -1,9 +1,11 @@
 """Classify new images with a trained model: ``python -m stages.predict --mode finetune IMG_OR_DIR...``.
 
 Not a pipeline stage but its consumer: it loads ``models/<mode>.pt`` and preprocesses each
-image exactly as validation did (from the checkpoint's sidecar). Folders are searched
-recursively for images. A path that does not exist or is not an image gets one ``error:``
-line on stderr and the rest are still predicted; the exit code is 1 if any failed.
+image exactly as validation did (from the checkpoint's sidecar), decoded as every stage
+decodes (upright by EXIF orientation, transparency on white, 16-bit scaled). Folders are
+searched recursively for images. A path that does not exist, is not an image or has more
+pixels than Pillow's decompression-bomb check allows gets one ``error:`` line on stderr and
+the rest are still predicted; the exit code is 1 if any failed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image
 from transfer.checkpoints import load_trained_model, preprocess_of
 from transfer.devices import resolve_device
 from transfer.errors import UserError, run_stage
-from transfer.images import decode
+from transfer.images import ImageTooLarge, decode
 from transfer.layout import is_image_name, is_litter
 from transfer.params import MODES, load_params
 from transfer.preprocess import eval_transform
@@ -41,8 +43,12 @@ def expand(paths: list[Path]) -> list[Path | UserError]:
 
 
 def load_image(path: Path) -> Image.Image:
+    """The image as validation saw its data set's (:func:`transfer.images.decode`: upright,
+    transparency on white, 16-bit scaled); an unreadable or too large file is a UserError."""
     try:
         return decode(path)
+    except ImageTooLarge as exc:
+        raise UserError(f"{path}: {exc}") from None
     except Exception as exc:  # PIL raises many types for unreadable files
         raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 

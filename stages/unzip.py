@@ -1,8 +1,10 @@
 """Stage ``unzip``: extract the data set's zip into ``data/<name>/{train,val}/<class>/``.
 
-Unsafe archives are refused before anything is written; files that are not accepted images
-are left out and listed; the result is checked to be a usable image-folder data set. The
-extraction happens in a temporary folder that replaces the output only when all is well.
+Unsafe archives, and archives whose images would unpack to more than
+``runtime.max_unpacked_mb``, are refused before anything is written; files that are not
+accepted images (or that trip Pillow's decompression-bomb check) are left out and listed;
+the result is checked to be a usable image-folder data set. The extraction happens in a
+temporary folder that replaces the output only when all is well.
 A data report (images per split and class, what was skipped and why) goes to ``reports/``.
 A data set without ``val/`` can have one split off ``train/`` (``data.val_fraction``).
 """
@@ -31,8 +33,11 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     with atomic_dir(args.out) as tmp:
-        report = extract_image_folder(args.archive, tmp, val_fraction=params.data.val_fraction, seed=params.seed)
-    write_json(args.report, report.as_metrics())
+        report = extract_image_folder(args.archive, tmp, max_unpacked_mb=params.runtime.max_unpacked_mb,
+                                      val_fraction=params.data.val_fraction, seed=params.seed)
+        # Before the folder is swapped in: a report that cannot be written (a full disk)
+        # then leaves the previous folder too, not a new folder beside an old report.
+        write_json(args.report, report.as_metrics())
 
     for name, reason in sorted(report.skipped.items()):
         tqdm.write(f"warning: skipped {name}: {reason}", file=sys.stderr)

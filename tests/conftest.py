@@ -71,6 +71,15 @@ def make_image(colour: tuple[int, int, int], size: int, seed: str, fmt: str = "P
     return buf.getvalue()
 
 
+def bilevel_png(width: int, height: int) -> bytes:
+    """A genuine black ``width`` x ``height`` PNG of 1 bit a pixel: a few kB even past
+    Pillow's decompression-bomb limit (10,000 x 10,000 is about 13 kB), so tests can hold
+    images that are too large to decode without making one."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _add(zf: zipfile.ZipFile, name: str, data: bytes | None = None) -> None:
     """Write a member with fixed metadata; ``data=None`` writes a folder entry."""
     info = zipfile.ZipInfo(name, date_time=ZIP_TIME)

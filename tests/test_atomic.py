@@ -3,7 +3,9 @@ half-written file or folder, and failures leave no temporary litter behind."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 from conftest import leftovers
 
 from transfer.atomic import atomic_dir, atomic_path, write_json
+from transfer.errors import UserError
 
 
 class Boom(Exception):
@@ -112,3 +115,65 @@ def test_write_json_is_deterministic(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
     assert a.read_text().endswith("}\n")
     assert json.loads(a.read_text()) == {"a": {"c": 3, "d": 2}, "b": 1}
+
+
+# --------------------------------------------------------------------------- failing writes
+
+@pytest.mark.parametrize(("code", "names_file", "cause"), [
+    pytest.param(errno.ENOSPC, False, "no space left on the device); it is left as it was. Free some space",
+                 id="ENOSPC"),
+    pytest.param(errno.EDQUOT, True, "disk quota exceeded); it is left as it was. Free some space or raise the quota",
+                 id="EDQUOT"),
+    pytest.param(errno.EFBIG, True, "a file is larger than this process may write (ulimit -f)", id="EFBIG"),
+    pytest.param(errno.EROFS, True, "the file system is read-only); it is left as it was. Run where", id="EROFS"),
+    pytest.param(errno.EACCES, True, "permission denied); it is left as it was. Check the owner and permissions",
+                 id="EACCES"),
+])
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_failing_write_is_one_clear_line(tmp_path: Path, code: int, names_file: bool, cause: str,
+                                           kind: str) -> None:
+    """A write that fails for want of space or permission (as ``write()`` reports it, with no
+    file name, or naming the temporary file) becomes a UserError naming the destination,
+    the errno and what to do; the previous output is intact and no temporary file is left."""
+    dest = tmp_path / "out"
+    if kind == "file":
+        dest.write_bytes(b"old")
+        writer = atomic_path(dest)
+    else:
+        dest.mkdir()
+        (dest / "good.txt").write_text("good")
+        writer = atomic_dir(dest)
+    with pytest.raises(UserError) as info, writer as tmp:
+        target = tmp if kind == "file" else tmp / "sub" / "x.png"
+        raise OSError(code, os.strerror(code), str(target) if names_file else None)
+    message = str(info.value)
+    assert message.startswith(f"cannot write {dest} ({errno.errorcode[code]}: "), message
+    assert cause in message and "\n" not in message
+    if kind == "file":
+        assert dest.read_bytes() == b"old"
+    else:
+        assert sorted(p.name for p in dest.iterdir()) == ["good.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_real_full_device_is_one_clear_line(tmp_path: Path) -> None:
+    """The writer's own write to a full device (/dev/full answers ENOSPC) is named as such."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    dest = tmp_path / "out.bin"
+    dest.write_bytes(b"old")
+    with pytest.raises(UserError, match=r"\(ENOSPC: no space left on the device\)"), atomic_path(dest) as tmp:
+        tmp.write_bytes(b"half")
+        with open("/dev/full", "wb") as full:
+            full.write(b"x" * 10)
+    assert dest.read_bytes() == b"old"
+    assert leftovers(tmp_path) == []
+
+
+def test_permission_errors_on_other_files_keep_their_own_message(tmp_path: Path) -> None:
+    """An input the writer cannot read is not an output problem: its PermissionError passes
+    through untouched, for the stage to explain."""
+    with pytest.raises(PermissionError) as info, atomic_path(tmp_path / "out.bin"):
+        raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere/input.zip")
+    assert info.value.filename == "/elsewhere/input.zip"
+    assert list(tmp_path.iterdir()) == []

@@ -86,7 +86,7 @@ def add_remote(repo: DvcRepo, remote: Path) -> None:
 def test_rerun_weights_and_runtime_params_rerun_nothing(pipeline: Pipeline, tmp_path: Path) -> None:
     """``dvc repro --force weights`` rewrites the same weights, so features, train and evaluate
     stay up to date; changing any ``runtime.*`` param (threads, workers, batch size for
-    inference, image cache, download retries and timeout) reruns no stage."""
+    inference, image cache, download retries and timeout, unzip's size cap) reruns no stage."""
     repo = copy_repo(pipeline.repo, tmp_path)
     forced = repo.dvc("repro", "--force", "weights")
     assert ran_stages(forced.stdout) == ["weights"], forced.stdout
@@ -95,7 +95,8 @@ def test_rerun_weights_and_runtime_params_rerun_nothing(pipeline: Pipeline, tmp_
     assert changed_files(repo) == set()
 
     runtime = {"runtime.threads": 2, "runtime.num_workers": 2, "runtime.inference_batch_size": 3,
-               "runtime.image_cache_mb": 1, "runtime.download_retries": 5, "runtime.download_timeout": 30}
+               "runtime.image_cache_mb": 1, "runtime.download_retries": 5, "runtime.download_timeout": 30,
+               "runtime.max_unpacked_mb": 20480}
     repo.set_params(runtime)
     changed = dvc_json(repo, "params", "diff")["params.yaml"]
     assert sorted(changed) == sorted(runtime), changed

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASS_COLOURS, REPO_ROOT, error_line, make_image, stage_env
+from conftest import CLASS_COLOURS, REPO_ROOT, bilevel_png, error_line, make_image, stage_env
 from imagefolders import tiny_params
+from PIL import Image
 from trained import EVAL_PARAMS, Trained, exit_code, is_decoy, single_thread
 
 from stages import evaluate as evaluate_stage
@@ -178,3 +179,42 @@ def test_default_model_and_device_override(trained: Trained, tmp_path: Path, mon
     captured = capsys.readouterr()
     assert "finetune" in error_line(captured.err) and captured.out == ""
     assert sorted(os.listdir(models)) == ["feature_extract.json", "feature_extract.pt"], "predict writes nothing"
+
+
+def test_phone_photo_is_predicted_upright(trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A JPEG stored sideways whose EXIF says "rotate 90" (ants' colour on the left, bees' on
+    the right) is predicted exactly like its pixels turned upright and stored losslessly,
+    and not like the sideways pixels: predict sees what a viewer shows."""
+    stored = Image.new("RGB", (64, 32), CLASS_COLOURS[1])
+    stored.paste(CLASS_COLOURS[0], (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to display
+    phone = tmp_path / "phone.jpg"
+    stored.save(phone, format="JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(phone) as raw:
+        sideways = raw.convert("RGB")  # the stored pixels, as a loader that ignores EXIF sees them
+    sideways.save(tmp_path / "sideways.png")
+    sideways.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")
+
+    assert predict(trained, "--json", "--device", "cpu", phone, tmp_path / "upright.png",
+                   tmp_path / "sideways.png") == 0
+    phone_result, upright, sideways_result = json.loads(capsys.readouterr().out)
+    assert phone_result["probabilities"] == upright["probabilities"]
+    assert phone_result["probabilities"] != sideways_result["probabilities"]
+
+
+def test_image_past_the_pixel_limit_is_an_error_line(trained: Trained, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A 10,000 x 10,000 PNG (past Pillow's decompression-bomb limit) gets one error line
+    with its pixel count, as unzip reports it, and is not decoded; the other image is still
+    predicted and the exit code is 1."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(make_image(CLASS_COLOURS[0], 32, "a"))
+    (folder / "huge.png").write_bytes(bilevel_png(10_000, 10_000))
+    assert predict(trained, "--device", "cpu", folder) == 1
+    captured = capsys.readouterr()
+    assert error_lines(captured.err) == [
+        f"error: {folder / 'huge.png'}: too large to decode safely: 100,000,000 pixels, over the 89,478,485 "
+        "pixels of Pillow's decompression-bomb check (downscale it if it is a genuine image)"]
+    assert [line.split("\t")[:2] for line in captured.out.splitlines()] == [[str(folder / "a.png"), "ants"]]

@@ -6,14 +6,32 @@ leaves the previous good output (or nothing)."""
 from __future__ import annotations
 
 import json
+import os
+import resource
+import shutil
+import signal
 import stat
+import struct
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
-from conftest import CORRUPT_NAME, GIF_NAME, ZIP_TIME, error_line, leftovers, run_module, write_params
+from conftest import (
+    CORRUPT_NAME,
+    GIF_NAME,
+    REPO_ROOT,
+    ZIP_TIME,
+    bilevel_png,
+    error_line,
+    leftovers,
+    run_module,
+    stage_env,
+    write_params,
+)
 from PIL import Image
 
 from stages import unzip as unzip_stage
@@ -36,10 +54,11 @@ def run_ok(archive: Path, tmp_path: Path, changes: dict[str, Any] | None = None)
     return json.loads((tmp_path / "metrics" / "data.json").read_text())
 
 
-def run_failing(archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+def run_failing(archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                changes: dict[str, Any] | None = None) -> str:
     """Run the stage through run_stage expecting a user error; return its one stderr line."""
     with pytest.raises(SystemExit) as info:
-        run_stage(unzip_stage.main, stage_args(archive, tmp_path))
+        run_stage(unzip_stage.main, stage_args(archive, tmp_path, changes))
     assert info.value.code == 1
     return error_line(capsys.readouterr().err)
 
@@ -55,12 +74,44 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def add_member(archive: Path, name: str, data: bytes = b"x", mode: int = stat.S_IFREG | 0o644) -> None:
+def add_member(archive: Path, name: str, data: bytes = b"x", mode: int = stat.S_IFREG | 0o644,
+               compress_type: int = zipfile.ZIP_STORED) -> None:
     """Append one member with the given Unix mode (e.g. a symlink) to an existing zip."""
     info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
     info.external_attr = mode << 16
+    info.compress_type = compress_type
     with zipfile.ZipFile(archive, "a") as zf:
         zf.writestr(info, data)
+
+
+def add_zeros(archive: Path, name: str, size: int) -> None:
+    """Append a deflated member of ``size`` zero bytes: a few kB in the zip per MB unpacked."""
+    add_member(archive, name, bytes(size), compress_type=zipfile.ZIP_DEFLATED)
+
+
+def corrupt_member(archive: Path, name: str) -> None:
+    """Flip bytes inside the compressed data of member ``name`` (bad deflate data / CRC)."""
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(name)
+    data = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for i in range(start + 10, start + 40):
+        data[i] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+
+def understate_size(archive: Path, name: str, size: int) -> None:
+    """Make both headers of member ``name`` claim it unpacks to ``size`` bytes (a lie)."""
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(name)
+    struct.pack_into("<I", data, info.header_offset + 22, size)  # local header: uncompressed size
+    encoded = name.encode()
+    central = data.find(b"PK\x01\x02", info.header_offset)
+    while data[central + 46:central + 46 + len(encoded)] != encoded:
+        central = data.find(b"PK\x01\x02", central + 4)
+    struct.pack_into("<I", data, central + 24, size)  # central directory: uncompressed size
+    archive.write_bytes(bytes(data))
 
 
 # --------------------------------------------------------------------------- good archives
@@ -232,13 +283,7 @@ def test_missing_archive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_corrupt_member_data(make_zip: MakeZip, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Flipped bytes inside a compressed member (bad CRC/deflate data) mean: fetch it again."""
     archive = make_zip(tmp_path / "a.zip")
-    with zipfile.ZipFile(archive) as zf:
-        info = zf.getinfo("hymenoptera_data/val/bees/bees_val_3.png")
-    data = bytearray(archive.read_bytes())
-    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-    for i in range(start + 10, start + 40):
-        data[i] ^= 0xFF
-    archive.write_bytes(bytes(data))
+    corrupt_member(archive, "hymenoptera_data/val/bees/bees_val_3.png")
     line = run_failing(archive, tmp_path, capsys)
     assert "is corrupt at hymenoptera_data/val/bees/bees_val_3.png" in line and "fetch it again" in line
     assert_nothing_written(tmp_path)
@@ -302,3 +347,190 @@ def test_val_fraction_ignored_when_val_exists(make_zip: MakeZip, tmp_path: Path)
     report = run_ok(make_zip(tmp_path / "a.zip"), tmp_path, {"data.val_fraction": 0.5})
     assert report["val"]["per_class"] == {"ants": 4, "bees": 4}
     assert report["val_split_from_train"] == 0
+
+
+# --------------------------------------------------------------------------- sizes
+
+MB = 2**20
+
+
+def test_member_past_the_cap_is_refused_before_reading(make_zip: MakeZip, tmp_path: Path) -> None:
+    """A member that unpacks past runtime.max_unpacked_mb (a zip bomb) is refused, by name,
+    from its header alone: its data is corrupt, so reading it would have failed otherwise."""
+    archive = make_zip(tmp_path / "a.zip")
+    name = "hymenoptera_data/train/ants/bomb.png"
+    add_zeros(archive, name, 3 * MB)
+    corrupt_member(archive, name)
+    proc = run_module("stages.unzip", stage_args(archive, tmp_path, {"runtime.max_unpacked_mb": 2}))
+    assert proc.returncode == 1, proc.stderr
+    line = error_line(proc.stderr)
+    assert f"{name} unpacks to 3.0 MB, more than runtime.max_unpacked_mb (2 MB); nothing extracted" in line
+    assert "corrupt" not in line
+    assert_nothing_written(tmp_path)
+
+
+def test_archive_past_the_cap_is_refused_and_keeps_previous_output(make_zip: MakeZip, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Members each under the cap that together pass it: refused before any is read, the
+    previous output and report untouched, no temporary folder left."""
+    run_ok(make_zip(tmp_path / "good.zip"), tmp_path)
+    before = files_under(tmp_path / "out" / "data")
+    report_before = (tmp_path / "metrics" / "data.json").read_bytes()
+    archive = make_zip(tmp_path / "big.zip", n_train=1, n_val=1)
+    for i in range(3):
+        add_zeros(archive, f"hymenoptera_data/train/bees/big_{i}.png", MB)
+        corrupt_member(archive, f"hymenoptera_data/train/bees/big_{i}.png")
+    line = run_failing(archive, tmp_path, capsys, {"runtime.max_unpacked_mb": 2})
+    assert "its 7 images unpack to 3.0 MB, more than runtime.max_unpacked_mb (2 MB); nothing extracted" in line
+    assert files_under(tmp_path / "out" / "data") == before
+    assert (tmp_path / "metrics" / "data.json").read_bytes() == report_before
+    assert leftovers(tmp_path / "out") == [] and leftovers(tmp_path / "metrics") == []
+
+
+def test_member_larger_than_its_header_says(make_zip: MakeZip, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A lying header (1 kB declared, 3 MB inside, under a 2 MB cap): reading stops at the
+    declared size, so the member is found corrupt (its CRC is that of all 3 MB) instead of
+    filling memory or disk; nothing is written."""
+    archive = make_zip(tmp_path / "a.zip")
+    name = "hymenoptera_data/val/ants/liar.png"
+    add_zeros(archive, name, 3 * MB)
+    understate_size(archive, name, 1024)
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.getinfo(name).file_size == 1024
+    line = run_failing(archive, tmp_path, capsys, {"runtime.max_unpacked_mb": 2})
+    assert f"is corrupt at {name}: Bad CRC-32" in line and "fetch it again" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_the_cap_counts_only_the_images_extracted(make_zip: MakeZip, tmp_path: Path) -> None:
+    """Litter, files outside the splits and non-image files are never read, so they do not
+    count: an archive with 3 MB of those passes a 2 MB cap."""
+    archive = make_zip(tmp_path / "a.zip")
+    add_zeros(archive, "__MACOSX/hymenoptera_data/train/ants/._big.png", MB)
+    add_zeros(archive, "hymenoptera_data/docs/big.bin", MB)
+    add_zeros(archive, "hymenoptera_data/train/ants/notes.txt", MB)
+    report = run_ok(archive, tmp_path, {"runtime.max_unpacked_mb": 2})
+    assert report["train"]["per_class"] == {"ants": 6, "bees": 6}
+    assert report["skipped"] == {"train/ants/notes.txt": "unsupported file type '.txt'"}
+
+
+def test_image_past_the_pixel_limit_is_left_out(make_zip: MakeZip, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A 10,000 x 10,000 PNG of 13 kB (past Pillow's decompression-bomb limit, at its warning
+    level) is left out and reported with its pixel count, like any file that cannot be
+    used; the rest is extracted."""
+    archive = make_zip(tmp_path / "a.zip")
+    add_member(archive, "hymenoptera_data/train/ants/huge.png", bilevel_png(10_000, 10_000))
+    report = run_ok(archive, tmp_path)
+    reason = report["skipped"]["train/ants/huge.png"]
+    assert reason.startswith("too large to decode safely: 100,000,000 pixels, over the 89,478,485 pixels")
+    assert report["skipped_count"] == 1 and report["train"]["per_class"] == {"ants": 6, "bees": 6}
+    assert not (tmp_path / "out" / "data" / "train" / "ants" / "huge.png").exists()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: skipped train/ants/huge.png: {reason}"]
+
+
+def test_only_skipped_images_leave_no_empty_folder(make_zip: MakeZip, tmp_path: Path) -> None:
+    """A subfolder whose only image is left out does not appear in the output."""
+    archive = make_zip(tmp_path / "a.zip")
+    add_member(archive, "hymenoptera_data/train/ants/sub/broken.png", b"\x89PNG not really")
+    report = run_ok(archive, tmp_path)
+    assert list(report["skipped"]) == ["train/ants/sub/broken.png"]
+    assert not (tmp_path / "out" / "data" / "train" / "ants" / "sub").exists()
+
+
+# --------------------------------------------------------------------------- full or read-only disks
+
+def limit_file_size(limit: int) -> Callable[[], None]:
+    """For ``preexec_fn``: files the process writes may not grow past ``limit`` bytes, and
+    a write past it fails with EFBIG (SIGXFSZ ignored) instead of killing the process."""
+    def limit_writes() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_writes
+
+
+def test_file_size_limit_keeps_previous_output(make_zip: MakeZip, tmp_path: Path) -> None:
+    """The real command under a 16 kB file-size limit (ulimit -f) with 22 kB images: EFBIG
+    on the first one. One line names the output and the cause; the previous output and
+    report are intact and no temporary file or folder is left."""
+    run_ok(make_zip(tmp_path / "good.zip"), tmp_path)
+    out = tmp_path / "out" / "data"
+    before = files_under(out)
+    report_before = (tmp_path / "metrics" / "data.json").read_bytes()
+    archive = make_zip(tmp_path / "large.zip", size=96)
+    proc = subprocess.run([sys.executable, "-m", "stages.unzip", *stage_args(archive, tmp_path)],
+                          cwd=REPO_ROOT, env=stage_env(), capture_output=True, text=True, timeout=60,
+                          check=False, preexec_fn=limit_file_size(16 * 1024))
+    assert proc.returncode == 1, proc.stderr
+    line = error_line(proc.stderr)
+    assert line.startswith(f"error: cannot write {out} (EFBIG: a file is larger than this process may write")
+    assert "it is left as it was. Raise the limit" in line
+    assert files_under(out) == before
+    assert (tmp_path / "metrics" / "data.json").read_bytes() == report_before
+    assert leftovers(out.parent) == [] and leftovers(tmp_path / "metrics") == []
+
+
+#: Runs in a private mount namespace: a small tmpfs at $MNT, a good unzip into it, then
+#: (optionally) the tmpfs made read-only, then the unzip under test; what it left is
+#: listed into $OUTSIDE, since the tmpfs vanishes with the namespace.
+NAMESPACE_SCRIPT = r"""
+mount -t tmpfs -o size="$SIZE" tmpfs "$MNT" || exit 97
+args="--params $OUTSIDE/params.yaml --out $MNT/out/data --report $MNT/metrics/data.json"
+"$PY" -m stages.unzip "$GOOD" $args > /dev/null 2>&1 || exit 98
+cp "$MNT/metrics/data.json" "$OUTSIDE/report_before"
+(cd "$MNT" && find . | sort) > "$OUTSIDE/files_before"
+if [ "$READ_ONLY" = 1 ]; then mount -o remount,ro "$MNT" || exit 97; fi
+"$PY" -m stages.unzip "$NEW" $args 2> "$OUTSIDE/stderr" > /dev/null
+echo $? > "$OUTSIDE/rc"
+cp "$MNT/metrics/data.json" "$OUTSIDE/report_after"
+(cd "$MNT" && find . | sort) > "$OUTSIDE/files_after"
+"""
+
+
+def mount_namespace(probe_dir: Path) -> list[str]:
+    """The command prefix that runs a command in a private mount namespace where it may
+    mount a tmpfs (as root, or through a user namespace); skip the test where neither works.
+    Mounts made there are invisible outside and vanish with the command."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to make a small or read-only file system")
+    prefix = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        prefix.append("--map-root-user")
+    probe_dir.mkdir()
+    probe = subprocess.run([*prefix, "sh", "-c", 'mount -t tmpfs tmpfs "$0"', str(probe_dir)],
+                           capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.decode().strip()}")
+    return prefix
+
+
+@pytest.mark.parametrize(("case", "size", "read_only", "code", "cause"), [
+    pytest.param("disk-full", "200k", False, "ENOSPC", "no space left on the device); it is left as it was. "
+                 "Free some space", id="disk-full"),
+    pytest.param("read-only", "1m", True, "EROFS", "the file system is read-only); it is left as it was. Run where",
+                 id="read-only"),
+])
+def test_full_or_read_only_disk_keeps_previous_output(make_zip: MakeZip, tmp_path: Path, case: str, size: str,
+                                                      read_only: bool, code: str, cause: str) -> None:
+    """On a real full (a 200 kB tmpfs, 450 kB of images) or read-only file system: exit code
+    1, one line naming the output and the cause, the previous output and report intact, no
+    temporary files."""
+    prefix = mount_namespace(tmp_path / "probe")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    write_params(tmp_path / "params.yaml", {"data.val_fraction": 0})
+    env = {**stage_env(), "MNT": str(mnt), "OUTSIDE": str(tmp_path), "SIZE": size, "PY": sys.executable,
+           "READ_ONLY": str(int(read_only)), "GOOD": str(make_zip(tmp_path / "good.zip")),
+           "NEW": str(make_zip(tmp_path / "new.zip", size=96))}
+    proc = subprocess.run([*prefix, "sh", "-c", NAMESPACE_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"{case}: the set-up failed ({proc.returncode}): {proc.stderr}"
+    assert (tmp_path / "rc").read_text().strip() == "1"
+    line = error_line((tmp_path / "stderr").read_text())
+    assert line.startswith(f"error: cannot write {mnt / 'out' / 'data'} ({code}: "), line
+    assert cause in line
+    assert (tmp_path / "files_after").read_text() == (tmp_path / "files_before").read_text()
+    assert (tmp_path / "report_after").read_bytes() == (tmp_path / "report_before").read_bytes()
+    assert ".tmp" not in (tmp_path / "files_after").read_text()

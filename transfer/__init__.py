@@ -7,9 +7,9 @@ one small module per concern:
   ``atomic`` (writes that never leave half a file);
 - ``download`` and ``archive`` (getting the data set in, safely), ``layout`` (what an
   image-folder data set looks like);
-- ``images`` (decoding, the bounded cache of decoded images), ``preprocess`` (the recipe's
-  sizes and normalisation), ``augment`` (the seeded random crop and flip), ``data`` (data
-  sets, epoch order, loaders);
+- ``images`` (the one decoder, which gives the pixels a viewer shows, and the bounded cache
+  of decoded images), ``preprocess`` (the recipe's sizes and normalisation), ``augment``
+  (the seeded random crop and flip), ``data`` (data sets, epoch order, loaders);
 - ``models`` (backbones and heads), ``checkpoints`` (state_dict files and their sidecars),
   ``features`` (the frozen backbone's stored outputs);
 - ``devices``, ``reproducibility`` and ``runtime`` (where and how a stage runs, and its run

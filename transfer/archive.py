@@ -1,26 +1,30 @@
 """Safe extraction of an image-folder zip.
 
 Every member name is checked before anything is written (no absolute paths, no ``..``, no
-symlinks), and every image is decoded once on its way out, so a file that will not load at
-training time is reported now, by name, instead of crashing epoch 3.
+symlinks), and so is the size the members will unpack to (``runtime.max_unpacked_mb``: a
+zip bomb is refused before a byte of it is read). Every image is decoded once on its way
+out, with the decoder every later stage uses, so a file that will not load at training
+time is reported now, by name, instead of crashing epoch 3.
 """
 
 from __future__ import annotations
 
-import io
 import random
 import stat
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import IO
 
-from PIL import Image
 from tqdm import tqdm
 
 from transfer.errors import UserError
+from transfer.images import ImageTooLarge, decode
 from transfer.layout import SPLITS, is_image_name, is_litter, layout_problem
+
+#: Members are copied out in pieces of this size, never read whole into memory.
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -90,11 +94,14 @@ def split_off_val(files: list[PurePosixPath], fraction: float, seed: int) -> dic
     return moved
 
 
-def extract_image_folder(archive: Path, dest: Path, *, val_fraction: float = 0.0, seed: int = 0) -> ExtractReport:
+def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val_fraction: float = 0.0,
+                         seed: int = 0) -> ExtractReport:
     """Extract ``archive``'s splits into the empty folder ``dest``; return what was kept.
 
-    Without a ``val/`` split in the archive, ``val_fraction`` > 0 moves that fraction of
-    ``train/`` there (see :func:`split_off_val`).
+    The images to extract must unpack to at most ``max_unpacked_mb`` MB, together (and so
+    each), or nothing is extracted (see :func:`check_sizes`). Without a ``val/`` split in
+    the archive, ``val_fraction`` > 0 moves that fraction of ``train/`` there (see
+    :func:`split_off_val`).
     """
     try:
         zf = zipfile.ZipFile(archive)
@@ -138,29 +145,19 @@ def extract_image_folder(archive: Path, dest: Path, *, val_fraction: float = 0.0
             for rel in moved.values():
                 report.counts.setdefault("val", {}).setdefault(rel.parts[1], 0)
 
-        for original, info in tqdm(files, desc="unzip", unit="file", disable=None, leave=False):
-            rel = moved.get(original, original)
-            shown = str(rel)
-            if len(rel.parts) < 3:
-                report.skipped[shown] = "not inside a class folder"
-                continue
-            split, label = rel.parts[0], rel.parts[1]
-            report.counts.setdefault(split, {}).setdefault(label, 0)
-            if not is_image_name(rel.name):
-                report.skipped[shown] = f"unsupported file type '{rel.suffix or rel.name}'"
-                continue
-            try:
-                payload = zf.read(info)
-            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                raise UserError(f"{archive} is corrupt at {info.filename}: {exc}; fetch it again") from None
-            problem = decode_problem(payload)
-            if problem:
-                report.skipped[shown] = f"does not decode as an image ({problem})"
-                continue
+        images = _images_to_extract(files, moved, report)
+        check_sizes(archive, [info for _, info in images], max_unpacked_mb)
+        budget = max_unpacked_mb * 2**20
+        for rel, info in tqdm(images, desc="unzip", unit="image", disable=None, leave=False):
             target = dest.joinpath(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(payload)
-            report.counts[split][label] += 1
+            budget -= copy_member(zf, info, target, budget, archive=archive, max_unpacked_mb=max_unpacked_mb)
+            problem = decode_problem(target)
+            if problem:
+                _remove(target, up_to=dest)
+                report.skipped[str(rel)] = problem
+            else:
+                report.counts[rel.parts[0]][rel.parts[1]] += 1
 
     problem = layout_problem(report.counts)
     if problem:
@@ -168,13 +165,92 @@ def extract_image_folder(archive: Path, dest: Path, *, val_fraction: float = 0.0
     return report
 
 
-def decode_problem(payload: bytes) -> str | None:
-    """Decode the image fully; return why it failed, or None if it is a usable image."""
+def _images_to_extract(files: list[tuple[PurePosixPath, zipfile.ZipInfo]],
+                       moved: dict[PurePosixPath, PurePosixPath],
+                       report: ExtractReport) -> list[tuple[PurePosixPath, zipfile.ZipInfo]]:
+    """The members to extract, each with its path in the output (``moved`` applied); files
+    outside a class folder or of another type than an image are recorded as skipped."""
+    images = []
+    for original, info in files:
+        rel = moved.get(original, original)
+        if len(rel.parts) < 3:
+            report.skipped[str(rel)] = "not inside a class folder"
+            continue
+        report.counts.setdefault(rel.parts[0], {}).setdefault(rel.parts[1], 0)
+        if not is_image_name(rel.name):
+            report.skipped[str(rel)] = f"unsupported file type '{rel.suffix or rel.name}'"
+            continue
+        images.append((rel, info))
+    return images
+
+
+def _remove(path: Path, up_to: Path) -> None:
+    """Delete a file left out, and the folders it leaves empty below ``up_to``, so the
+    output holds only what the report counts (as before, when only good images were
+    written)."""
+    path.unlink()
+    for parent in path.parents:
+        if parent == up_to or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:,.1f} MB"
+
+
+def check_sizes(archive: Path, infos: list[zipfile.ZipInfo], max_unpacked_mb: int) -> None:
+    """Refuse, before reading any member, members whose declared sizes add up to more than
+    ``max_unpacked_mb``; the largest one is named when it alone is over the cap.
+
+    The declared sizes are the central directory's, which ``zipfile`` also obeys when
+    reading: it stops at a member's declared size, so a header that understates it yields a
+    corrupt member (bad CRC), never more data (:func:`copy_member` counts bytes too).
+    """
+    cap = max_unpacked_mb * 2**20
+    largest = max(infos, key=lambda info: info.file_size, default=None)
+    hint = ("nothing extracted (a zip bomb? if the data set really is that large, raise "
+            "runtime.max_unpacked_mb in params.yaml)")
+    if largest is not None and largest.file_size > cap:
+        raise UserError(f"{archive}: {largest.filename} unpacks to {_megabytes(largest.file_size)}, more than "
+                        f"runtime.max_unpacked_mb ({max_unpacked_mb} MB); {hint}")
+    total = sum(info.file_size for info in infos)
+    if total > cap:
+        raise UserError(f"{archive}: its {len(infos)} images unpack to {_megabytes(total)}, more than "
+                        f"runtime.max_unpacked_mb ({max_unpacked_mb} MB); {hint}")
+
+
+def copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int, *,
+                archive: Path, max_unpacked_mb: int) -> int:
+    """Copy member ``info`` to ``target`` in pieces and return its size; refuse it as soon
+    as more than ``budget`` bytes (what is left of the cap) come out of it.
+
+    :func:`check_sizes` has already held the declared sizes to the cap; counting what
+    really comes out keeps the cap whatever the headers claim.
+    """
+    written = 0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(payload)) as image:
-                image.load()
+        with zf.open(info) as member, target.open("wb") as out:
+            while chunk := member.read(CHUNK_BYTES):
+                written += len(chunk)
+                if written > budget:
+                    raise UserError(
+                        f"{archive}: {info.filename} unpacks to more than its header says, past "
+                        f"runtime.max_unpacked_mb ({max_unpacked_mb} MB) with the images before it; "
+                        "nothing extracted (a zip bomb?)")
+                out.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise UserError(f"{archive} is corrupt at {info.filename}: {exc}; fetch it again") from None
+    return written
+
+
+def decode_problem(source: str | Path | IO[bytes]) -> str | None:
+    """Decode the image fully, as every later stage will (:func:`transfer.images.decode`);
+    return why it is left out, or None if it is a usable image."""
+    try:
+        decode(source)
+    except ImageTooLarge as exc:
+        return str(exc)
     except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
-        return f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"[:200]
+        return f"does not decode as an image ({exc.__class__.__name__}: {' '.join(str(exc).split())})"[:240]
     return None

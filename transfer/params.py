@@ -103,6 +103,7 @@ class RuntimeParams:
     image_cache_mb: int = field(metadata={"min": 0})
     download_retries: int = field(metadata={"min": 0})
     download_timeout: float = field(metadata=_positive())
+    max_unpacked_mb: int = field(metadata=_positive())
 
 
 @dataclass(frozen=True)
