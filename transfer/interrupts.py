@@ -107,14 +107,17 @@ def deferred_interrupts() -> Iterator[None]:
         previous[pending[0]](pending[0], None)
 
 
-def workers_leave_interrupts_to_parent(worker_id: int) -> None:
-    """A DataLoader's ``worker_init_fn``: the worker ignores Ctrl-C, SIGTERM and SIGHUP.
+def quiet_loader_worker(worker_id: int) -> None:
+    """A DataLoader's ``worker_init_fn``: SIGTERM and SIGHUP end the worker quietly, as
+    Ctrl-C does.
 
     A terminal, systemd and Kubernetes signal every process of a job, loader workers
-    included, and torch's workers die of SIGTERM and SIGHUP; torch then raises "DataLoader
-    worker ... is killed by signal" in the main process, in place of its clean interruption.
-    Ignoring them, workers leave when the main process shuts them down as it stops (or, were
-    it killed outright, when torch's watchdog sees it gone).
+    included. Torch's workers then die of SIGTERM or SIGHUP, and torch raises "DataLoader
+    worker ... is killed by signal" in the main process in place of its clean interruption.
+    Raising :class:`Interrupted` instead, a worker leaves through torch's own handling of
+    Ctrl-C in workers (a quiet, successful exit), and the main process stops as usual. A
+    signal the stage was started with ignored stays ignored.
     """
     for signum in SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise)
