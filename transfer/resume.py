@@ -49,7 +49,7 @@ CODE = ("stages", "transfer")
 
 def tree_digests(root: Path) -> dict[str, str]:
     """SHA-256 of the file ``root``, or of every file under the folder ``root``, by path
-    relative to it: what DVC would see change in an input. About a second per 2 GB."""
+    relative to it: what DVC would see change in an input (a second or two per GB)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     digests = {}
     for file in files:
