@@ -36,6 +36,7 @@ from transfer.features import (
     head_inputs,
     head_is_last,
 )
+from transfer.interrupts import quiet_loader_worker
 from transfer.params import load_params
 from transfer.preprocess import model_input, resolve_preprocess
 from transfer.reproducibility import configure_backends, seed_everything
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         chunks = [pairs[start:start + batch_size] for start in range(0, len(pairs), batch_size)]
         if processes:
             batches: Iterable[tuple[Sequence[tuple[int, int]], torch.Tensor]] = DataLoader(
-                BackboneOutputs(dataset, chunks, forward), batch_size=None, num_workers=processes)
+                BackboneOutputs(dataset, chunks, forward), batch_size=None, num_workers=processes,
+                worker_init_fn=quiet_loader_worker)
         else:
             loader = make_loader(dataset, pairs, batch_size=batch_size, workers=workers, device=device)  # type: ignore[arg-type]
             batches = ((chunk, forward(pixels)) for chunk, (pixels, _) in zip(chunks, loader, strict=True))

@@ -11,6 +11,11 @@ Writes the best epoch's weights (``models/<mode>.pt`` + ``.json``), the history
 (``plots/<mode>/history.csv``, rewritten after every epoch so that ``dvc plots`` and editor
 integrations show a run as it goes) and a run record (``reports/<mode>/train.json``:
 summary, timings, versions, device).
+
+After every epoch it also saves the whole state of the run beside the checkpoint
+(``models/.resume/<mode>-<key>.pt``, see :mod:`transfer.resume`), so that a run stopped by
+Ctrl-C, SIGTERM, SIGHUP or even SIGKILL continues from its last finished epoch when started again with
+the same inputs and params, and ends with the same results as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -30,18 +35,21 @@ from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader
 
 from transfer.atomic import write_json, write_text
-from transfer.checkpoints import pretrained_classifier, read_pretrained_meta, save_checkpoint
+from transfer.checkpoints import pretrained_classifier, read_pretrained_meta, save_checkpoint, sidecar_path
 from transfer.data import EpochSampler, FeatureViews, TrainImages, ValImages, image_folders, make_loader
 from transfer.devices import describe_device, resolve_device
 from transfer.errors import run_stage
 from transfer.features import PARAMS as FEATURE_PARAMS
 from transfer.features import TRAIN, VAL, StoredFeatures, read_features
+from transfer.interrupts import Interrupted, deferred_interrupts
 from transfer.models import freeze_backbone
 from transfer.params import MODES, Params, load_params
 from transfer.preprocess import Preprocess, model_input, resolve_preprocess
 from transfer.reproducibility import configure_backends, seed_everything
+from transfer.resume import FOLDER as RESUME_FOLDER
+from transfer.resume import ResumeState, Training, restore, run_key
 from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
-from transfer.training import EpochRecord, train_model
+from transfer.training import EpochRecord, Progress, train_model
 
 
 def tracked_params(mode: str) -> tuple[str, ...]:
@@ -95,6 +103,59 @@ def feature_inputs(folder: Path, params: Params, device: torch.device) -> Inputs
 
 def history_csv(history: list[EpochRecord]) -> str:
     return pd.DataFrame([r.as_row() for r in history]).round(6).to_csv(index=False, lineterminator="\n")
+
+
+def resume_from(state: ResumeState, training: Training, mode: str, epochs: int) -> Progress | None:
+    """The progress of this run's interrupted predecessor, with the model, optimizer,
+    scheduler and random generators put back where it stopped; None to start at epoch 1.
+
+    States of runs with other inputs, params or code are never used; saying so spares a user
+    who expected a resume from wondering why training starts over.
+    """
+    for other in state.others():
+        print(f"train@{mode}: not resuming from {other}: it is the state of a run with other inputs, params "
+              "or code (it is deleted once this run has finished an epoch)")
+    try:
+        saved = state.load()
+    except ValueError as exc:
+        print(f"warning: cannot resume from {state.path} ({exc}); starting from epoch 1", file=sys.stderr)
+        return None
+    if saved is None:
+        return None
+    progress = restore(saved, training)
+    print(f"train@{mode}: resuming after epoch {progress.epoch} of {epochs} (state from {state.path})")
+    return progress
+
+
+@dataclass
+class EpochEnd:
+    """What the stage does after every epoch: rewrite the history (for ``dvc plots`` while the
+    run goes on) and save the state to resume from. A signal arriving meanwhile takes effect
+    once both are written, so after an interruption they always agree."""
+
+    history_out: Path
+    state: ResumeState
+    training: Training
+    saved: int = 0  #: the last epoch whose state is on disk
+
+    def __call__(self, progress: Progress) -> None:
+        with deferred_interrupts():
+            write_text(self.history_out, history_csv(progress.history))
+            self.state.save(self.training, progress)
+            self.saved = progress.epoch
+
+
+def interrupted(exc: KeyboardInterrupt, mode: str, epochs: int, end: EpochEnd) -> Interrupted:
+    """Ctrl-C (or SIGTERM, SIGHUP) during training, with the line that says what is left and what to do."""
+    stopped = Interrupted.of(exc)
+    if end.saved:
+        stopped.detail = (f"train@{mode} stopped after epoch {end.saved} of {epochs} and saved its state in "
+                          f"{end.state.path}; run it again with the same inputs and params (dvc repro) to resume "
+                          "from there")
+    else:
+        stopped.detail = (f"train@{mode} stopped during epoch 1 of {epochs}, before any epoch finished: nothing "
+                          "was written to the stage's outputs and there is nothing to resume")
+    return stopped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,11 +213,20 @@ def main(argv: list[str] | None = None) -> None:
           f"{classes}, {sizes['train']} train / {sizes['val']} val images, "
           f"{sum(p.numel() for p in trained_params):,} trainable parameters, {describe_device(device)}, "
           f"{threads} threads")
-    result = train_model(
-        trained, inputs.loaders, criterion, optimizer, scheduler, recipe.epochs, device,
-        prepare=inputs.prepare, amp=params.train.amp,
-        on_epoch=lambda history: write_text(history_out, history_csv(history)),
-    )
+    training = Training(trained, optimizer, scheduler, device)
+    state = ResumeState(model_out.parent / RESUME_FOLDER, mode, run_key(
+        mode, params, tracked_params(mode), [inputs_path, args.weights, sidecar_path(args.weights)], device))
+    start = resume_from(state, training, mode, recipe.epochs)
+    if start is not None:  # the finished epochs, for `dvc plots` until the next one ends (DVC deleted the file)
+        write_text(history_out, history_csv(start.history))
+    end = EpochEnd(history_out, state, training, saved=start.epoch if start else 0)
+    try:
+        result = train_model(
+            trained, inputs.loaders, criterion, optimizer, scheduler, recipe.epochs, device,
+            prepare=inputs.prepare, amp=params.train.amp, start=start, on_epoch=end,
+        )
+    except KeyboardInterrupt as exc:
+        raise interrupted(exc, mode, recipe.epochs, end) from None
 
     if finetune:
         best_state = result.best_state
@@ -187,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
                "val_loss": last.val_loss, "val_acc": last.val_acc},
         wall_seconds=round(wall, 2), epoch_seconds=[round(s, 3) for s in result.epoch_seconds],
         train_images_per_second=round(result.train_images_per_second, 2),
+        resumed_after_epoch=start.epoch if start else None,
     ))
+    state.remove()  # the outputs hold this run's results now: nothing left to resume
     print(f"train@{mode}: best val acc {result.best_acc:.4f} at epoch {result.best_epoch}, "
           f"{wall:.1f}s -> {model_out}")
 

@@ -9,6 +9,8 @@ so weight files are random-initialised state_dicts saved to disk.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 import torchvision
 from conftest import CLASS_COLOURS, make_image, write_params
+
+from transfer.checkpoints import read_meta
 
 #: The params that make one training run take about a second on two CPU cores.
 TINY_TRAIN: dict[str, Any] = {
@@ -125,3 +129,33 @@ def run_training(mode: str, params: Path, data: Path, weights: Path, out: Path) 
         inputs = out / "features"
     stages.train.main(train_argv(mode, params, inputs, weights, out))
     return out
+
+
+#: What a run record says of the results (the rest is timings and the machine).
+RESULTS = ("best_epoch", "best_val_acc", "epochs", "final")
+
+
+def checkpoint(out: Path, mode: str) -> dict[str, torch.Tensor]:
+    """The state_dict ``run_training`` wrote under ``out``."""
+    return torch.load(out / f"{mode}.pt", map_location="cpu", weights_only=True)
+
+
+def run_outputs(out: Path, mode: str) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, torch.Tensor]]:
+    """History rows, the run record's results (not its timings or machine), and the checkpoint."""
+    with (out / mode / "history.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    record = json.loads((out / mode / "train.json").read_text())
+    return rows, {k: record[k] for k in RESULTS}, checkpoint(out, mode)
+
+
+def assert_same_run(a: Path, b: Path, mode: str) -> None:
+    """The two runs under ``a`` and ``b`` wrote the same history, results, sidecar and checkpoint bytes."""
+    rows_a, results_a, state_a = run_outputs(a, mode)
+    rows_b, results_b, state_b = run_outputs(b, mode)
+    assert rows_a == rows_b
+    assert results_a == results_b
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert read_meta(a / f"{mode}.pt") == read_meta(b / f"{mode}.pt")
+    assert (a / f"{mode}.pt").read_bytes() == (b / f"{mode}.pt").read_bytes(), "same tensors, other bytes"

@@ -15,7 +15,7 @@ from transfer import features
 
 #: Plumbing that cannot change what a stage writes (see the header of dvc.yaml).
 PLUMBING = {"transfer/__init__.py", "transfer/errors.py", "transfer/atomic.py", "transfer/params.py",
-            "transfer/runtime.py", "stages/__init__.py"}
+            "transfer/runtime.py", "transfer/interrupts.py", "transfer/resume.py", "stages/__init__.py"}
 
 
 def project_imports(module: str) -> set[str]:

@@ -6,21 +6,33 @@ later stages and users load, and a change to one mode's params reruns only that 
 
 DVC commands target the ``train`` stages (and so everything upstream of them: fetch, unzip,
 weights, features); the evaluation and preview stages downstream belong to other tests.
+A Ctrl-C during ``dvc repro`` leaves a state that the next ``dvc repro`` resumes from, to
+the same results as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import find_metrics
-from dvc_pipeline import MODES, PIPELINE_PARAMS, Pipeline, copy_repo, dvc_json, ran_stages
+import yaml
+from conftest import find_metrics, leftovers
+from dvc_pipeline import MODES, PIPELINE_PARAMS, Pipeline, copy_repo, dvc_json, lock_hashes, ran_stages
+from imagefolders import RESULTS
 
+import stages.train
 from transfer.checkpoints import load_trained_model, pretrained_classifier
 from transfer.reproducibility import seed_everything
 
@@ -94,3 +106,87 @@ def test_repro_trains_both_modes_and_reruns_only_what_changed(pipeline: Pipeline
     dry = repo.dvc("repro", "--dry", "train")
     assert ran_stages(dry.stdout) == ["train@feature_extract"], dry.stdout
     assert set(dvc_json(repo, "status", "train")) == {"train@feature_extract"}, "--dry changed something"
+
+
+def default_sigint() -> None:
+    """In the child, before it runs dvc: SIGINT back to its default. A background job of a
+    non-interactive shell (how CI may run pytest) starts with SIGINT ignored, and the child
+    would inherit that; a terminal's Ctrl-C reaches a process that has the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+TRAIN_OUTPUTS = ("models/finetune.pt", "models/finetune.json", "plots/finetune/history.csv")
+
+
+def results(record: Path) -> dict[str, Any]:
+    """A run record's results (not its timings or machine)."""
+    return {key: value for key, value in json.loads(record.read_text()).items() if key in RESULTS}
+
+
+def test_ctrl_c_in_dvc_repro_resumes_to_the_same_results(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Ctrl-C the way a terminal sends it, SIGINT to the process group of a running ``dvc repro
+    train@finetune``, once an epoch has finished: the stage says where it stopped and how to
+    go on and exits 130 (DVC reports that and fails), writes no checkpoint, sidecar or run
+    record, and leaves the history and the resume state of the finished epochs and no
+    temporary file, none of which git sees. ``dvc repro`` again resumes there, removes the
+    state, and DVC records the run in its run-cache; an uninterrupted run of the stage on
+    the same inputs writes the same checkpoint, sidecar and history bytes and results."""
+    repo = copy_repo(pipeline.repo, tmp_path)
+    epochs = 3
+    repo.set_params({"train.finetune.epochs": epochs, "train.finetune.step_size": 2})
+    models, resume = repo.root / "models", repo.root / "models" / ".resume"
+    stdout, stderr = tmp_path / "dvc-stdout.txt", tmp_path / "dvc-stderr.txt"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@finetune"], cwd=repo.root,
+                                   env=repo.env, stdout=out, stderr=err, start_new_session=True,
+                                   preexec_fn=default_sigint)
+    deadline = time.monotonic() + 180
+    while not list(resume.glob("finetune-*.pt")):
+        assert process.poll() is None, f"dvc repro ended first:\n{stdout.read_text()}\n{stderr.read_text()}"
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("no epoch finished in time")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    code = process.wait(timeout=120)
+    errors = stderr.read_text()
+
+    assert code == 255, errors  # DVC's status for a stage that failed
+    match = re.search(r"^interrupted by Ctrl-C \(SIGINT\): train@finetune stopped after epoch (\d) of 3 and saved "
+                      r"its state in models/\.resume/finetune-[0-9a-f]{16}\.pt; run it again with the same inputs "
+                      r"and params \(dvc repro\) to resume from there$", errors, re.M)
+    assert match, errors
+    assert "Traceback" not in errors, errors
+    assert re.search(r"failed to reproduce 'train@finetune'.*exited with 130", errors, re.S), errors
+    done = int(match.group(1))
+    assert 1 <= done < epochs
+    for path in ("models/finetune.pt", "models/finetune.json", "reports/finetune/train.json"):
+        assert not (repo.root / path).exists(), path
+    with (repo.root / "plots" / "finetune" / "history.csv").open(newline="") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, done + 1))
+    assert len(list(resume.iterdir())) == 1
+    for folder in (models, resume, repo.root / "plots" / "finetune", repo.root / "reports" / "finetune"):
+        assert leftovers(folder) == [], folder
+    assert ".resume" not in repo.git("status", "--porcelain", "--untracked-files=all")
+
+    resumed = repo.dvc("repro", "train@finetune")
+    assert f"train@finetune: resuming after epoch {done} of {epochs} (state from models/.resume/finetune-" \
+           in resumed.stdout, resumed.stdout
+    assert not resume.exists()
+    lock = lock_hashes((repo.root / "dvc.lock").read_text(encoding="utf-8"))
+    runs = [yaml.safe_load(p.read_text()) for p in (repo.root / ".dvc" / "cache" / "runs").glob("*/*/*")]
+    assert any({"path": "models/finetune.pt", "md5": lock["models/finetune.pt"]}.items() <= out.items()
+               for run in runs for out in run["outs"]), "the resumed run is not in DVC's run-cache"
+
+    # The same stage, uninterrupted, here (a third start-up of dvc and torch would cost more).
+    straight = tmp_path / "straight"
+    stages.train.main([
+        "--mode", "finetune", "--params", str(repo.root / "params.yaml"),
+        "--inputs", str(repo.root / "data" / "hymenoptera_data"), "--weights", str(models / "pretrained.pt"),
+        "--model-out", str(straight / TRAIN_OUTPUTS[0]), "--history", str(straight / TRAIN_OUTPUTS[2]),
+        "--record", str(straight / "train.json"),
+    ])
+    for path in TRAIN_OUTPUTS:
+        assert (straight / path).read_bytes() == (repo.root / path).read_bytes(), path
+    assert results(straight / "train.json") == results(repo.root / "reports" / "finetune" / "train.json")
+    assert results(straight / "train.json")["epochs"] == epochs

@@ -18,12 +18,18 @@ import torch
 
 import stages.train
 import stages.weights
-from tests.imagefolders import make_image_folders, random_state_dict, run_training, save_state_dict, tiny_params
+from tests.imagefolders import (
+    assert_same_run,
+    checkpoint,
+    make_image_folders,
+    random_state_dict,
+    run_training,
+    save_state_dict,
+    tiny_params,
+)
 from transfer.checkpoints import load_trained_model, read_meta
 from transfer.errors import UserError
 
-#: What a run record says of the results (the rest is timings and the machine).
-RESULTS = ("best_epoch", "best_val_acc", "epochs", "final")
 RESNET18_TENSORS = 62  # parameter tensors in resnet18
 RESNET18_PARAMS_2_CLASSES = 11_689_512 - 512 * 1000 - 1000 + 512 * 2 + 2
 
@@ -78,10 +84,6 @@ def train(tmp_path: Path, mode: str, data: Path, weights: Path, changes: dict[st
 def with_weights(weights: Path) -> dict[str, Any]:
     """The params that match ``weights`` (the train stage checks its sidecar against them)."""
     return {"model.weights": read_meta(weights)["weights"]}
-
-
-def checkpoint(out: Path, mode: str) -> dict[str, torch.Tensor]:
-    return torch.load(out / f"{mode}.pt", map_location="cpu", weights_only=True)
 
 
 def is_bn_buffer(key: str) -> bool:
@@ -214,26 +216,6 @@ def test_three_classes_without_code_changes(tmp_path: Path) -> None:
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
     metrics = json.loads((out / "finetune" / "train.json").read_text())
     assert metrics["best_val_acc"] in {k / 6 for k in range(7)}  # 6 validation images
-
-
-def run_outputs(out: Path, mode: str) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, torch.Tensor]]:
-    """History rows, the run record's results (not its timings or machine), and the checkpoint."""
-    with (out / mode / "history.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    record = json.loads((out / mode / "train.json").read_text())
-    return rows, {k: record[k] for k in RESULTS}, checkpoint(out, mode)
-
-
-def assert_same_run(a: Path, b: Path, mode: str) -> None:
-    rows_a, results_a, state_a = run_outputs(a, mode)
-    rows_b, results_b, state_b = run_outputs(b, mode)
-    assert rows_a == rows_b
-    assert results_a == results_b
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        assert torch.equal(state_a[key], state_b[key]), key
-    assert read_meta(a / f"{mode}.pt") == read_meta(b / f"{mode}.pt")
-    assert (a / f"{mode}.pt").read_bytes() == (b / f"{mode}.pt").read_bytes(), "same tensors, other bytes"
 
 
 def test_seeded_runs_are_identical_with_any_worker_count(tmp_path: Path, data: Path) -> None:

@@ -4,7 +4,7 @@ Each stage in ``stages/`` is a thin command-line entry point; what they share li
 one small module per concern:
 
 - ``params`` (reading and validating params.yaml), ``errors`` (one-line messages),
-  ``atomic`` (writes that never leave half a file);
+  ``interrupts`` (Ctrl-C and SIGTERM alike), ``atomic`` (writes that never leave half a file);
 - ``download`` and ``archive`` (getting the data set in, safely), ``layout`` (what an
   image-folder data set looks like);
 - ``images`` (the one decoder, which gives the pixels a viewer shows, and the bounded cache
@@ -13,5 +13,6 @@ one small module per concern:
 - ``models`` (backbones and heads), ``checkpoints`` (state_dict files and their sidecars),
   ``features`` (the frozen backbone's stored outputs);
 - ``devices``, ``reproducibility`` and ``runtime`` (where and how a stage runs, and its run
-  record); ``training`` (the tutorial's loop), ``evaluation`` and ``figures``.
+  record); ``training`` (the tutorial's loop), ``resume`` (the state an interrupted run
+  continues from), ``evaluation`` and ``figures``.
 """

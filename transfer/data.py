@@ -23,6 +23,7 @@ from torchvision import datasets
 from transfer.augment import augmented_view
 from transfer.errors import UserError
 from transfer.images import ImageCache
+from transfer.interrupts import quiet_loader_worker
 from transfer.layout import SPLITS, is_image_name, layout_problem
 from transfer.preprocess import Preprocess, to_uint8_tensor, val_crop
 
@@ -160,6 +161,8 @@ class FeatureViews(Dataset[tuple[torch.Tensor, int]]):
 
 def make_loader(dataset: Dataset, sampler: EpochSampler, *, batch_size: int, workers: int,
                 device: torch.device) -> DataLoader:
-    """A DataLoader over ``sampler``'s pairs; pinned memory for non-blocking copies to CUDA."""
+    """A DataLoader over ``sampler``'s pairs; pinned memory for non-blocking copies to CUDA.
+    Its workers end quietly on Ctrl-C and SIGTERM, leaving the message to the main process."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      worker_init_fn=quiet_loader_worker if workers else None)

@@ -3,13 +3,16 @@
 Stages raise :class:`UserError` for bad input (a wrong param, a missing file, a failed
 download). :func:`run_stage` turns it into one line on stderr and a non-zero exit code, so a
 user reads what went wrong and how to fix it instead of a traceback. Programming errors
-still raise normally: a traceback is the right report for a bug.
+still raise normally: a traceback is the right report for a bug. Ctrl-C, SIGTERM and SIGHUP
+end a stage with one ``interrupted by ...`` line too (see :mod:`transfer.interrupts`).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+
+from transfer.interrupts import Interrupted, interrupts_raise
 
 
 class UserError(Exception):
@@ -28,13 +31,18 @@ class ParamError(UserError):
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a stage's ``main`` and exit with a one-line message on user errors or Ctrl-C."""
+    """Run a stage's ``main`` and exit with a one-line message on user errors, Ctrl-C, SIGTERM
+    or SIGHUP: 1 for an error, else 128 + the signal's number as a shell reports it (130 for
+    Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     try:
-        main(argv)
+        with interrupts_raise():
+            main(argv)
     except UserError as exc:
         message = " ".join(str(exc).split("\n"))
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written to the stage's outputs", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        interrupted = Interrupted.of(exc)
+        detail = interrupted.detail or "nothing was written to the stage's outputs"
+        print(f"interrupted by {interrupted.signal_name}: {detail}", file=sys.stderr)
+        sys.exit(interrupted.exit_code)

@@ -6,8 +6,9 @@ uint8 pixels (or stored features) and are prepared on the device; each epoch's o
 augmentation follow the seed and the epoch (the loaders' :class:`~transfer.data.EpochSampler`);
 validation runs under ``torch.inference_mode()``; losses are summed on the device (no host
 sync per batch); optional mixed precision; a history row per epoch, handed to ``on_epoch``
-as soon as the epoch ends; ties in accuracy go to the earlier epoch; and a frozen backbone can
-keep its BatchNorm statistics fixed.
+with the rest of the loop's :class:`Progress` as soon as the epoch ends, and a run can
+``start`` from such a progress to resume (see :mod:`transfer.resume`); ties in accuracy go to
+the earlier epoch; and a frozen backbone can keep its BatchNorm statistics fixed.
 
 The same loop trains a whole network on images and a lone head on the frozen backbone's
 precomputed outputs: only the model and what ``prepare`` does to a batch differ.
@@ -19,6 +20,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +39,22 @@ class EpochRecord:
 
     def as_row(self) -> dict[str, float]:
         return asdict(self)
+
+
+@dataclass
+class Progress:
+    """The loop's own state after ``epoch``: with the model's, the optimizer's and the
+    scheduler's state (and the random generators'), all a run needs to carry on from there
+    exactly as if it had never stopped."""
+
+    epoch: int
+    best_acc: float
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    history: list[EpochRecord]
+    epoch_seconds: list[float]
+    train_seconds: float
+    scaler: dict[str, Any]  # the AMP GradScaler's state_dict (empty when it is disabled)
 
 
 @dataclass
@@ -82,7 +100,8 @@ def train_model(
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     train_only: nn.Module | None = None,
     amp: bool = False,
-    on_epoch: Callable[[list[EpochRecord]], None] | None = None,
+    start: Progress | None = None,
+    on_epoch: Callable[[Progress], None] | None = None,
     log: bool = True,
 ) -> TrainResult:
     """Train for ``num_epochs``; return the best epoch's weights (on the CPU) and the history.
@@ -90,7 +109,10 @@ def train_model(
     ``prepare`` turns a loader's batch into the model's input on ``device`` (default: move
     it there). ``train_only``: the submodule put in training mode during the training phase,
     the rest staying in eval mode (see :func:`set_train_mode`); None trains the whole
-    model's modes. ``on_epoch`` gets the history after every epoch (to write it out).
+    model's modes. ``on_epoch`` gets the progress after every epoch (to write the history
+    out and save what resuming needs). ``start``: the progress of an interrupted run, whose
+    model, optimizer, scheduler and random generators the caller has restored; training
+    goes on with the epoch after ``start.epoch``.
     """
     prepare = prepare or (lambda batch: batch.to(device, non_blocking=True))
     dataset_sizes = {phase: len(loader.dataset) for phase, loader in loaders.items()}  # type: ignore[arg-type]
@@ -100,8 +122,14 @@ def train_model(
     history: list[EpochRecord] = []
     epoch_seconds: list[float] = []
     train_seconds = 0.0
+    done = 0
+    if start is not None:  # resuming: carry on where the interrupted run's last epoch ended
+        done, best_acc, best_epoch, best_state = start.epoch, start.best_acc, start.best_epoch, start.best_state
+        history, epoch_seconds, train_seconds = list(start.history), list(start.epoch_seconds), start.train_seconds
+        if start.scaler:
+            scaler.load_state_dict(start.scaler)
 
-    for epoch in range(1, num_epochs + 1):
+    for epoch in range(done + 1, num_epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         stats: dict[str, tuple[float, float]] = {}
@@ -150,14 +178,15 @@ def train_model(
             best_acc, best_epoch = val_acc, epoch
             best_state = _cpu_copy(model)
         if on_epoch is not None:
-            on_epoch(history)
+            on_epoch(Progress(epoch, best_acc, best_epoch, best_state, list(history), list(epoch_seconds),
+                              train_seconds, scaler.state_dict()))
         if log:
             tqdm.write(
                 f"Epoch {epoch}/{num_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                 f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2g}  {epoch_seconds[-1]:.1f}s"
                 + ("  *best" if best_epoch == epoch else "")
             )
-    images_per_second = dataset_sizes["train"] * num_epochs / train_seconds if train_seconds else 0.0
+    images_per_second = dataset_sizes["train"] * len(history) / train_seconds if train_seconds else 0.0
     return TrainResult(best_state, best_epoch, best_acc, history, epoch_seconds, images_per_second)
 
 

@@ -1,0 +1,198 @@
+"""Resuming an interrupted training run where its last finished epoch left off.
+
+DVC 3 has no checkpoints of its own and leaves resuming to the training code. After every
+epoch the train stage saves the whole state of the run (model, optimizer, scheduler, AMP
+scaler, every random generator, the best epoch and its weights, the history), atomically,
+to ``<checkpoint's folder>/.resume/<mode>-<key>.pt``, and removes it once the stage has
+written its outputs. The file is none of the stage's declared outputs, so DVC neither
+deletes it before a run nor refuses its run-cache (DVC skips the run-cache for a stage with
+``persist: true`` outputs), and it is ignored by git and DVC.
+
+``key`` is a digest of everything that decides the run: the mode, the params the stage
+declares, the bytes of its input files (images or stored features, the pretrained weights),
+the project's code, torch's version and the device type. A run only ever resumes from a
+state with its own key, so different inputs, params or code never pick up another run's
+state. Shuffling and augmentation follow ``(seed, epoch, image)`` (see
+:mod:`transfer.data`), so the data needs nothing saved beyond the epoch; with the rest
+restored, the resumed run computes what the uninterrupted run would have, bit for bit on
+the CPU.
+
+The file holds only tensors and plain Python values, so it loads with
+``torch.load(..., weights_only=True)``, which runs no pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transfer.atomic import atomic_path
+from transfer.params import Params
+from transfer.training import EpochRecord, Progress
+
+#: The folder, beside a stage's checkpoint, that holds the states of interrupted runs.
+FOLDER = ".resume"
+#: Bumped when what a state file holds changes, so an older file is not misread.
+FORMAT = 1
+#: The packages whose code decides what a run computes (everything the stages run).
+CODE = ("stages", "transfer")
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of the file ``root``, or of every file under the folder ``root``, by path
+    relative to it: what DVC would see change in an input (a second or two per GB)."""
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digests = {}
+    for file in files:
+        with file.open("rb") as f:
+            digests[file.relative_to(root).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
+def code_digests() -> dict[str, dict[str, str]]:
+    """The project's Python files: a run resumes only under the code that saved its state."""
+    project = Path(__file__).resolve().parents[1]
+    return {package: {name: digest for name, digest in tree_digests(project / package).items() if name.endswith(".py")}
+            for package in CODE}
+
+
+def run_key(mode: str, params: Params, tracked: Iterable[str], inputs: Iterable[Path],
+            device: torch.device) -> str:
+    """A digest of everything that decides a training run's results (see the module's doc):
+    ``tracked`` are the params the stage declares, ``inputs`` its input files and folders.
+
+    Inputs are named by their place relative to the path given for them, so the same data in
+    another copy of the project gives the same key.
+    """
+    run = {
+        "format": FORMAT, "mode": mode, "params": params.select(tracked), "inputs": [tree_digests(p) for p in inputs],
+        "code": code_digests(), "torch": torch.__version__, "device": device.type,
+    }
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- random generators
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """The state of every random generator a run may draw from: torch's (and the device's),
+    Python's and NumPy's. Training itself draws from none of them for its data, but loaders
+    draw worker seeds from torch's and a model may use dropout; a resumed run continues each."""
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    elif device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put every generator back in the state :func:`rng_states` recorded."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "mps" in states:
+        torch.mps.set_rng_state(states["mps"])
+
+
+# --------------------------------------------------------------------------- the state file
+
+@dataclass(frozen=True)
+class Training:
+    """What a run trains, whose state is saved and restored: the trained module, its
+    optimizer and scheduler, and the device (whose random generator is saved too)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """The state file of one run: ``folder/<mode>-<key>.pt``."""
+
+    folder: Path
+    mode: str
+    key: str
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"{self.mode}-{self.key}.pt"
+
+    def others(self) -> list[Path]:
+        """States of this mode saved by runs with other inputs, params or code."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.glob(f"{self.mode}-*.pt") if p != self.path)
+
+    def save(self, training: Training, progress: Progress) -> None:
+        """Write the whole state after ``progress.epoch``, atomically (a reader sees the
+        previous epoch's file or this one, never half of one); then remove other runs' states
+        of this mode, so that at most one is kept per mode."""
+        state = {
+            "format": FORMAT, "key": self.key, "mode": self.mode,
+            "model": training.model.state_dict(),
+            "optimizer": training.optimizer.state_dict(),
+            "scheduler": training.scheduler.state_dict(),
+            "progress": {field.name: getattr(progress, field.name) for field in fields(progress)}
+            | {"history": [record.as_row() for record in progress.history]},
+            "rng": rng_states(training.device),
+        }
+        # Straight to the temporary file: unlike a checkpoint, nobody compares this file's bytes.
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        for other in self.others():
+            other.unlink(missing_ok=True)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state of this run, or None where there is none. Raises ``ValueError``
+        for a file that cannot be read or is not this run's (a torn copy, another format)."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: any failure means "not usable"
+            raise ValueError(" ".join(str(exc).split())[:200]) from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("key") != self.key:
+            raise ValueError("it was not written by this version for this run")
+        return state
+
+    def remove(self) -> None:
+        """Delete this run's state and other runs' states of this mode (they are stale once
+        the stage's outputs hold this run's results), and the folder once it is empty."""
+        self.path.unlink(missing_ok=True)
+        for other in self.others():
+            other.unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+
+def restore(state: dict[str, Any], training: Training) -> Progress:
+    """Load a saved state into ``training`` (model, optimizer, scheduler) and the random
+    generators; return the loop's progress to start from."""
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(state["rng"])
+    progress = dict(state["progress"])
+    progress["history"] = [EpochRecord(**row) for row in progress["history"]]
+    return Progress(**progress)
