@@ -20,10 +20,10 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageEnhance
 
-#: What torchvision's ImageFolder (the reference loop) reads; the project's unzip stage skips
-#: the rest (the real archive's ``imageNotFound.gif``), so both sides see the same images.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
-SPLITS = ("train", "val")
+# The images the project's unzip stage keeps, which are those torchvision's ImageFolder (the
+# reference loop) reads, less the real archive's ``imageNotFound.gif``: both sides see the same.
+from transfer.layout import SPLITS, is_image_name
+
 TOP = "hymenoptera_data"
 #: Fixed timestamps so the generated archives are byte-identical from run to run.
 ZIP_TIME = (2020, 1, 1, 0, 0, 0)
@@ -34,7 +34,7 @@ def _split_class_name(member: str) -> tuple[str, str, str] | None:
     parts = PurePosixPath(member).parts
     if any(part.startswith(".") or part == "__MACOSX" for part in parts):
         return None
-    if PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
+    if not is_image_name(member):
         return None
     for i, part in enumerate(parts):
         if part in SPLITS and len(parts) == i + 3:
@@ -86,7 +86,7 @@ def extract(archive: Path, dest: Path) -> Path:
 def count_images(folder: Path) -> dict[str, int]:
     """Images per split under ``folder/<split>/<class>/``, as ImageFolder would count them."""
     return {split: sum(1 for p in (folder / split).glob("*/*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+                       if p.is_file() and is_image_name(p.name) and not p.name.startswith("."))
             for split in SPLITS}
 
 

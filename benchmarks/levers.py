@@ -14,7 +14,6 @@ usage: .venv/bin/python benchmarks/levers.py [--seconds 20] [--train-batch 4]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 import warnings
@@ -26,6 +25,9 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transfer.runtime import configure_threads, native_bf16
+from transfer.training import autocast
+
+CPU = torch.device("cpu")
 
 
 def rate(step: Callable[[], None], images: int, seconds: float) -> float:
@@ -37,10 +39,6 @@ def rate(step: Callable[[], None], images: int, seconds: float) -> float:
         step()
         done += images
     return done / (time.perf_counter() - start)
-
-
-def autocast(enabled: bool) -> contextlib.AbstractContextManager[object]:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def variants(args: argparse.Namespace) -> Iterator[tuple[str, bool, bool, str]]:
@@ -66,7 +64,7 @@ def measure(args: argparse.Namespace, channels_last: bool, bf16: bool, how: str)
 
     def train_step() -> None:
         optimizer.zero_grad()
-        with autocast(bf16):
+        with autocast(CPU, bf16):
             loss = loss_fn(run_model(x_train), y_train)
         loss.backward()
         optimizer.step()
@@ -79,7 +77,7 @@ def measure(args: argparse.Namespace, channels_last: bool, bf16: bool, how: str)
                 run_model = torch.jit.freeze(torch.jit.trace(model, x_infer))
 
         def infer_step() -> None:
-            with autocast(bf16):
+            with autocast(CPU, bf16):
                 run_model(x_infer)
 
         infer = rate(infer_step, args.inference_batch, args.seconds)

@@ -29,12 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
-
-try:  # a dependency of dvc, so always there in the project's venv; degrade gracefully anyway
-    import psutil
-except ImportError:  # pragma: no cover
-    psutil = None  # type: ignore[assignment]
 
 MIB = 2**20
 VENV_BIN = Path(sys.executable).parent
@@ -83,8 +79,7 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, name=f"sampler-{pid}", daemon=True)
 
     def __enter__(self) -> TreeSampler:
-        if psutil is not None:
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -71,6 +71,19 @@ def make_image(colour: tuple[int, int, int], size: int, seed: str, fmt: str = "P
     return buf.getvalue()
 
 
+def sideways_jpeg(path: Path, left: tuple[int, int, int], right: tuple[int, int, int],
+                  width: int = 64, height: int = 32) -> Path:
+    """A JPEG stored ``width`` x ``height``, ``left`` colour on its left half and ``right`` on
+    its right, whose EXIF says to turn it 90 degrees clockwise (Orientation 6), as phones
+    store photos: upright it is ``height`` wide, ``left`` on top."""
+    image = Image.new("RGB", (width, height), right)
+    image.paste(left, (0, 0, width // 2, height))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to display
+    image.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
 def bilevel_png(width: int, height: int) -> bytes:
     """A genuine black ``width`` x ``height`` PNG of 1 bit a pixel: a few kB even past
     Pillow's decompression-bomb limit (10,000 x 10,000 is about 13 kB), so tests can hold

@@ -23,13 +23,13 @@ import timm
 import torch
 import torchvision
 from conftest import error_line, stage_env
+from imagefolders import make_image_folders, random_state_dict, run_training, save_state_dict, tiny_params
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import stages.train
 import stages.weights
-from tests.imagefolders import make_image_folders, random_state_dict, run_training, save_state_dict, tiny_params
 from transfer.archive import split_off_val
 from transfer.checkpoints import load_trained_model, preprocess_of, read_meta
 from transfer.download import sha256_of

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import error_line
+from imagefolders import tiny_params, train_argv
 
 import stages.train
-from tests.imagefolders import tiny_params, train_argv
 from transfer.devices import _mps_available, describe_device, resolve_device
 from transfer.errors import UserError, run_stage
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import DvcRepo
+from conftest import REPO_ROOT, DvcRepo
 from dvc_pipeline import (
     EXPERIMENT_LR,
     EXPERIMENTS,
@@ -29,7 +29,7 @@ from dvc_pipeline import (
 
 #: The command the README shows to compare experiments (its only ``dvc exp show --only-changed``
 #: line), run as written but for the pager.
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO_ROOT / "README.md"
 WIDTH = 160
 
 
@@ -38,7 +38,6 @@ def readme_compare_command() -> list[str]:
     (line,) = [line for line in README.read_text().splitlines() if line.startswith("dvc exp show --only-changed")]
     argv = shlex.split(line.split(" #")[0])
     return [*argv[1:], "--no-pager"]
-
 
 
 def experiments_of(shown: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

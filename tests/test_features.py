@@ -116,10 +116,9 @@ def test_cached_path_matches_the_uncached_path(tmp_path: Path, data: Path, weigh
     assert cached_state.keys() == reference_state.keys()
     for key, value in reference_state.items():
         torch.testing.assert_close(cached_state[key], value, atol=TOLERANCE, rtol=0, msg=key)
-    # The head did learn, so the agreement above is not that of two runs that changed nothing.
-    first = torch.load(tmp_path / "cached" / "feature_extract.pt", weights_only=True)
-    assert cached_history[0]["train_loss"] != cached_history[-1]["train_loss"]
-    assert first["fc.weight"].abs().sum() > 0
+    # The head did learn (the validation crops are fixed, so only new weights move their
+    # loss), so the agreement above is not that of two runs that changed nothing.
+    assert cached_history[0]["val_loss"] != cached_history[-1]["val_loss"]
 
 
 def test_stored_features_are_the_backbone_outputs_of_each_view(tmp_path: Path, data: Path, weights: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import bilevel_png
+from conftest import bilevel_png, sideways_jpeg
 from PIL import Image
 
 from transfer.data import Split, TrainImages, ValImages
@@ -26,22 +26,11 @@ from transfer.preprocess import Preprocess
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 #: EXIF tag 0x0112 (Orientation) value 6: the stored pixels must be turned 90 degrees
 #: clockwise to be upright, what phones write when held in portrait.
-ORIENTATION, ROTATE_90_CW = 0x0112, 6
 
 
 def save(image: Image.Image, path: Path, **options: object) -> Path:
     image.save(path, **options)
     return path
-
-
-def sideways_jpeg(path: Path, width: int = 64, height: int = 32) -> Path:
-    """A JPEG stored ``width`` x ``height``, red left half and blue right half, whose EXIF
-    says to turn it 90 degrees clockwise: upright it is ``height`` wide, red on top."""
-    image = Image.new("RGB", (width, height), BLUE)
-    image.paste(RED, (0, 0, width // 2, height))
-    exif = Image.Exif()
-    exif[ORIENTATION] = ROTATE_90_CW
-    return save(image, path, format="JPEG", quality=95, exif=exif.tobytes())
 
 
 def is_near(pixel: np.ndarray, colour: tuple[int, int, int], tolerance: int = 40) -> bool:
@@ -52,7 +41,7 @@ def is_near(pixel: np.ndarray, colour: tuple[int, int, int], tolerance: int = 40
 
 def test_exif_rotate_90_is_decoded_upright(tmp_path: Path) -> None:
     """The phone photo comes out as viewers show it: portrait, red on top, blue below."""
-    path = sideways_jpeg(tmp_path / "phone.jpg")
+    path = sideways_jpeg(tmp_path / "phone.jpg", RED, BLUE)
     with Image.open(path) as raw:
         assert raw.size == (64, 32), "the file really stores the picture sideways"
     image = decode(path)
@@ -65,7 +54,7 @@ def test_training_and_validation_images_are_upright(tmp_path: Path) -> None:
     """The data sets of training, features, preview (TrainImages) and of validation,
     evaluation and its figures (ValImages) crop the upright image: red rows above blue rows
     in the centre crop, not red columns beside blue ones."""
-    path = sideways_jpeg(tmp_path / "phone.jpg")
+    path = sideways_jpeg(tmp_path / "phone.jpg", RED, BLUE)
     split = Split(["ants"], [(str(path), 0)])
     pre = Preprocess(resize=20, crop=16, interpolation="bilinear", mean=[0.5] * 3, std=[0.5] * 3)
     crops = {
@@ -154,7 +143,6 @@ def test_decompression_bombs_are_refused(size: tuple[int, int], level: str) -> N
     at the warning level (up to twice the limit) as at the error level; the message gives
     the pixel count and the limit."""
     data = bilevel_png(*size)
-    assert len(data) < 100_000, "a bomb: a small file of very many pixels"
     with pytest.raises(ImageTooLarge) as info:
         decode(io.BytesIO(data))
     message = str(info.value)

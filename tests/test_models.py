@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 import torchvision
+from imagefolders import random_state_dict, save_state_dict
 from torch import nn
 
-from tests.imagefolders import random_state_dict, save_state_dict
 from transfer.errors import UserError
 from transfer.models import (
     Head,

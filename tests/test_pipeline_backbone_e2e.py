@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -21,9 +20,16 @@ from pathlib import Path
 
 import torch
 from conftest import CLASS_COLOURS, make_image
-from dvc_pipeline import Background, background, beside_pipeline, declared_stages, new_repo, run_in_background
-
-from tests.imagefolders import TINY_TRAIN, make_image_folders, random_state_dict, save_state_dict
+from dvc_pipeline import (
+    Background,
+    background,
+    beside_pipeline,
+    declared_stages,
+    new_repo,
+    ran_stages,
+    run_in_background,
+)
+from imagefolders import TINY_TRAIN, make_image_folders, random_state_dict, save_state_dict
 
 MODES = ("finetune", "feature_extract")
 CLASSES = ("cats", "dogs", "owls")  # names the code has never seen
@@ -69,7 +75,7 @@ def test_repro_with_mobilenet_on_a_local_three_class_folder(tmp_path: Path) -> N
     dvc_repo, weights = run.repo, run.extra["weights"]
     state = random_state_dict("mobilenet_v3_small", seed=WEIGHTS_SEED)
     root = dvc_repo.root
-    assert set(re.findall(r"Running stage '([^']+)'", proc.stdout)) == set(declared_stages(root)), proc.stdout
+    assert set(ran_stages(proc.stdout)) == set(declared_stages(root)), proc.stdout
 
     data = json.loads((root / "reports" / "data.json").read_text())
     assert data["classes"] == 3 and data["val_split_from_train"] == 0.34

@@ -48,8 +48,6 @@ from PIL import Image
 METRIC_KEYS = {"accuracy", "ci95_low", "ci95_high", "loss", "macro_f1", "best_epoch", "images"}
 
 
-
-
 def cache_object(root: Path, md5: str) -> Path:
     """Where DVC's local cache keeps the object ``md5`` (a ``.dir`` listing for a folder)."""
     return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]

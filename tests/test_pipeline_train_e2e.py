@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 from conftest import find_metrics, leftovers
-from dvc_pipeline import MODES, PIPELINE_PARAMS, Pipeline, copy_repo, dvc_json, lock_hashes, ran_stages
+from dvc_pipeline import MODES, PIPELINE_PARAMS, Pipeline, copy_repo, dvc_json, lock_hashes
 from imagefolders import RESULTS
 
 import stages.train
@@ -40,8 +40,8 @@ from transfer.reproducibility import seed_everything
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
 
-
-def test_repro_trains_both_modes_and_reruns_only_what_changed(pipeline: Pipeline, tmp_path: Path) -> None:
+def test_repro_trains_both_modes(pipeline: Pipeline) -> None:
+    """(What a change reruns: tests/test_caching_e2e.py.)"""
     root = pipeline.repo.root
     shown = dvc_json(pipeline.repo, "metrics", "show")
     # What both modes start from: with weights `none`, models/pretrained.pt is empty and the
@@ -60,7 +60,7 @@ def test_repro_trains_both_modes_and_reruns_only_what_changed(pipeline: Pipeline
         assert state["fc.weight"].shape == (2, 512)
         assert set(state) == set(pretrained), f"{mode}: the checkpoint is not the whole classifier"
         meta = json.loads((root / "models" / f"{mode}.json").read_text())
-        assert meta["mode"] == mode and meta["arch"] == "resnet18" and meta["epoch"] in (1, 2)
+        assert meta["mode"] == mode and meta["arch"] == "resnet18"
         assert meta["classes"] == ["ants", "bees"] and meta["weights"] == "none"
         model, _ = load_trained_model(root / "models" / f"{mode}.pt", torch.device("cpu"))
         with torch.no_grad():
@@ -94,18 +94,6 @@ def test_repro_trains_both_modes_and_reruns_only_what_changed(pipeline: Pipeline
     features = json.loads((root / "data" / "features" / "features.json").read_text())
     assert features["views"] == 2 and features["classes"] == ["ants", "bees"]  # views: auto = one per epoch
     assert len(features["samples"]["train"]) == 8 and len(features["samples"]["val"]) == 6
-
-    # Everything is up to date; a change to one mode's recipe reruns that mode only.
-    repo = copy_repo(pipeline.repo, tmp_path)
-    assert dvc_json(repo, "status", "train") == {}
-    repo.set_params({"train.feature_extract.lr": 0.01})
-    status = dvc_json(repo, "status", "train")
-    assert set(status) == {"train@feature_extract"}, status
-    assert "train.feature_extract" in json.dumps(status)
-
-    dry = repo.dvc("repro", "--dry", "train")
-    assert ran_stages(dry.stdout) == ["train@feature_extract"], dry.stdout
-    assert set(dvc_json(repo, "status", "train")) == {"train@feature_extract"}, "--dry changed something"
 
 
 def default_sigint() -> None:

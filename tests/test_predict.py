@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASS_COLOURS, REPO_ROOT, bilevel_png, error_line, make_image, stage_env
+from conftest import CLASS_COLOURS, REPO_ROOT, bilevel_png, error_line, make_image, sideways_jpeg, stage_env
 from imagefolders import tiny_params
 from PIL import Image
 from trained import EVAL_PARAMS, Trained, exit_code, is_decoy, single_thread
@@ -185,12 +185,7 @@ def test_phone_photo_is_predicted_upright(trained: Trained, tmp_path: Path, caps
     """A JPEG stored sideways whose EXIF says "rotate 90" (ants' colour on the left, bees' on
     the right) is predicted exactly like its pixels turned upright and stored losslessly,
     and not like the sideways pixels: predict sees what a viewer shows."""
-    stored = Image.new("RGB", (64, 32), CLASS_COLOURS[1])
-    stored.paste(CLASS_COLOURS[0], (0, 0, 32, 32))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to display
-    phone = tmp_path / "phone.jpg"
-    stored.save(phone, format="JPEG", quality=95, exif=exif.tobytes())
+    phone = sideways_jpeg(tmp_path / "phone.jpg", CLASS_COLOURS[0], CLASS_COLOURS[1])
     with Image.open(phone) as raw:
         sideways = raw.convert("RGB")  # the stored pixels, as a loader that ignores EXIF sees them
     sideways.save(tmp_path / "sideways.png")

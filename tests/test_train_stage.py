@@ -15,10 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-
-import stages.train
-import stages.weights
-from tests.imagefolders import (
+from imagefolders import (
     assert_same_run,
     checkpoint,
     make_image_folders,
@@ -27,6 +24,9 @@ from tests.imagefolders import (
     save_state_dict,
     tiny_params,
 )
+
+import stages.train
+import stages.weights
 from transfer.checkpoints import load_trained_model, read_meta
 from transfer.errors import UserError
 

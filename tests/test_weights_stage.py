@@ -19,16 +19,16 @@ import pytest
 import torch
 import torchvision
 from conftest import LoopbackServer, error_line, leftovers
-
-import stages.train
-import stages.weights
-from tests.imagefolders import (
+from imagefolders import (
     make_image_folders,
     random_state_dict,
     run_training,
     save_state_dict,
     tiny_params,
 )
+
+import stages.train
+import stages.weights
 from transfer.checkpoints import read_meta
 from transfer.download import sha256_of
 from transfer.errors import UserError, run_stage

@@ -33,8 +33,8 @@ class Interrupted(KeyboardInterrupt):
     on; without one, :func:`transfer.errors.run_stage` says that nothing was written."""
 
     def __init__(self, signum: int = signal.SIGINT, detail: str | None = None) -> None:
-        super().__init__(NAMES.get(signum, f"signal {signum}"))
         self.signum, self.detail = signum, detail
+        super().__init__(self.signal_name)
 
     @property
     def signal_name(self) -> str:
