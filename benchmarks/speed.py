@@ -44,6 +44,7 @@ from runs import (
     Measured,
     ProjectCopy,
     check,
+    end_all,
     environment,
     git_state,
     interrupts_end_children,
@@ -286,7 +287,6 @@ class Benchmark:
             "figures": {
                 "wall_seconds": measured.wall_seconds,
                 "loop_seconds": round(summary["total_seconds"], 3),
-                "startup_seconds": round(measured.wall_seconds - sum(seconds), 3),
                 "overhead_seconds": round(measured.wall_seconds - sum(seconds), 3),
                 "load_before": measured.loadavg_before[0],
                 "epoch_seconds_median": median(seconds),
@@ -413,7 +413,11 @@ class Benchmark:
 
                     with ThreadPoolExecutor(2) as pool:
                         futures = [pool.submit(job, copy, tag) for copy, tag in ((first, "a"), (second, "b"))]
-                        measured = [future.result() for future in futures]
+                        try:
+                            measured = [future.result() for future in futures]
+                        except BaseException:  # Ctrl-C: the pool would wait for both runs to finish
+                            end_all()
+                            raise
                     for copy, tag, m in zip((first, second), "ab", measured, strict=True):
                         self.project_run(copy, "finetune", args.busy_epochs, f"busy:{variant}:shared-{tag}",
                                          repeat, m, overrides=overrides, extra={"variant": variant})
@@ -561,7 +565,7 @@ def views_table(runs: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> 
     else:  # extrapolated from the comparison's feature_extract runs
         base = [r for r in runs if r["scenario"] == "compare" and r["side"] == "reference"
                 and r["mode"] == "feature_extract"]
-        ref_walls = [r["figures"]["startup_seconds"] + args.views_epochs * r["figures"]["epoch_seconds_median"]
+        ref_walls = [r["figures"]["overhead_seconds"] + args.views_epochs * r["figures"]["epoch_seconds_median"]
                      for r in base]
         source = (f"extrapolated from {len(base)} reference run(s) of {args.epochs} epochs in this invocation: "
                   f"start-up (wall - sum of epochs) + {args.views_epochs} x median epoch")
@@ -651,7 +655,7 @@ def scale_table(runs: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> 
     table = pd.DataFrame(rows)
     note = ("train img/s: train@finetune's train phase; features img/s: backbone passes per second of the "
             "features stage (views x train images + val images; its own wall time, so decoding included). "
-            "Peaks: each stage process's own peak RSS (run records, getrusage; no loader workers on the CPU). ")
+            "Peaks: each stage's peak RSS (run records, getrusage: the stage process or its largest worker). ")
     if len(table) == 2:
         grow = table["ms/train img"].iloc[1] / table["ms/train img"].iloc[0]
         grow_f = table["ms/backbone pass"].iloc[1] / table["ms/backbone pass"].iloc[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,7 +42,7 @@ from transfer.interrupts import quiet_loader_worker
 from transfer.params import load_params
 from transfer.preprocess import model_input, resolve_preprocess
 from transfer.reproducibility import configure_backends, seed_everything
-from transfer.runtime import configure_threads, resolve_workers, run_record
+from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
 from transfer.training import autocast
 
 
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ParamError("train.feature_extract.views", "must be auto with batchnorm: update (the BatchNorm "
                          f"statistics change with every epoch's batches), got {recipe.views}")
     device = resolve_device(params.device)
+    if warning := amp_warning(device, params.train.amp):
+        print(warning, file=sys.stderr)
     configure_backends(device, params.train.deterministic)
     threads = configure_threads(params.runtime.threads)
     workers = resolve_workers(params.runtime.num_workers, device)
@@ -102,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     # cores two single-threaded processes get through about 20% more images per second than
     # one process whose two threads wait for each other at every layer. Elsewhere the workers
     # prepare images and the backbone runs here (on the GPU; or updating its statistics).
-    processes = threads if device.type == "cpu" and not update and threads > 1 else 0
+    # The workers get ``forward``, a closure, so they must be forked (Linux's default before
+    # Python 3.14): where processes are spawned instead, the backbone runs here.
+    forked = multiprocessing.get_start_method() == "fork"
+    processes = threads if device.type == "cpu" and not update and threads > 1 and forked else 0
 
     def run(dataset: Dataset, pairs: Sequence[tuple[int, int]], batch_size: int, name: str, desc: str) -> None:
         """The backbone over ``pairs`` of (view, image), in order; outputs into ``name``."""
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         })
     seconds = time.perf_counter() - started
     images = stored * n_train + n_val * (recipe.epochs if update else 1)
-    write_json(args.record, run_record(device, threads, workers, wall_seconds=round(seconds, 2),
+    write_json(args.record, run_record(device, threads, processes or workers, wall_seconds=round(seconds, 2),
                                        backbone_passes=images, images_per_second=round(images / seconds, 2)))
     print(f"features: {stored} view(s) of {n_train} train and {n_val} val images through {params.model.arch} "
           f"-> {args.out} ({seconds:.1f}s)")

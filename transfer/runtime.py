@@ -89,9 +89,11 @@ def _version(package: str) -> str | None:
 
 
 def peak_memory_mib() -> float:
-    """Peak resident memory of this process (loader workers, where there are any, come on top)."""
+    """Peak resident memory of this process or of the largest of its finished loader workers
+    (the features stage runs its backbone in them), whichever is larger."""
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2  # ru_maxrss: KiB on Linux, bytes on macOS
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return round(peak * scale, 1)
 
 
 def run_record(device: torch.device, threads: int, workers: int, **details: Any) -> dict[str, Any]:
