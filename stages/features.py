@@ -10,6 +10,7 @@ schedule) then retrains in seconds without running the backbone again. The run r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import multiprocessing
 import sys
@@ -21,10 +22,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from transfer import distributed
 from transfer.atomic import atomic_dir, write_json
 from transfer.checkpoints import pretrained_classifier, read_pretrained_meta, save_tensors
 from transfer.data import EpochSampler, TrainImages, ValImages, image_folders, make_loader
 from transfer.devices import resolve_device
+from transfer.distributed import World
 from transfer.errors import ParamError, UserError, run_stage
 from transfer.features import (
     BATCHNORM,
@@ -39,7 +42,7 @@ from transfer.features import (
     head_is_last,
 )
 from transfer.interrupts import quiet_loader_worker
-from transfer.params import load_params
+from transfer.params import Params, load_params
 from transfer.preprocess import model_input, resolve_preprocess
 from transfer.reproducibility import configure_backends, seed_everything
 from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
@@ -62,11 +65,32 @@ def main(argv: list[str] | None = None) -> None:
     if update and recipe.views != "auto":
         raise ParamError("train.feature_extract.views", "must be auto with batchnorm: update (the BatchNorm "
                          f"statistics change with every epoch's batches), got {recipe.views}")
-    device = resolve_device(params.device)
-    if warning := amp_warning(device, params.train.amp):
+    # With train.distributed asking for several processes, each runs the backbone on its share
+    # of the images and process 0 writes them all: the same file as from one process. The
+    # statistics of `batchnorm: update` follow one batch after another, so one process runs them.
+    settings = params.train.distributed
+    world = distributed.current()
+    asked = resolve_device(params.device)
+    if not update:
+        distributed.check(settings, asked)
+    threads = configure_threads(params.runtime.threads, processes=1 if update else settings.nproc_per_node)
+    if not update and distributed.start(settings, world, "stages.features", argv, threads=threads,
+                                        run=distributed.run_id("features", params.digest(PARAMS))):
+        return
+    with distributed.process_group(world, world.device(asked), distributed.backend(settings.backend, asked)):
+        compute(args, params, world, world.device(asked), threads, started)
+
+
+def compute(args: argparse.Namespace, params: Params, world: World, device: torch.device, threads: int,
+            started: float) -> None:
+    """The backbone's outputs, in one process or as one of several."""
+    recipe = params.train.feature_extract
+    update = recipe.batchnorm == "update"
+    if update and world.size > 1:
+        raise UserError("batchnorm: update is computed by one process: run the features stage without torchrun")
+    if (warning := amp_warning(device, params.train.amp)) and world.main:
         print(warning, file=sys.stderr)
     configure_backends(device, params.train.deterministic)
-    threads = configure_threads(params.runtime.threads)
     workers = resolve_workers(params.runtime.num_workers, device)
     seed_everything(params.seed)
 
@@ -112,22 +136,28 @@ def main(argv: list[str] | None = None) -> None:
     processes = threads if device.type == "cpu" and not update and threads > 1 and forked else 0
 
     def run(dataset: Dataset, pairs: Sequence[tuple[int, int]], batch_size: int, name: str, desc: str) -> None:
-        """The backbone over ``pairs`` of (view, image), in order; outputs into ``name``."""
+        """The backbone over ``pairs`` of (view, image), in order; outputs into ``name``. Of
+        several processes, each computes every ``world.size``-th batch and process 0 writes."""
         chunks = [pairs[start:start + batch_size] for start in range(0, len(pairs), batch_size)]
+        mine = chunks[world.rank::world.size]
         if processes:
             batches: Iterable[tuple[Sequence[tuple[int, int]], torch.Tensor]] = DataLoader(
-                BackboneOutputs(dataset, chunks, forward), batch_size=None, num_workers=processes,
+                BackboneOutputs(dataset, mine, forward), batch_size=None, num_workers=processes,
                 worker_init_fn=quiet_loader_worker)
         else:
-            loader = make_loader(dataset, pairs, batch_size=batch_size, workers=workers, device=device)  # type: ignore[arg-type]
-            batches = ((chunk, forward(pixels)) for chunk, (pixels, _) in zip(chunks, loader, strict=True))
-        for chunk, outputs in tqdm(batches, desc=desc, total=len(chunks), unit="batch", leave=False, disable=None):
+            loader = make_loader(dataset, [p for chunk in mine for p in chunk], batch_size=batch_size,  # type: ignore[arg-type]
+                                 workers=workers, device=device)
+            batches = ((chunk, forward(pixels).cpu()) for chunk, (pixels, _) in zip(mine, loader, strict=True))
+        rounds = -(-len(chunks) // world.size)
+        for chunk, outputs in tqdm(world.gather(iter(batches), rounds), desc=desc, total=len(chunks), unit="batch",
+                                   leave=False, disable=None if world.main else True):
             keys = torch.tensor(chunk)
             writer.write(name, keys[:, 0], keys[:, 1], outputs)
 
     n_train, n_val = len(train), len(val)
-    with atomic_dir(args.out) as tmp:
-        writer.open(tmp, feature_shape, (stored, n_train), (recipe.epochs if update else 1, n_val))
+    with atomic_dir(args.out) if world.main else contextlib.nullcontext(None) as tmp:
+        if tmp is not None:
+            writer.open(tmp, feature_shape, (stored, n_train), (recipe.epochs if update else 1, n_val))
         batch = params.runtime.inference_batch_size
         if not update:  # a fixed function of the image: every view of every image, once
             model.eval()
@@ -146,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
                 statistics |= {f"{epoch}/{k}": v for k, v in batchnorm_buffers(model).items()}
             save_tensors(tmp / BATCHNORM, statistics)
         writer.close()
+        if tmp is None:
+            return  # process 0 writes the rest
         relative = {name: [[Path(p).relative_to(args.data / name).as_posix(), label] for p, label in s.samples]
                     for name, s in split.items()}
         write_json(tmp / META, {
@@ -157,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - started
     images = stored * n_train + n_val * (recipe.epochs if update else 1)
     write_json(args.record, run_record(device, threads, processes or workers, wall_seconds=round(seconds, 2),
-                                       backbone_passes=images, images_per_second=round(images / seconds, 2)))
+                                       backbone_passes=images, images_per_second=round(images / seconds, 2),
+                                       processes=world.size))
     print(f"features: {stored} view(s) of {n_train} train and {n_val} val images through {params.model.arch} "
           f"-> {args.out} ({seconds:.1f}s)")
 

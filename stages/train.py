@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -34,10 +35,12 @@ from torch import nn, optim
 from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader
 
+from transfer import distributed
 from transfer.atomic import write_json, write_text
 from transfer.checkpoints import pretrained_classifier, read_pretrained_meta, save_checkpoint, sidecar_path
 from transfer.data import EpochSampler, FeatureViews, TrainImages, ValImages, image_folders, make_loader
 from transfer.devices import describe_device, resolve_device
+from transfer.distributed import World
 from transfer.errors import run_stage
 from transfer.features import PARAMS as FEATURE_PARAMS
 from transfer.features import TRAIN, VAL, StoredFeatures, read_features
@@ -51,11 +54,16 @@ from transfer.resume import ResumeState, Training, restore, run_key
 from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
 from transfer.training import EpochRecord, Progress, train_model
 
+#: How many processes train, and how they talk: with several, each computes on its share of
+#: a batch and the sums differ in their last bits (BatchNorm statistics, more than that).
+#: ``rdzv_endpoint`` only says where they meet.
+DISTRIBUTED = ("train.distributed.nproc_per_node", "train.distributed.nnodes", "train.distributed.backend")
+
 
 def tracked_params(mode: str) -> tuple[str, ...]:
     """The params this stage reads that can change its outputs, as dvc.yaml declares them."""
     return ("seed", "device", "model", "preprocess", "train.batch_size", "train.amp",
-            "train.deterministic", f"train.{mode}")
+            "train.deterministic", f"train.{mode}", *DISTRIBUTED)
 
 
 @dataclass
@@ -69,7 +77,8 @@ class Inputs:
     features: StoredFeatures | None = None
 
 
-def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.device, workers: int) -> Inputs:
+def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.device, workers: int,
+                 world: World) -> Inputs:
     """Images, decoded once and cached; a fresh augmented view of each per epoch."""
     split = image_folders(folder)
     budget = params.runtime.image_cache_mb * 2**20
@@ -79,14 +88,15 @@ def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.de
     train.images.fill("decode train")
     loaders = {
         "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None),
-                             batch_size=params.train.batch_size, workers=workers, device=device),
+                             batch_size=params.train.batch_size, workers=workers, device=device, world=world),
         "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=1),
-                           batch_size=params.runtime.inference_batch_size, workers=workers, device=device),
+                           batch_size=params.runtime.inference_batch_size * world.size, workers=workers,
+                           device=device, world=world),
     }
     return Inputs(split["train"].classes, loaders, lambda batch: model_input(batch, pre, device))
 
 
-def feature_inputs(folder: Path, params: Params, device: torch.device) -> Inputs:
+def feature_inputs(folder: Path, params: Params, device: torch.device, world: World) -> Inputs:
     """The frozen backbone's stored outputs: view ``(e - 1) % views`` of each image in epoch ``e``."""
     features = read_features(folder, params.digest(FEATURE_PARAMS))
     train = FeatureViews(features.array(TRAIN), features.labels("train"))
@@ -94,9 +104,10 @@ def feature_inputs(folder: Path, params: Params, device: torch.device) -> Inputs
     loaders = {
         "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True,
                                                  cycle=train.features.shape[0]),
-                             batch_size=params.train.batch_size, workers=0, device=device),
+                             batch_size=params.train.batch_size, workers=0, device=device, world=world),
         "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=val.features.shape[0]),
-                           batch_size=params.runtime.inference_batch_size, workers=0, device=device),
+                           batch_size=params.runtime.inference_batch_size * world.size, workers=0, device=device,
+                           world=world),
     }
     return Inputs(features.meta["classes"], loaders, None, features)
 
@@ -105,9 +116,8 @@ def history_csv(history: list[EpochRecord]) -> str:
     return pd.DataFrame([r.as_row() for r in history]).round(6).to_csv(index=False, lineterminator="\n")
 
 
-def resume_from(state: ResumeState, training: Training, mode: str, epochs: int) -> Progress | None:
-    """The progress of this run's interrupted predecessor, with the model, optimizer,
-    scheduler and random generators put back where it stopped; None to start at epoch 1.
+def saved_state(state: ResumeState, mode: str) -> dict[str, Any] | None:
+    """The saved state of this run's interrupted predecessor, or None to start at epoch 1.
 
     States of runs with other inputs, params or code are never used; saying so spares a user
     who expected a resume from wondering why training starts over.
@@ -116,15 +126,10 @@ def resume_from(state: ResumeState, training: Training, mode: str, epochs: int) 
         print(f"train@{mode}: not resuming from {other}: it is the state of a run with other inputs, params "
               "or code (it is deleted once this run has finished an epoch)")
     try:
-        saved = state.load()
+        return state.load()
     except ValueError as exc:
         print(f"warning: cannot resume from {state.path} ({exc}); starting from epoch 1", file=sys.stderr)
         return None
-    if saved is None:
-        return None
-    progress = restore(saved, training)
-    print(f"train@{mode}: resuming after epoch {progress.epoch} of {epochs} (state from {state.path})")
-    return progress
 
 
 @dataclass
@@ -145,9 +150,12 @@ class EpochEnd:
             self.saved = progress.epoch
 
 
-def interrupted(exc: KeyboardInterrupt, mode: str, epochs: int, end: EpochEnd) -> Interrupted:
-    """Ctrl-C (or SIGTERM, SIGHUP) during training, with the line that says what is left and what to do."""
+def interrupted(exc: KeyboardInterrupt, mode: str, epochs: int, end: EpochEnd | None) -> Interrupted:
+    """Ctrl-C (or SIGTERM, SIGHUP) during training, with the line that says what is left and what to do
+    (from the process that writes; the others stop without one)."""
     stopped = Interrupted.of(exc)
+    if end is None:
+        return stopped
     if end.saved:
         stopped.detail = (f"train@{mode} stopped after epoch {end.saved} of {epochs} and saved its state in "
                           f"{end.state.path}; run it again with the same inputs and params (dvc repro) to resume "
@@ -169,64 +177,90 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", type=Path, help="default: plots/<mode>/history.csv")
     parser.add_argument("--record", type=Path, help="run record; default: reports/<mode>/train.json")
     args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    params = load_params(args.params)
+    settings = params.train.distributed
+    world = distributed.current()
+    asked = resolve_device(params.device)
+    distributed.check(settings, asked, sync_batchnorm=args.mode == "finetune" and params.train.finetune.sync_batchnorm)
+    device = world.device(asked)
+    threads = configure_threads(params.runtime.threads, processes=settings.nproc_per_node)
+    if distributed.start(settings, world, "stages.train", argv, threads=threads,
+                         run=distributed.run_id(args.mode, params.digest(tracked_params(args.mode)))):
+        return
+    with distributed.process_group(world, device, distributed.backend(settings.backend, device)):
+        train(args, params, world, device, threads, started)
+
+
+def train(args: argparse.Namespace, params: Params, world: World, device: torch.device, threads: int,
+          started: float) -> None:
+    """One training process: all of the run in one, or its share of it among several."""
     mode: str = args.mode
     finetune = mode == "finetune"
     inputs_path = args.inputs or Path("data/hymenoptera_data" if finetune else "data/features")
     model_out = args.model_out or Path(f"models/{mode}.pt")
     history_out = args.history or Path(f"plots/{mode}/history.csv")
     record_out = args.record or Path(f"reports/{mode}/train.json")
-
-    started = time.perf_counter()
-    params = load_params(args.params)
     recipe = params.train.mode(mode)
-    device = resolve_device(params.device)
     configure_backends(device, params.train.deterministic)
-    threads = configure_threads(params.runtime.threads)
     workers = resolve_workers(params.runtime.num_workers, device) if finetune else 0
-    if warning := amp_warning(device, params.train.amp):
+    if (warning := amp_warning(device, params.train.amp)) and world.main:
         print(warning, file=sys.stderr)
     seed_everything(params.seed)
 
     pretrained = read_pretrained_meta(args.weights, params.model)
     pre = resolve_preprocess(params.preprocess, pretrained["preprocess"])
     if finetune:
-        inputs = image_inputs(inputs_path, pre, params, device, workers)
+        inputs = image_inputs(inputs_path, pre, params, device, workers, world)
     else:
-        inputs = feature_inputs(inputs_path, params, device)
+        inputs = feature_inputs(inputs_path, params, device, world)
     classes = inputs.classes
     model, head = pretrained_classifier(args.weights, pretrained, len(classes), pre.crop)
 
     if finetune:
+        if params.train.finetune.sync_batchnorm and world.size > 1:  # same state_dict keys as BatchNorm
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         trained: nn.Module = model.to(device, memory_format=torch.channels_last)
         trained_params = list(model.parameters())
     else:  # only the head learns, from the stored outputs of the frozen backbone
         trained_params = freeze_backbone(model, head)
         trained = model.get_submodule(head.name).to(device)
 
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(reduction="sum")  # the loop divides by each step's number of images
     optimizer = optim.SGD(trained_params, lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay)
     scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
 
     sizes = {phase: len(loader.dataset) for phase, loader in inputs.loaders.items()}  # type: ignore[arg-type]
-    print(f"train@{mode}: {params.model.arch} ({pretrained['source']}), {len(classes)} classes "
-          f"{classes}, {sizes['train']} train / {sizes['val']} val images, "
-          f"{sum(p.numel() for p in trained_params):,} trainable parameters, {describe_device(device)}, "
-          f"{threads} threads")
+    processes = f", {world.size} processes" if world.size > 1 else ""
+    if world.main:
+        print(f"train@{mode}: {params.model.arch} ({pretrained['source']}), {len(classes)} classes "
+              f"{classes}, {sizes['train']} train / {sizes['val']} val images, "
+              f"{sum(p.numel() for p in trained_params):,} trainable parameters, {describe_device(device)}"
+              f"{processes}, {threads} threads")
     training = Training(trained, optimizer, scheduler, device)
-    state = ResumeState(model_out.parent / RESUME_FOLDER, mode, run_key(
-        mode, params, tracked_params(mode), [inputs_path, args.weights, sidecar_path(args.weights)], device))
-    start = resume_from(state, training, mode, recipe.epochs)
-    if start is not None:  # the finished epochs, for `dvc plots` until the next one ends (DVC deleted the file)
-        write_text(history_out, history_csv(start.history))
-    end = EpochEnd(history_out, state, training, saved=start.epoch if start else 0)
+    state = None
+    if world.main:  # the one process that writes: the state it saves is the whole run's
+        state = ResumeState(model_out.parent / RESUME_FOLDER, mode, run_key(
+            mode, params, tracked_params(mode), [inputs_path, args.weights, sidecar_path(args.weights)], device))
+    saved = world.broadcast_object(saved_state(state, mode) if state else None)
+    start = restore(saved, training) if saved is not None else None
+    end = None
+    if state is not None:
+        if start is not None:  # the finished epochs, for `dvc plots` until the next one ends (DVC deleted the file)
+            print(f"train@{mode}: resuming after epoch {start.epoch} of {recipe.epochs} (state from {state.path})")
+            write_text(history_out, history_csv(start.history))
+        end = EpochEnd(history_out, state, training, saved=start.epoch if start else 0)
     try:
         result = train_model(
             trained, inputs.loaders, criterion, optimizer, scheduler, recipe.epochs, device,
-            prepare=inputs.prepare, amp=params.train.amp, start=start, on_epoch=end,
+            prepare=inputs.prepare, amp=params.train.amp, start=start, on_epoch=end, world=world,
         )
     except KeyboardInterrupt as exc:
         raise interrupted(exc, mode, recipe.epochs, end) from None
+    if not world.main:
+        return
 
     if finetune:
         best_state = result.best_state
@@ -258,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         wall_seconds=round(wall, 2), epoch_seconds=[round(s, 3) for s in result.epoch_seconds],
         train_images_per_second=round(result.train_images_per_second, 2),
         resumed_after_epoch=start.epoch if start else None,
+        processes=world.size,
     ))
     state.remove()  # the outputs hold this run's results now: nothing left to resume
     print(f"train@{mode}: best val acc {result.best_acc:.4f} at epoch {result.best_epoch}, "

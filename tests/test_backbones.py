@@ -103,7 +103,7 @@ def test_new_head_and_feature_extraction(arch: str, head_name: str, size: int) -
     loader = DataLoader(TensorDataset(images, torch.tensor([2])), batch_size=1)
     optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7)
-    train_model(model, {"train": loader, "val": loader}, nn.CrossEntropyLoss(), optimizer, scheduler, 1,
+    train_model(model, {"train": loader, "val": loader}, nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler, 1,
                 torch.device("cpu"), train_only=layer, log=False)
     hook.remove()
 

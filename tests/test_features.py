@@ -82,7 +82,7 @@ def uncached(params_path: Path, data: Path, weights: Path) -> tuple[dict[str, to
     }
     optimizer = optim.SGD(trained, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
-    result = train_model(model, loaders, nn.CrossEntropyLoss(), optimizer, scheduler, recipe.epochs, CPU,
+    result = train_model(model, loaders, nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler, recipe.epochs, CPU,
                          prepare=lambda batch: model_input(batch, pre, CPU),
                          train_only=None if update else model.get_submodule(head.name), log=False)
     return result.best_state, [r.as_row() for r in result.history]

@@ -196,3 +196,51 @@ def test_ctrl_c_in_dvc_repro_resumes_to_the_same_results(pipeline: Pipeline, tmp
         assert (straight / path).read_bytes() == (repo.root / path).read_bytes(), path
     assert results(straight / "train.json") == results(repo.root / "reports" / "finetune" / "train.json")
     assert results(straight / "train.json")["epochs"] == epochs
+
+
+def outputs(root: Path, mode: str) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, torch.Tensor]]:
+    """A train stage's history rows, run record and checkpoint in the project ``root``."""
+    with (root / "plots" / mode / "history.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    record = json.loads((root / "reports" / mode / "train.json").read_text())
+    return rows, record, torch.load(root / "models" / f"{mode}.pt", map_location="cpu", weights_only=True)
+
+
+def test_two_processes_through_dvc_repro(pipeline: Pipeline, tmp_path: Path) -> None:
+    """``train.distributed.nproc_per_node: 2`` reruns both train stages (not the features, which
+    are the same from any number of processes), each through torchrun on 2 gloo processes.
+
+    Each stage prints its summary and epochs once (process 0 writes and speaks), leaves no
+    temporary file, and writes a plain state_dict with the single-process run's keys and
+    sidecar. feature_extract, whose head has no BatchNorm, ends with the single process's
+    weights and history to float rounding: its metrics count every image once. finetune's
+    BatchNorm normalises each process's share of a step, so it matches in format, not in
+    numbers (the loop on a network without BatchNorm: tests/test_distributed.py).
+    """
+    repo = copy_repo(pipeline.repo, tmp_path)
+    single = {mode: outputs(pipeline.repo.root, mode) for mode in MODES}
+    repo.set_params({"train.distributed.nproc_per_node": 2})
+    run = repo.dvc("repro", *(f"train@{mode}" for mode in MODES), timeout=300)
+    assert "'features' didn't change" in run.stdout, run.stdout
+    for mode in MODES:
+        assert run.stdout.count(f"train@{mode}: best val acc") == 1, run.stdout
+        assert run.stdout.count("Epoch 2/2") == 2, run.stdout
+        assert f"{mode}: resnet18" in run.stdout and "2 processes" in run.stdout, run.stdout
+        for folder in (repo.root / "models", repo.root / "plots" / mode, repo.root / "reports" / mode):
+            assert leftovers(folder) == [], folder
+        rows, record, state = outputs(repo.root, mode)
+        single_rows, single_record, single_state = single[mode]
+        assert record["processes"] == 2 and single_record["processes"] == 1
+        assert state.keys() == single_state.keys()
+        meta = json.loads((repo.root / "models" / f"{mode}.json").read_text())
+        assert meta.keys() == json.loads((pipeline.repo.root / "models" / f"{mode}.json").read_text()).keys()
+        assert [row["epoch"] for row in rows] == ["1", "2"] and record["epochs"] == 2
+        if mode == "feature_extract":
+            for key, value in single_state.items():
+                torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+            for got, want in zip(rows, single_rows, strict=True):
+                assert {k: float(v) for k, v in got.items()} == pytest.approx(
+                    {k: float(v) for k, v in want.items()}, rel=1e-5, abs=1e-6)
+            assert record["best_epoch"] == single_record["best_epoch"]
+    status = repo.dvc("status", *(f"train@{mode}" for mode in MODES)).stdout
+    assert status.strip() == "Data and pipelines are up to date.", status

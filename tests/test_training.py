@@ -53,7 +53,7 @@ def run(plan: list[int], step_size: int = 10, gamma: float = 0.1) -> tuple[Scrip
     model = Scripted(plan)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-    result = train_model(model, loaders(), nn.CrossEntropyLoss(), optimizer, scheduler, len(plan),
+    result = train_model(model, loaders(), nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler, len(plan),
                          torch.device("cpu"), log=False)
     return model, result
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 
 from transfer.augment import augmented_view
+from transfer.distributed import IGNORE, World
 from transfer.errors import UserError
 from transfer.images import ImageCache
 from transfer.interrupts import quiet_loader_worker
@@ -103,6 +104,55 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return iter([(view, index) for index in order])
 
 
+class ShardedBatches(Sampler[list[tuple[tuple[int, int], bool]]]):
+    """This process's share of each batch of ``sampler``'s epoch, for several processes
+    training as one: global batch ``s`` holds the pairs a single process would batch
+    together, split in contiguous shares (see :mod:`transfer.distributed`).
+
+    Yields ``(pair, real)`` lists for :class:`Shard`. A process whose share of a step is empty
+    gets the step's first pair with ``real`` False, so that it takes part in every step.
+    """
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, world: World) -> None:
+        self.sampler, self.batch_size, self.world = sampler, batch_size, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[tuple[int, int], bool]]]:
+        pairs = list(self.sampler)
+        for start in range(0, len(pairs), self.batch_size):
+            step = pairs[start:start + self.batch_size]
+            share = self.world.share(step)
+            yield [(pair, True) for pair in share] if share else [(step[0], False)]
+
+
+class Shard(Dataset[tuple[torch.Tensor, int]]):
+    """``(pair, real)`` -> the item of ``dataset``, labelled :data:`IGNORE` where not ``real``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[tuple[int, int], bool]) -> tuple[torch.Tensor, int]:
+        pair, real = key
+        data, label = self.dataset[pair]
+        return data, label if real else IGNORE
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell ``loader``'s sampler (or batch sampler) which epoch comes: it decides order and views."""
+    for sampler in (loader.batch_sampler, loader.sampler):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
+
+
 class TrainImages(Dataset[tuple[torch.Tensor, int]]):
     """``(view, index)`` -> view ``view`` of training image ``index`` (seeded random crop and
     flip) as uint8 CHW pixels, and its label; ``augment=False`` gives the validation crop."""
@@ -160,9 +210,13 @@ class FeatureViews(Dataset[tuple[torch.Tensor, int]]):
 
 
 def make_loader(dataset: Dataset, sampler: EpochSampler, *, batch_size: int, workers: int,
-                device: torch.device) -> DataLoader:
-    """A DataLoader over ``sampler``'s pairs; pinned memory for non-blocking copies to CUDA.
-    Its workers end quietly on Ctrl-C and SIGTERM, leaving the message to the main process."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=quiet_loader_worker if workers else None)
+                device: torch.device, world: World | None = None) -> DataLoader:
+    """A DataLoader over ``sampler``'s pairs in batches of ``batch_size``: with several processes
+    (``world``), this process's share of each (:class:`ShardedBatches`). Pinned memory for
+    non-blocking copies to CUDA. Its workers end quietly on Ctrl-C and SIGTERM, leaving the
+    message to the main process."""
+    options = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+               "worker_init_fn": quiet_loader_worker if workers else None}
+    if world is not None and world.size > 1:
+        return DataLoader(Shard(dataset), batch_sampler=ShardedBatches(sampler, batch_size, world), **options)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)

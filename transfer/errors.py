@@ -9,6 +9,7 @@ end a stage with one ``interrupted by ...`` line too (see :mod:`transfer.interru
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -35,14 +36,21 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     or SIGHUP: 1 for an error, else 128 + the signal's number as a shell reports it (130 for
     Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     try:
-        with interrupts_raise():
+        with interrupts_raise(exiting=True):
             main(argv)
     except UserError as exc:
         message = " ".join(str(exc).split("\n"))
-        print(f"error: {message}", file=sys.stderr)
+        say(f"error: {message}")
         sys.exit(1)
     except KeyboardInterrupt as exc:
         interrupted = Interrupted.of(exc)
         detail = interrupted.detail or "nothing was written to the stage's outputs"
-        print(f"interrupted by {interrupted.signal_name}: {detail}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # of several training processes, the first speaks for all
+            say(f"interrupted by {interrupted.signal_name}: {detail}")
         sys.exit(interrupted.exit_code)
+
+
+def say(line: str) -> None:
+    """``line`` on stderr in one write, so that lines of processes sharing it never interleave."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()

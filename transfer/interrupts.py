@@ -52,17 +52,22 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
+    # One is enough: a second (torchrun passing on the signal its processes got as well, a
+    # second Ctrl-C) must not cut short the clean-up that the first one started.
+    for other in SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
 @contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
+def interrupts_raise(exiting: bool = False) -> Iterator[None]:
     """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`.
 
     A signal that is ignored when the block starts stays ignored (a background job of a
     non-interactive shell starts with SIGINT ignored, and ``nohup``-like launchers ignore
-    others on purpose). Outside the main thread, where Python cannot set handlers, nothing
-    changes.
+    others on purpose). Once one has arrived, further ones are ignored while the clean-up
+    runs; ``exiting``: the process ends after the block, so they stay ignored after it too.
+    Outside the main thread, where Python cannot set handlers, nothing changes.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -73,9 +78,16 @@ def interrupts_raise() -> Iterator[None]:
             signal.signal(signum, _raise)
     try:
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    except BaseException as exc:
+        if not (exiting and isinstance(exc, KeyboardInterrupt)):
+            _restore(previous)
+        raise
+    _restore(previous)
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -67,6 +67,11 @@ class ModeParams:
 
 
 @dataclass(frozen=True)
+class FinetuneParams(ModeParams):
+    sync_batchnorm: bool
+
+
+@dataclass(frozen=True)
 class FeatureExtractParams(ModeParams):
     batchnorm: Literal["frozen", "update"]
     views: int | Auto = field(metadata={"min": 0})
@@ -77,12 +82,23 @@ class FeatureExtractParams(ModeParams):
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    """Processes that train together (see :mod:`transfer.distributed`)."""
+
+    nproc_per_node: int = field(metadata=_positive())
+    nnodes: int = field(metadata=_positive())
+    backend: Literal["auto", "nccl", "gloo"]
+    rdzv_endpoint: str | None = field(metadata={"pattern": r"[^:\s]+:\d+", "what": "host:port"})
+
+
+@dataclass(frozen=True)
 class TrainParams:
     batch_size: int = field(metadata=_positive())
     amp: bool
     deterministic: bool
-    finetune: ModeParams
+    finetune: FinetuneParams
     feature_extract: FeatureExtractParams
+    distributed: DistributedParams
 
     def mode(self, name: str) -> ModeParams:
         return getattr(self, name)

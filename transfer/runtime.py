@@ -29,9 +29,10 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def configure_threads(setting: int | str) -> int:
-    """Set torch's intra-op threads (``auto``: one per available core); return the count."""
-    threads = available_cores() if setting == "auto" else int(setting)
+def configure_threads(setting: int | str, processes: int = 1) -> int:
+    """Set torch's intra-op threads (``auto``: the available cores shared among ``processes``
+    training on this machine); return the count."""
+    threads = max(1, available_cores() // processes) if setting == "auto" else int(setting)
     torch.set_num_threads(threads)
     return threads
 

@@ -27,6 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from transfer.data import set_epoch
+from transfer.distributed import IGNORE, World
+
 
 @dataclass
 class EpochRecord:
@@ -103,6 +106,7 @@ def train_model(
     start: Progress | None = None,
     on_epoch: Callable[[Progress], None] | None = None,
     log: bool = True,
+    world: World | None = None,
 ) -> TrainResult:
     """Train for ``num_epochs``; return the best epoch's weights (on the CPU) and the history.
 
@@ -113,8 +117,15 @@ def train_model(
     out and save what resuming needs). ``start``: the progress of an interrupted run, whose
     model, optimizer, scheduler and random generators the caller has restored; training
     goes on with the epoch after ``start.epoch``.
+
+    ``criterion`` sums over a batch (``reduction="sum"``): each step's gradient is that sum
+    divided by the step's number of images, the tutorial's mean loss. ``world``: several
+    processes training as one (see :mod:`transfer.distributed`); each gets its share of
+    every batch from its loaders, and the sums and counts cover all of them.
     """
+    world = world or World()
     prepare = prepare or (lambda batch: batch.to(device, non_blocking=True))
+    net = world.wrap(model, device)  # DistributedDataParallel across processes; the model itself in one
     dataset_sizes = {phase: len(loader.dataset) for phase, loader in loaders.items()}  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     best_state = _cpu_copy(model)
@@ -136,15 +147,14 @@ def train_model(
         for phase in ["train", "val"]:
             training = phase == "train"
             set_train_mode(model, training, train_only)
-            sampler = loaders[phase].sampler
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+            set_epoch(loaders[phase], epoch)
             phase_start = time.perf_counter()
             running_loss = torch.zeros((), device=device, dtype=torch.float64)
             running_corrects = torch.zeros((), device=device, dtype=torch.int64)
+            running_images = torch.zeros((), device=device, dtype=torch.int64)
 
             bar = tqdm(loaders[phase], desc=f"epoch {epoch}/{num_epochs} {phase}", unit="batch",
-                       leave=False, disable=None)
+                       leave=False, disable=None if world.main else True)
             for inputs, labels in bar:
                 inputs = prepare(inputs)
                 labels = labels.to(device, non_blocking=True)
@@ -152,22 +162,29 @@ def train_model(
 
                 grad_mode = torch.enable_grad() if training else torch.inference_mode()
                 with grad_mode, autocast(device, amp):
-                    outputs = model(inputs)
+                    outputs = net(inputs)
                     _, preds = torch.max(outputs, 1)
-                    loss = criterion(outputs, labels)
+                    loss = criterion(outputs, labels)  # summed over this process's images
 
-                if training:
-                    scaler.scale(loss).backward()
+                images = torch.sum(labels != IGNORE)
+                if training:  # the mean over the step's images (DDP averages over processes)
+                    (step_images,) = world.sum(images)
+                    scaler.scale(loss * world.size / step_images).backward()
                     scaler.step(optimizer)
                     scaler.update()
 
-                running_loss += loss.detach().double() * inputs.size(0)
+                running_loss += loss.detach().double()
                 running_corrects += torch.sum(preds == labels)
+                running_images += images
             if training:
                 scheduler.step()
+                world.broadcast_buffers(model)  # every process validates process 0's model
                 train_seconds += time.perf_counter() - phase_start
 
+            running_loss, running_corrects, running_images = world.sum(running_loss, running_corrects,
+                                                                       running_images)
             size = dataset_sizes[phase]
+            assert running_images.item() == size, f"{phase}: {running_images.item()} of {size} images counted"
             stats[phase] = (running_loss.item() / size, running_corrects.item() / size)
 
         (train_loss, train_acc), (val_loss, val_acc) = stats["train"], stats["val"]
@@ -180,7 +197,7 @@ def train_model(
         if on_epoch is not None:
             on_epoch(Progress(epoch, best_acc, best_epoch, best_state, list(history), list(epoch_seconds),
                               train_seconds, scaler.state_dict()))
-        if log:
+        if log and world.main:
             tqdm.write(
                 f"Epoch {epoch}/{num_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                 f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2g}  {epoch_seconds[-1]:.1f}s"

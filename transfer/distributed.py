@@ -1,0 +1,257 @@
+"""Training on several processes, GPUs or machines: torch.distributed, started by torchrun.
+
+With ``train.distributed`` asking for one process (the default), nothing here does anything
+and a stage runs exactly as it always has. With more, the stage starts itself again under
+torchrun (:func:`launch`: torch's own launcher, run in the stage's process), once per
+process; each of those joins the process group (:func:`process_group`) and learns its place
+in it (:class:`World`).
+
+What the processes share, and how:
+
+- **The global batch.** ``train.batch_size`` is the number of images per optimisation step,
+  whatever the number of processes: each step's images are those a single process would
+  use, split in contiguous shares (see :class:`transfer.data.ShardedBatches`). Where a step
+  has fewer images than processes (the last, short step of an epoch), a process without an
+  image gets a copy of one labelled :data:`IGNORE`, which the loss and the counts skip, so
+  that every process takes part in every step. DistributedDataParallel averages the
+  gradients over processes; weighting each process's summed loss by ``processes / images
+  in the step`` makes that average the mean over the step's images, as in one process.
+- **The numbers.** Losses, correct predictions and image counts are summed over processes
+  (:meth:`World.sum`), so every metric covers the whole data set, and every process reaches
+  the same best epoch.
+- **BatchNorm.** Each process normalises with its own share's statistics unless
+  ``train.finetune.sync_batchnorm`` is on (CUDA only: torch's SyncBatchNorm does not run on the CPU). The
+  running statistics that the model keeps are process 0's, given to the others after each
+  training phase (:meth:`World.broadcast_buffers`), so all of them validate the same model.
+- **The outputs.** Only process 0 (:attr:`World.main`) writes files or prints progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from transfer.errors import ParamError, UserError
+from transfer.params import DistributedParams
+
+#: The label of a place in a batch that holds no image of the step (see the module's doc);
+#: CrossEntropyLoss ignores it by default, and no prediction equals it.
+IGNORE = -100
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes: the whole world is one process
+    unless torchrun started this one."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the outputs and prints progress."""
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """Each process of a CUDA run on its own GPU: ``cuda:<local rank>``."""
+        if device.type == "cuda" and self.size > 1:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def share(self, items: Sequence[T]) -> Sequence[T]:
+        """This process's contiguous share of ``items`` (shares differ in length by one at most)."""
+        base, extra = divmod(len(items), self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return items[start:start + base + (self.rank < extra)]
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """DistributedDataParallel around ``model`` where there are several processes.
+
+        Buffers (BatchNorm's running statistics) are synced when it is made, not before
+        every step: they only matter in evaluation, and :meth:`broadcast_buffers` aligns them
+        before that.
+        """
+        if self.size == 1:
+            return model
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+
+    def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor summed over all processes (itself in one process)."""
+        if self.size == 1:
+            return list(values)
+        summed = []
+        for value in values:
+            value = value.clone()
+            dist.all_reduce(value)
+            summed.append(value)
+        return summed
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Give every process process 0's buffers (BatchNorm's running statistics)."""
+        if self.size > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def broadcast_object(self, value: T) -> T:
+        """Process 0's ``value`` on every process (a resume state, a decision)."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+    def gather(self, mine: Iterator[T], rounds: int) -> Iterator[T]:
+        """Every process's items on process 0, one from each process per round, for
+        ``rounds`` rounds (a process with none left sends nothing); nothing elsewhere."""
+        for _ in range(rounds):
+            item = next(mine, None)
+            if self.size == 1:
+                if item is not None:
+                    yield item
+                continue
+            received: list[T | None] | None = [None] * self.size if self.main else None
+            dist.gather_object(item, received, dst=0)
+            yield from (x for x in received or () if x is not None)
+
+
+def current() -> World:
+    """This process's world, from the variables torchrun sets (one process without them)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return World()
+    return World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
+                 local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                 local_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def backend(setting: str, device: torch.device) -> str:
+    """``auto``: NCCL for CUDA, gloo otherwise (the CPU)."""
+    if setting != "auto":
+        return setting
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def check(settings: DistributedParams, device: torch.device, *, sync_batchnorm: bool = False) -> None:
+    """Fail at start-up, with one line, on a distributed setting this machine cannot run."""
+    if processes(settings) == 1:
+        return
+    if settings.nnodes > 1 and not settings.rdzv_endpoint:
+        raise ParamError("train.distributed.rdzv_endpoint", "must be host:port, reachable from every node, "
+                         f"when nnodes is {settings.nnodes}, got null")
+    if device.type not in ("cpu", "cuda"):
+        raise ParamError("train.distributed.nproc_per_node", f"must be 1 on {device.type}: torch.distributed "
+                         "runs on CUDA and the CPU")
+    if backend(settings.backend, device) == "nccl" and device.type != "cuda":
+        raise ParamError("train.distributed.backend", "nccl needs CUDA; use gloo (or auto) on the CPU")
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ParamError("device", f"must be cuda or auto with several processes (each uses the GPU of its "
+                             f"local rank), got {device}")
+        if settings.nproc_per_node > torch.cuda.device_count():
+            raise ParamError("train.distributed.nproc_per_node", f"is {settings.nproc_per_node}, but this machine "
+                             f"has {torch.cuda.device_count()} CUDA device(s): one process per GPU")
+    if sync_batchnorm and device.type != "cuda":
+        raise ParamError("train.finetune.sync_batchnorm", "needs CUDA: torch's SyncBatchNorm does not run "
+                         "on the CPU (set it to false)")
+
+
+def processes(settings: DistributedParams) -> int:
+    """How many processes the settings ask for, over all nodes."""
+    return settings.nproc_per_node * settings.nnodes
+
+
+def torchrun_args(settings: DistributedParams, module: str, argv: Sequence[str], run_id: str) -> list[str]:
+    """torchrun's command line for ``python -m module argv`` in every process.
+
+    One node: a rendezvous on a free local port (``--standalone``), so that runs side by side
+    (``dvc queue start -j 2``) never meet. Several: c10d rendezvous at ``rdzv_endpoint``, under
+    an id that every node derives from the same run, so that nodes started by hand or by a
+    scheduler find each other.
+    """
+    where = (["--standalone"] if settings.nnodes == 1 else
+             ["--rdzv-backend", "c10d", "--rdzv-endpoint", settings.rdzv_endpoint, "--rdzv-id", run_id])
+    return ["--nnodes", str(settings.nnodes), "--nproc-per-node", str(settings.nproc_per_node), *where,
+            "--max-restarts", "0", "--module", module, *argv]
+
+
+def run_id(*parts: object) -> str:
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def start(settings: DistributedParams, world: World, module: str, argv: Sequence[str] | None, *, threads: int,
+          run: str) -> bool:
+    """Whether this process has only launched the processes that ``settings`` ask for (each runs
+    ``python -m module argv`` again) and waited for them: then the stage is done here.
+    False where this process is one of them, or the only one."""
+    wanted = processes(settings)
+    if world.size == wanted:
+        return False
+    if world.size > 1:
+        raise UserError(f"started as one of {world.size} processes, but train.distributed asks for {wanted}: "
+                        "run the stage without torchrun, it starts its own")
+    launch(settings, module, sys.argv[1:] if argv is None else argv, threads=threads, run=run)
+    return True
+
+
+def launch(settings: DistributedParams, module: str, argv: Sequence[str], *, threads: int, run: str) -> None:
+    """Run ``python -m module argv`` in ``settings``' processes through torchrun, in this process,
+    and return once all have finished; raise SystemExit with their status if any failed.
+
+    The processes print their own lines (process 0 what a single process would); torchrun's
+    own log is kept to what it must say. ``threads``: torch threads per process, passed as
+    OMP_NUM_THREADS so that torchrun does not choose one.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun(parse_args(torchrun_args(settings, module, argv, run)))
+    except ChildFailedError as exc:
+        # The cause: a process that failed by itself (an error, a traceback), not one that
+        # torchrun stopped because another had failed.
+        failures = sorted(exc.failures.items(), key=lambda item: (not 0 < item[1].exitcode < 128, item[0]))
+        rank, cause = failures[0]
+        if cause.exitcode < 0:  # killed by a signal (the kernel's OOM killer, kill -9): nobody else says so
+            print(f"error: training process {rank} was killed by signal {-cause.exitcode}", file=sys.stderr)
+            raise SystemExit(128 - cause.exitcode) from None
+        raise SystemExit(cause.exitcode) from None
+    except SignalException as exc:  # torchrun passed the signal on to the processes, which said what they did
+        raise SystemExit(128 + int(exc.sigval)) from None
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device, backend_name: str) -> Iterator[None]:
+    """Join the process group torchrun set up (nothing in one process); leave it at the end."""
+    if world.size == 1:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend_name, device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot join the training processes' group ({backend_name}): {exc}") from None
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
