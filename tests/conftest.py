@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -359,6 +360,31 @@ def leftovers(folder: Path) -> list[str]:
         return []
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and
                   (p.name.endswith(".tmp") or p.name.endswith(".old")))
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    """Live processes (not zombies) of process group ``pgid``."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(status.parent.name))
+    return found
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Poll ``condition`` while ``process`` runs; fail if it ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the stage ended first ({process.returncode}):\n{process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("timed out")
+        time.sleep(0.05)
 
 
 def stage_env() -> dict[str, str]:

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, leftovers, stage_env
+from conftest import REPO_ROOT, leftovers, processes_in_group, run_module, stage_env, wait_for
 from imagefolders import (
     assert_same_run,
     make_image_folders,
@@ -281,30 +280,6 @@ def test_interrupted_before_an_epoch_finished(tmp_path: Path, data: Path, weight
 # --------------------------------------------------------------------------- SIGTERM
 
 
-def processes_in_group(pgid: int) -> list[int]:
-    """Live processes (not zombies) of process group ``pgid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            pytest.fail(f"the stage ended first ({process.returncode}):\n{process.communicate()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("timed out")
-        time.sleep(0.05)
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_stops_training_like_ctrl_c(tmp_path: Path, data: Path, weights: Path,
                                            straight: Callable[[str], Path],
@@ -344,3 +319,38 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path: Path, data: Path, weights:
     assert f"train@finetune: resuming after epoch {done} of 3" in capsys.readouterr().out
     assert_same_run(straight("finetune"), out, "finetune")
     assert not (out / FOLDER).exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_two_processes_stopped_by_sigterm_resume_to_the_same_results(tmp_path: Path, data: Path,
+                                                                     weights: Path) -> None:
+    """The same through torchrun on 2 processes, SIGTERM to all of them and to torchrun (as
+    systemd and Kubernetes send) after the first epoch: 143, the one line of process 0 and
+    nothing else (not torchrun's report), no process left. Started again, process 0 reads the
+    state and hands it to the other, and the run ends as an uninterrupted 2-process run does,
+    bit for bit."""
+    params = tiny_params(tmp_path / "params.yaml", {**recipe("finetune"), "train.distributed.nproc_per_node": 2})
+    straight = tmp_path / "straight"
+    assert run_module("stages.train", train_argv("finetune", params, data, weights, straight),
+                      timeout=180).returncode == 0
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "stages.train", *train_argv("finetune", params, data, weights, out)]
+    process = subprocess.Popen(argv, cwd=REPO_ROOT, env=stage_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: bool(states(out)), process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 143, stderr
+    (line,) = [line for line in stderr.splitlines() if line.strip()]
+    match = re.fullmatch(r"interrupted by SIGTERM: train@finetune stopped after epoch (\d) of 3 and saved its "
+                         r"state in .*; run it again with the same inputs and params \(dvc repro\) to resume "
+                         r"from there", line)
+    assert match, stderr
+    assert processes_in_group(process.pid) == []
+    assert not (out / "finetune.pt").exists() and leftovers(out) == leftovers(out / FOLDER) == []
+
+    resumed = run_module("stages.train", argv[3:], timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"train@finetune: resuming after epoch {match.group(1)} of 3" in resumed.stdout
+    assert_same_run(straight, out, "finetune")

@@ -223,7 +223,9 @@ def launch(settings: DistributedParams, module: str, argv: Sequence[str], *, thr
     from torch.distributed.run import run as torchrun
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):  # each of torchrun's modules sets its own level
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         torchrun(parse_args(torchrun_args(settings, module, argv, run)))
     except ChildFailedError as exc:
