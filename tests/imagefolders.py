@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torchvision
 from conftest import CLASS_COLOURS, make_image, write_params
@@ -159,3 +160,18 @@ def assert_same_run(a: Path, b: Path, mode: str) -> None:
         assert torch.equal(state_a[key], state_b[key]), key
     assert read_meta(a / f"{mode}.pt") == read_meta(b / f"{mode}.pt")
     assert (a / f"{mode}.pt").read_bytes() == (b / f"{mode}.pt").read_bytes(), "same tensors, other bytes"
+
+
+def assert_close_run(a: Path, b: Path, mode: str, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """As :func:`assert_same_run`, to float rounding: for runs whose sums add up in another
+    order (several processes), so the same epochs, best epoch and numbers, not the same bits."""
+    rows_a, results_a, state_a = run_outputs(a, mode)
+    rows_b, results_b, state_b = run_outputs(b, mode)
+    assert (results_a["epochs"], results_a["best_epoch"]) == (results_b["epochs"], results_b["best_epoch"])
+    for row_a, row_b in zip(rows_a, rows_b, strict=True):
+        assert {k: float(v) for k, v in row_b.items()} == pytest.approx(
+            {k: float(v) for k, v in row_a.items()}, rel=rtol, abs=atol)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=rtol, atol=atol)
+    assert read_meta(a / f"{mode}.pt").keys() == read_meta(b / f"{mode}.pt").keys()

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import leftovers, run_module
-from imagefolders import features_argv, make_image_folders, tiny_params, train_argv
+from conftest import REPO_ROOT, leftovers, run_module, stage_env
+from imagefolders import assert_close_run, features_argv, make_image_folders, tiny_params, train_argv
 from torch import nn
 from torch.utils.data import Dataset
 
+import stages.features
 import stages.train
+import stages.weights
 from transfer import distributed
 from transfer.data import EpochSampler, ShardedBatches, make_loader
 from transfer.distributed import IGNORE, World
@@ -202,3 +207,30 @@ def test_an_error_in_the_processes_is_their_line_and_their_status(tmp_path: Path
     expected = f"error: {tmp_path / 'w.json'} does not exist: run the stage that writes {tmp_path / 'w.pt'} first"
     assert set(lines) == {expected} and len(lines) <= 2, proc.stderr  # whole lines, never interleaved
     assert sorted(os.listdir(tmp_path)) == ["params.yaml"]  # no output, no temporary file
+
+
+def test_two_nodes_meet_at_the_rendezvous_endpoint_and_one_writes(tmp_path: Path) -> None:
+    """Two "machines" of one process each, here on loopback: the stage started on each (as a
+    cluster's launcher would), both with ``nnodes: 2`` and the same ``rdzv_endpoint``. They
+    train as one, global process 0 alone writes (to its own copy of the output paths), and
+    the result is the single process's to float rounding (feature_extract: no BatchNorm)."""
+    data = make_image_folders(tmp_path / "data", n_train=3, n_val=2)
+    weights = tmp_path / "pretrained.pt"
+    one = tiny_params(tmp_path / "one.yaml", {"train.feature_extract.epochs": 2})
+    stages.weights.main(["--params", str(one), "--out", str(weights)])
+    stages.features.main(features_argv(one, data, weights, tmp_path))
+    stages.train.main(train_argv("feature_extract", one, tmp_path / "features", weights, tmp_path / "single"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = tiny_params(tmp_path / "nodes.yaml", {"train.feature_extract.epochs": 2, "train.distributed.nnodes": 2,
+                                                  "train.distributed.rdzv_endpoint": f"127.0.0.1:{port}"})
+    argv = {node: train_argv("feature_extract", nodes, tmp_path / "features", weights, tmp_path / f"node{node}")
+            for node in (0, 1)}
+    started = [subprocess.Popen([sys.executable, "-m", "stages.train", *argv[node]], cwd=REPO_ROOT, env=stage_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    finished = [process.communicate(timeout=180) for process in started]
+    assert [process.returncode for process in started] == [0, 0], finished
+    written = [node for node in (0, 1) if (tmp_path / f"node{node}").exists()]
+    assert len(written) == 1, "one node, the one of global process 0, writes"
+    assert_close_run(tmp_path / "single", tmp_path / f"node{written[0]}", "feature_extract")
