@@ -13,6 +13,7 @@ one small module per concern:
 - ``models`` (backbones and heads), ``checkpoints`` (state_dict files and their sidecars),
   ``features`` (the frozen backbone's stored outputs);
 - ``devices``, ``reproducibility`` and ``runtime`` (where and how a stage runs, and its run
-  record); ``training`` (the tutorial's loop), ``resume`` (the state an interrupted run
-  continues from), ``evaluation`` and ``figures``.
+  record); ``distributed`` (several processes training as one, through torchrun);
+  ``training`` (the tutorial's loop), ``resume`` (the state an interrupted run continues
+  from), ``evaluation`` and ``figures``.
 """
