@@ -16,6 +16,10 @@ After every epoch it also saves the whole state of the run beside the checkpoint
 (``models/.resume/<mode>-<key>.pt``, see :mod:`transfer.resume`), so that a run stopped by
 Ctrl-C, SIGTERM, SIGHUP or even SIGKILL continues from its last finished epoch when started again with
 the same inputs and params, and ends with the same results as if it had never stopped.
+
+With ``train.distributed`` asking for several processes, the stage starts itself again under
+torchrun, once per process, and waits; each of those trains on its share of every step and
+process 0 writes the outputs (see :mod:`transfer.distributed`).
 """
 
 from __future__ import annotations
