@@ -384,6 +384,23 @@ def wait_for_queue(repo: DvcRepo, names: list[str], timeout: float = 300) -> dic
         time.sleep(3)
 
 
+# --------------------------------------------------------------------------- DVC's cache
+# A local-folder remote has the cache's layout, so these read a pushed remote too.
+
+def local_cache(repo: DvcRepo) -> Path:
+    return repo.root / ".dvc" / "cache"
+
+
+def cache_object(cache: Path, md5: str) -> Path:
+    """Where a cache (or remote) keeps the object ``md5`` (a ``.dir`` listing for a folder)."""
+    return cache / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def run_cache_entries(cache: Path) -> list[dict[str, Any]]:
+    """The run-cache entries in a cache (or remote): each a stage's ``cmd``, ``deps`` and ``outs``."""
+    return [yaml.safe_load(p.read_text(encoding="utf-8")) for p in (cache / "runs").glob("*/*/*")]
+
+
 # --------------------------------------------------------------------------- background runs
 
 @dataclass

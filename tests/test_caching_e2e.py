@@ -17,7 +17,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import yaml
 from conftest import DvcRepo
 from dvc_pipeline import (
     EXPERIMENT_LR,
@@ -28,6 +27,7 @@ from dvc_pipeline import (
     Pipeline,
     background,
     beside_pipeline,
+    cache_object,
     cached_stages,
     copy_repo,
     declared_outputs,
@@ -37,6 +37,7 @@ from dvc_pipeline import (
     pipeline_env,
     ran_stages,
     resolved_stages,
+    run_cache_entries,
     run_in_background,
     workspace_lock,
 )
@@ -186,13 +187,13 @@ def test_a_remote_shares_results_and_trained_runs_with_a_fresh_clone(experiments
     source.dvc("push", "--run-cache")
 
     stage_of = {stage["cmd"]: name for name, stage in resolved_stages(source.root).items()}
-    entries = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in (remote / "runs").glob("*/*/*")]
+    entries = run_cache_entries(remote)
     now = workspace_lock(source)  # the runs whose outputs the workspace holds
     shared = {stage_of[e["cmd"]]: e for e in entries if all(now[out["path"]] == out["md5"] for out in e["outs"])}
     assert set(shared) == set(declared_stages(source.root)), sorted(shared)
     for name in SHAREABLE:
         for out in shared[name]["outs"]:
-            assert (remote / "files" / "md5" / out["md5"][:2] / out["md5"][2:]).exists(), (name, out["path"])
+            assert cache_object(remote, out["md5"]).exists(), (name, out["path"])
 
     colleague = clone(source, tmp_path / "clone")
     missing = dvc_json(colleague, "status")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import error_line
-from imagefolders import make_image_folders, run_training, tiny_params
+from imagefolders import checkpoint, features_argv, make_image_folders, run_training, tiny_params, train_argv
 from torch import nn, optim
 from torch.optim import lr_scheduler
 
@@ -91,7 +91,7 @@ def uncached(params_path: Path, data: Path, weights: Path) -> tuple[dict[str, to
 def cached(tmp_path: Path, params_path: Path, data: Path,
            weights: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     out = run_training("feature_extract", params_path, data, weights, tmp_path / "cached")
-    state = torch.load(out / "feature_extract.pt", map_location="cpu", weights_only=True)
+    state = checkpoint(out, "feature_extract")
     with (out / "feature_extract" / "history.csv").open(newline="") as f:
         history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     return state, history
@@ -125,8 +125,7 @@ def test_stored_features_are_the_backbone_outputs_of_each_view(tmp_path: Path, d
     """train.npy holds, for view v of image i, what the head receives for that picture;
     val.npy the same for the validation crops; features.json says what they were made of."""
     params_path = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.views": 2})
-    stages.features.main(["--params", str(params_path), "--data", str(data), "--weights", str(weights),
-                          "--out", str(tmp_path / "features"), "--record", str(tmp_path / "features.json")])
+    stages.features.main(features_argv(params_path, data, weights, tmp_path))
     train_features = np.load(tmp_path / "features" / "train.npy")
     val_features = np.load(tmp_path / "features" / "val.npy")
     meta = json.loads((tmp_path / "features" / "features.json").read_text())
@@ -162,12 +161,9 @@ def test_a_head_only_change_trains_on_the_same_features(tmp_path: Path, data: Pa
     base = tiny_params(tmp_path / "base.yaml")
     out = run_training("feature_extract", base, data, weights, tmp_path / "base")
     other_lr = tiny_params(tmp_path / "lr.yaml", {"train.feature_extract.lr": 0.5})
-    stages.train.main(["--mode", "feature_extract", "--params", str(other_lr), "--inputs", str(out / "features"),
-                       "--weights", str(weights), "--model-out", str(tmp_path / "lr" / "feature_extract.pt"),
-                       "--history", str(tmp_path / "lr" / "history.csv"),
-                       "--record", str(tmp_path / "lr" / "train.json")])
-    first = torch.load(out / "feature_extract.pt", weights_only=True)
-    second = torch.load(tmp_path / "lr" / "feature_extract.pt", weights_only=True)
+    stages.train.main(train_argv("feature_extract", other_lr, out / "features", weights, tmp_path / "lr"))
+    first = checkpoint(out, "feature_extract")
+    second = checkpoint(tmp_path / "lr", "feature_extract")
     assert not torch.equal(first["fc.weight"], second["fc.weight"])
 
 
@@ -184,10 +180,8 @@ def test_stale_features_are_refused(tmp_path: Path, data: Path, weights: Path,
     are not trained on: one line says to rerun the features stage; nothing is written."""
     out = run_training("feature_extract", tiny_params(tmp_path / "a.yaml"), data, weights, tmp_path / "a")
     other = tiny_params(tmp_path / "b.yaml", {"train.feature_extract.views": 3})
-    line = stage_error(stages.train.main, [
-        "--mode", "feature_extract", "--params", str(other), "--inputs", str(out / "features"),
-        "--weights", str(weights), "--model-out", str(tmp_path / "b" / "feature_extract.pt"),
-        "--history", str(tmp_path / "b" / "history.csv"), "--record", str(tmp_path / "b" / "train.json")], capsys)
+    line = stage_error(stages.train.main, train_argv("feature_extract", other, out / "features", weights,
+                                                     tmp_path / "b"), capsys)
     assert "holds features computed with other params than these: run `dvc repro`" in line
     assert not (tmp_path / "b").exists()
 
@@ -196,8 +190,7 @@ def test_views_must_be_auto_with_batchnorm_update(tmp_path: Path, data: Path, we
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     params = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.batchnorm": "update",
                                                     "train.feature_extract.views": 2})
-    line = stage_error(stages.features.main, ["--params", str(params), "--data", str(data), "--weights", str(weights),
-                                              "--out", str(tmp_path / "features")], capsys)
+    line = stage_error(stages.features.main, features_argv(params, data, weights, tmp_path), capsys)
     assert line.startswith(f"error: {params}: train.feature_extract.views must be auto with batchnorm: update")
     assert not (tmp_path / "features").exists()
 
@@ -208,9 +201,8 @@ def test_a_model_that_computes_after_its_head_is_refused(tmp_path: Path, data: P
     for the model's, so the stage says to fine-tune it instead of training a wrong head."""
     params = tiny_params(tmp_path / "params.yaml", {"model.arch": "squeezenet1_1"})
     stages.weights.main(["--params", str(params), "--out", str(tmp_path / "pretrained.pt")])
-    line = stage_error(stages.features.main, ["--params", str(params), "--data", str(data),
-                                              "--weights", str(tmp_path / "pretrained.pt"),
-                                              "--out", str(tmp_path / "features")], capsys)
+    line = stage_error(stages.features.main, features_argv(params, data, tmp_path / "pretrained.pt", tmp_path),
+                       capsys)
     assert "squeezenet1_1 computes more after its classification head (classifier.1)" in line
     assert "train it with finetune" in line
 
@@ -223,9 +215,8 @@ def test_backbone_in_worker_processes_gives_the_same_features(tmp_path: Path, da
         params = tiny_params(tmp_path / f"{threads}.yaml",
                              {"runtime.threads": threads, "train.feature_extract.views": 2})
         out = tmp_path / f"threads{threads}"
-        stages.features.main(["--params", str(params), "--data", str(data), "--weights", str(weights),
-                              "--out", str(out), "--record", str(tmp_path / f"{threads}.json")])
-        arrays[threads] = [np.load(out / name) for name in ("train.npy", "val.npy")]
-        assert json.loads((tmp_path / f"{threads}.json").read_text())["threads"] == threads
+        stages.features.main(features_argv(params, data, weights, out))
+        arrays[threads] = [np.load(out / "features" / name) for name in ("train.npy", "val.npy")]
+        assert json.loads((out / "features.json").read_text())["threads"] == threads
     for one, two in zip(arrays[1], arrays[2], strict=True):
         np.testing.assert_allclose(one, two, atol=TOLERANCE, rtol=0)

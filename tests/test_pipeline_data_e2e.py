@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 from conftest import GIF_NAME, DvcRepo, LoopbackServer
+from dvc_pipeline import cache_object, local_cache
 
 from transfer.download import sha256_of
 
@@ -43,8 +44,7 @@ def test_repro_fetch_and_unzip(dvc_repo: DvcRepo, http_server: LoopbackServer, d
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     for stage, report in (("fetch", "reports/fetch.json"), ("unzip", "reports/data.json")):
         (out,) = [o for o in lock[stage]["outs"] if o["path"] == report]
-        cached = root / ".dvc" / "cache" / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
-        assert cached.read_bytes() == (root / report).read_bytes(), report
+        assert cache_object(local_cache(dvc_repo), out["md5"]).read_bytes() == (root / report).read_bytes(), report
         assert dvc_repo.git("check-ignore", report).strip() == report
 
     second = dvc_repo.dvc("repro", "unzip")

@@ -24,6 +24,7 @@ from dvc_pipeline import (
     Experiments,
     Pipeline,
     bar_axes,
+    cache_object,
     cached_stages,
     copy_repo,
     datum_point,
@@ -35,22 +36,20 @@ from dvc_pipeline import (
     expected_confusion,
     expected_points,
     in_dvc_cache,
+    local_cache,
     page_images,
     page_specs,
     plots_show,
     ran_stages,
     read_csv_rows,
     resolved_stages,
+    run_cache_entries,
+    workspace_lock,
 )
 from PIL import Image
 
 #: What metrics/<mode>.json holds: the numbers people compare across runs, nothing else.
 METRIC_KEYS = {"accuracy", "ci95_low", "ci95_high", "loss", "macro_f1", "best_epoch", "images"}
-
-
-def cache_object(root: Path, md5: str) -> Path:
-    """Where DVC's local cache keeps the object ``md5`` (a ``.dir`` listing for a folder)."""
-    return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 
 def test_repro_builds_every_output(pipeline: Pipeline) -> None:
@@ -77,17 +76,16 @@ def test_repro_builds_every_output(pipeline: Pipeline) -> None:
     in_git = {path for path, by_dvc in cached.items() if not by_dvc}
     assert in_git == set(declared["metrics"]) | {p for p in declared["plots"] if "history" not in p}
     assert in_git <= tracked, sorted(in_git - tracked)
-    hashes = {out["path"]: out["md5"] for stage in lock.values() for out in stage.get("outs", [])}
+    hashes = workspace_lock(repo)
     for path in (p for p, by_dvc in cached.items() if by_dvc):
         assert path not in tracked and not any(t.startswith(path + "/") for t in tracked), path
         assert repo.git("check-ignore", path).strip() == path
-        assert cache_object(root, hashes[path]).is_file(), f"{path} is not in DVC's cache"
+        assert cache_object(local_cache(repo), hashes[path]).is_file(), f"{path} is not in DVC's cache"
     assert set(declared["outs"]) <= {p for p, by_dvc in cached.items() if by_dvc}
     assert {p.split("/")[0] for p in declared["outs"]} == {"data", "models", "reports"}
 
     # One run-cache entry per stage, recognised by its command.
-    runs = [yaml.safe_load(p.read_text(encoding="utf-8"))
-            for p in (root / ".dvc" / "cache" / "runs").glob("*/*/*")]
+    runs = run_cache_entries(local_cache(repo))
     commands = {name: stage["cmd"] for name, stage in resolved_stages(root).items()}
     assert sorted(entry["cmd"] for entry in runs) == sorted(commands.values()), "a stage has no run-cache entry"
 

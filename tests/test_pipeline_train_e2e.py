@@ -29,9 +29,17 @@ import numpy as np
 import psutil
 import pytest
 import torch
-import yaml
 from conftest import find_metrics, leftovers
-from dvc_pipeline import MODES, PIPELINE_PARAMS, Pipeline, copy_repo, dvc_json, lock_hashes
+from dvc_pipeline import (
+    MODES,
+    PIPELINE_PARAMS,
+    Pipeline,
+    copy_repo,
+    dvc_json,
+    local_cache,
+    run_cache_entries,
+    workspace_lock,
+)
 from imagefolders import RESULTS
 
 import stages.train
@@ -179,8 +187,8 @@ def test_ctrl_c_in_dvc_repro_resumes_to_the_same_results(pipeline: Pipeline, tmp
     assert f"train@finetune: resuming after epoch {done} of {epochs} (state from models/.resume/finetune-" \
            in resumed.stdout, resumed.stdout
     assert not resume.exists()
-    lock = lock_hashes((repo.root / "dvc.lock").read_text(encoding="utf-8"))
-    runs = [yaml.safe_load(p.read_text()) for p in (repo.root / ".dvc" / "cache" / "runs").glob("*/*/*")]
+    lock = workspace_lock(repo)
+    runs = run_cache_entries(local_cache(repo))
     assert any({"path": "models/finetune.pt", "md5": lock["models/finetune.pt"]}.items() <= out.items()
                for run in runs for out in run["outs"]), "the resumed run is not in DVC's run-cache"
 

@@ -10,6 +10,7 @@ through the real DVC CLI in ``test_pipeline_train_e2e.py``.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import re
@@ -263,6 +264,36 @@ def test_other_params_do_not_pick_up_the_state(tmp_path: Path, data: Path, weigh
     assert "resuming after" not in printed and "Epoch 1/2" in printed
     assert history_epochs(out / "finetune" / "history.csv") == [1, 2]
     assert not (out / FOLDER).exists()
+
+
+def test_damaged_state_is_reported_and_training_starts_over(tmp_path: Path, data: Path, weights: Path,
+                                                           straight: Callable[[str], Path],
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A state torn under the run's own name (a disk that filled up, a copy cut short) cannot
+    be resumed from, but must not fail the run or be ignored in silence: one warning names the
+    file, and the run trains from epoch 1 to the results of a run that never stopped."""
+    interrupt_at_step(monkeypatch, STEPS_PER_EPOCH + 1)
+    with pytest.raises(Interrupted):
+        train(tmp_path, "finetune", data, weights, recipe("finetune"), "out")
+    out = tmp_path / "out"
+    (name,) = states(out)
+    state = out / FOLDER / name
+    state.write_bytes(state.read_bytes()[:100] + b"\0garbage")
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    train(tmp_path, "finetune", data, weights, recipe("finetune"), "out")
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: cannot resume")]
+    assert len(warnings) == 1, captured.err
+    assert re.fullmatch(rf"warning: cannot resume from {re.escape(str(state))} \(.+\); starting from epoch 1",
+                        warnings[0]), warnings[0]
+    assert "resuming after" not in captured.out and "Epoch 1/3" in captured.out
+    assert history_epochs(out / "finetune" / "history.csv") == [1, 2, 3]
+    assert json.loads((out / "finetune" / "train.json").read_text())["resumed_after_epoch"] is None
+    assert_same_run(straight("finetune"), out, "finetune")
+    assert states(out) == [] and not (out / FOLDER).exists()
 
 
 def test_interrupted_before_an_epoch_finished(tmp_path: Path, data: Path, weights: Path,

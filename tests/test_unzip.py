@@ -74,6 +74,21 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+def previous_output(tmp_path: Path) -> tuple[list[str], bytes]:
+    """The good output's file names and its report's bytes, taken before a run that must fail
+    without touching them."""
+    return files_under(tmp_path / "out" / "data"), (tmp_path / "metrics" / "data.json").read_bytes()
+
+
+def assert_previous_output_intact(tmp_path: Path, before: tuple[list[str], bytes]) -> None:
+    """A failed run leaves the previous good output and report as they were, and no temporary
+    file or folder beside either: the next ``dvc repro`` must find them usable."""
+    files, report = before
+    assert files_under(tmp_path / "out" / "data") == files
+    assert (tmp_path / "metrics" / "data.json").read_bytes() == report
+    assert leftovers(tmp_path / "out") == [] and leftovers(tmp_path / "metrics") == []
+
+
 def add_member(archive: Path, name: str, data: bytes = b"x", mode: int = stat.S_IFREG | 0o644,
                compress_type: int = zipfile.ZIP_STORED) -> None:
     """Append one member with the given Unix mode (e.g. a symlink) to an existing zip."""
@@ -196,13 +211,10 @@ def test_failure_keeps_previous_good_output(make_zip: MakeZip, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """A bad archive after a good one leaves the good output and its report untouched."""
     run_ok(make_zip(tmp_path / "good.zip"), tmp_path)
-    before = files_under(tmp_path / "out" / "data")
-    report_before = (tmp_path / "metrics" / "data.json").read_bytes()
+    before = previous_output(tmp_path)
     bad = make_zip(tmp_path / "bad.zip", n_val=0)
     assert "no val/ split" in run_failing(bad, tmp_path, capsys)
-    assert files_under(tmp_path / "out" / "data") == before
-    assert (tmp_path / "metrics" / "data.json").read_bytes() == report_before
-    assert leftovers(tmp_path / "out") == []
+    assert_previous_output_intact(tmp_path, before)
 
 
 def test_subprocess_unsafe_archive(make_zip: MakeZip, tmp_path: Path) -> None:
@@ -374,17 +386,14 @@ def test_archive_past_the_cap_is_refused_and_keeps_previous_output(make_zip: Mak
     """Members each under the cap that together pass it: refused before any is read, the
     previous output and report untouched, no temporary folder left."""
     run_ok(make_zip(tmp_path / "good.zip"), tmp_path)
-    before = files_under(tmp_path / "out" / "data")
-    report_before = (tmp_path / "metrics" / "data.json").read_bytes()
+    before = previous_output(tmp_path)
     archive = make_zip(tmp_path / "big.zip", n_train=1, n_val=1)
     for i in range(3):
         add_zeros(archive, f"hymenoptera_data/train/bees/big_{i}.png", MB)
         corrupt_member(archive, f"hymenoptera_data/train/bees/big_{i}.png")
     line = run_failing(archive, tmp_path, capsys, {"runtime.max_unpacked_mb": 2})
     assert "its 7 images unpack to 3.0 MB, more than runtime.max_unpacked_mb (2 MB); nothing extracted" in line
-    assert files_under(tmp_path / "out" / "data") == before
-    assert (tmp_path / "metrics" / "data.json").read_bytes() == report_before
-    assert leftovers(tmp_path / "out") == [] and leftovers(tmp_path / "metrics") == []
+    assert_previous_output_intact(tmp_path, before)
 
 
 def test_member_larger_than_its_header_says(make_zip: MakeZip, tmp_path: Path,
@@ -456,20 +465,17 @@ def test_file_size_limit_keeps_previous_output(make_zip: MakeZip, tmp_path: Path
     on the first one. One line names the output and the cause; the previous output and
     report are intact and no temporary file or folder is left."""
     run_ok(make_zip(tmp_path / "good.zip"), tmp_path)
-    out = tmp_path / "out" / "data"
-    before = files_under(out)
-    report_before = (tmp_path / "metrics" / "data.json").read_bytes()
+    before = previous_output(tmp_path)
     archive = make_zip(tmp_path / "large.zip", size=96)
     proc = subprocess.run([sys.executable, "-m", "stages.unzip", *stage_args(archive, tmp_path)],
                           cwd=REPO_ROOT, env=stage_env(), capture_output=True, text=True, timeout=60,
                           check=False, preexec_fn=limit_file_size(16 * 1024))
     assert proc.returncode == 1, proc.stderr
     line = error_line(proc.stderr)
+    out = tmp_path / "out" / "data"
     assert line.startswith(f"error: cannot write {out} (EFBIG: a file is larger than this process may write")
     assert "it is left as it was. Raise the limit" in line
-    assert files_under(out) == before
-    assert (tmp_path / "metrics" / "data.json").read_bytes() == report_before
-    assert leftovers(out.parent) == [] and leftovers(tmp_path / "metrics") == []
+    assert_previous_output_intact(tmp_path, before)
 
 
 #: Runs in a private mount namespace: a small tmpfs at $MNT, a good unzip into it, then
