@@ -65,20 +65,18 @@ def main(argv: list[str] | None = None) -> None:
     if update and recipe.views != "auto":
         raise ParamError("train.feature_extract.views", "must be auto with batchnorm: update (the BatchNorm "
                          f"statistics change with every epoch's batches), got {recipe.views}")
-    # With train.distributed asking for several processes, each runs the backbone on its share
-    # of the images and process 0 writes them all: the same file as from one process. The
-    # statistics of `batchnorm: update` follow one batch after another, so one process runs them.
-    settings = params.train.distributed
-    world = distributed.current()
     asked = resolve_device(params.device)
-    if not update:
-        distributed.check(settings, asked)
-    threads = configure_threads(params.runtime.threads, processes=1 if update else settings.nproc_per_node)
-    if not update and distributed.start(settings, world, "stages.features", argv, threads=threads,
-                                        run=distributed.run_id("features", params.digest(PARAMS))):
+    if update:  # the statistics follow one batch after another: one process computes them
+        compute(args, params, distributed.current(), asked, configure_threads(params.runtime.threads), started)
         return
-    with distributed.process_group(world, world.device(asked), distributed.backend(settings.backend, asked)):
-        compute(args, params, world, world.device(asked), threads, started)
+    # With train.distributed asking for several processes, each runs the backbone on its share
+    # of the images and process 0 writes them all: the same file as from one process.
+    settings = params.train.distributed
+    distributed.check(settings, asked)
+    threads = configure_threads(params.runtime.threads, processes=settings.nproc_per_node)
+    distributed.run_processes(settings, asked, "stages.features", argv, threads=threads,
+                              run=distributed.run_id("features", params.digest(PARAMS)),
+                              work=lambda world, device: compute(args, params, world, device, threads, started))
 
 
 def compute(args: argparse.Namespace, params: Params, world: World, device: torch.device, threads: int,

@@ -185,16 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     params = load_params(args.params)
     settings = params.train.distributed
-    world = distributed.current()
     asked = resolve_device(params.device)
     distributed.check(settings, asked, sync_batchnorm=args.mode == "finetune" and params.train.finetune.sync_batchnorm)
-    device = world.device(asked)
     threads = configure_threads(params.runtime.threads, processes=settings.nproc_per_node)
-    if distributed.start(settings, world, "stages.train", argv, threads=threads,
-                         run=distributed.run_id(args.mode, params.digest(tracked_params(args.mode)))):
-        return
-    with distributed.process_group(world, device, distributed.backend(settings.backend, device)):
-        train(args, params, world, device, threads, started)
+    distributed.run_processes(settings, asked, "stages.train", argv, threads=threads,
+                              run=distributed.run_id(args.mode, params.digest(tracked_params(args.mode))),
+                              work=lambda world, device: train(args, params, world, device, threads, started))
 
 
 def train(args: argparse.Namespace, params: Params, world: World, device: torch.device, threads: int,

@@ -165,13 +165,19 @@ def assert_same_run(a: Path, b: Path, mode: str) -> None:
 def assert_close_run(a: Path, b: Path, mode: str, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """As :func:`assert_same_run`, to float rounding: for runs whose sums add up in another
     order (several processes), so the same epochs, best epoch and numbers, not the same bits."""
-    rows_a, results_a, state_a = run_outputs(a, mode)
-    rows_b, results_b, state_b = run_outputs(b, mode)
-    assert (results_a["epochs"], results_a["best_epoch"]) == (results_b["epochs"], results_b["best_epoch"])
+    assert_close_outputs(run_outputs(a, mode), run_outputs(b, mode), rtol, atol)
+    assert read_meta(a / f"{mode}.pt").keys() == read_meta(b / f"{mode}.pt").keys()
+
+
+def assert_close_outputs(a: tuple[list[dict[str, str]], dict[str, Any], dict[str, torch.Tensor]],
+                         b: tuple[list[dict[str, str]], dict[str, Any], dict[str, torch.Tensor]],
+                         rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two runs' history rows, run records and checkpoints (:func:`run_outputs`) to float rounding."""
+    (rows_a, record_a, state_a), (rows_b, record_b, state_b) = a, b
+    assert (record_a["epochs"], record_a["best_epoch"]) == (record_b["epochs"], record_b["best_epoch"])
     for row_a, row_b in zip(rows_a, rows_b, strict=True):
         assert {k: float(v) for k, v in row_b.items()} == pytest.approx(
             {k: float(v) for k, v in row_a.items()}, rel=rtol, abs=atol)
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         torch.testing.assert_close(state_b[key], state_a[key], rtol=rtol, atol=atol)
-    assert read_meta(a / f"{mode}.pt").keys() == read_meta(b / f"{mode}.pt").keys()

@@ -142,7 +142,7 @@ def _process(rank: int, size: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
     try:
-        result = train_small(World(rank=rank, size=size, local_rank=rank, local_size=size))
+        result = train_small(World(rank=rank, size=size, local_rank=rank))
         torch.save({"state": result.best_state, "epoch": result.best_epoch,
                     "history": [r.as_row() for r in result.history]}, f"{out}/{rank}.pt")
     finally:

@@ -310,6 +310,28 @@ def test_interrupted_before_an_epoch_finished(tmp_path: Path, data: Path, weight
 
 # --------------------------------------------------------------------------- SIGTERM
 
+def sigterm_after_an_epoch(argv: list[str], out: Path) -> tuple[int, str]:
+    """Start the train stage with ``argv`` in a process group of its own and, once an epoch's
+    state is on disk, send SIGTERM to the whole group (as systemd and Kubernetes signal every
+    process of a job). Its exit status and stderr, after checking that no process is left."""
+    process = subprocess.Popen([sys.executable, "-m", "stages.train", *argv], cwd=REPO_ROOT, env=stage_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: bool(states(out)), process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert processes_in_group(process.pid) == [], "a process of the stage outlived it"
+    return process.returncode, stderr
+
+
+def stopped_after_epoch(line: str, out: Path) -> int:
+    """The epoch after which the stage's ``interrupted by SIGTERM`` line says it stopped."""
+    match = re.fullmatch(r"interrupted by SIGTERM: train@finetune stopped after epoch (\d) of 3 and saved its state "
+                         rf"in {re.escape(str(out / FOLDER))}/finetune-[0-9a-f]{{16}}\.pt; run it again with the "
+                         r"same inputs and params \(dvc repro\) to resume from there", line)
+    assert match, line
+    return int(match.group(1))
+
+
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_stops_training_like_ctrl_c(tmp_path: Path, data: Path, weights: Path,
@@ -323,30 +345,21 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path: Path, data: Path, weights:
     nothing), it resumes and ends with an uninterrupted run's results."""
     params = tiny_params(tmp_path / "params.yaml", {**recipe("finetune"), "runtime.num_workers": 1})
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "stages.train", *train_argv("finetune", params, data, weights, out)]
-    process = subprocess.Popen(argv, cwd=REPO_ROOT, env=stage_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: bool(states(out)), process)
-    os.killpg(process.pid, signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    argv = train_argv("finetune", params, data, weights, out)
+    returncode, stderr = sigterm_after_an_epoch(argv, out)
 
-    assert process.returncode == 143, stderr
+    assert returncode == 143, stderr
     assert "Traceback" not in stderr, stderr
     (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted")]
-    match = re.fullmatch(r"interrupted by SIGTERM: train@finetune stopped after epoch (\d) of 3 and saved its state "
-                         rf"in {re.escape(str(out / FOLDER))}/finetune-[0-9a-f]{{16}}\.pt; run it again with the "
-                         r"same inputs and params \(dvc repro\) to resume from there", line)
-    assert match, line
-    done = int(match.group(1))
+    done = stopped_after_epoch(line, out)
     assert 1 <= done < 3
     assert not (out / "finetune.pt").exists() and not (out / "finetune" / "train.json").exists()
     assert history_epochs(out / "finetune" / "history.csv") == list(range(1, done + 1))
     assert len(states(out)) == 1
     assert leftovers(out) == leftovers(out / "finetune") == leftovers(out / FOLDER) == []
-    assert processes_in_group(process.pid) == []
 
     capsys.readouterr()
-    stages.train.main(argv[3:])  # in this process: a second start-up would cost more than the training
+    stages.train.main(argv)  # in this process: a second start-up would cost more than the training
     assert f"train@finetune: resuming after epoch {done} of 3" in capsys.readouterr().out
     assert_same_run(straight("finetune"), out, "finetune")
     assert not (out / FOLDER).exists()
@@ -365,23 +378,15 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_same_results(tmp_path: P
     assert run_module("stages.train", train_argv("finetune", params, data, weights, straight),
                       timeout=180).returncode == 0
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "stages.train", *train_argv("finetune", params, data, weights, out)]
-    process = subprocess.Popen(argv, cwd=REPO_ROOT, env=stage_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: bool(states(out)), process)
-    os.killpg(process.pid, signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    argv = train_argv("finetune", params, data, weights, out)
+    returncode, stderr = sigterm_after_an_epoch(argv, out)
 
-    assert process.returncode == 143, stderr
+    assert returncode == 143, stderr
     (line,) = [line for line in stderr.splitlines() if line.strip()]
-    match = re.fullmatch(r"interrupted by SIGTERM: train@finetune stopped after epoch (\d) of 3 and saved its "
-                         r"state in .*; run it again with the same inputs and params \(dvc repro\) to resume "
-                         r"from there", line)
-    assert match, stderr
-    assert processes_in_group(process.pid) == []
+    done = stopped_after_epoch(line, out)
     assert not (out / "finetune.pt").exists() and leftovers(out) == leftovers(out / FOLDER) == []
 
-    resumed = run_module("stages.train", argv[3:], timeout=180)
+    resumed = run_module("stages.train", argv, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"train@finetune: resuming after epoch {match.group(1)} of 3" in resumed.stdout
+    assert f"train@finetune: resuming after epoch {done} of 3" in resumed.stdout
     assert_same_run(straight, out, "finetune")

@@ -1,10 +1,10 @@
 """Training on several processes, GPUs or machines: torch.distributed, started by torchrun.
 
 With ``train.distributed`` asking for one process (the default), nothing here does anything
-and a stage runs exactly as it always has. With more, the stage starts itself again under
-torchrun (:func:`launch`: torch's own launcher, run in the stage's process), once per
-process; each of those joins the process group (:func:`process_group`) and learns its place
-in it (:class:`World`).
+and a stage runs exactly as it always has. With more, :func:`run_processes` has the stage
+start itself again under torchrun (:func:`launch`: torch's own launcher, run in the stage's
+process), once per process; each of those joins the process group (:func:`process_group`)
+and learns its place in it (:class:`World`).
 
 What the processes share, and how:
 
@@ -33,7 +33,7 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from transfer.errors import ParamError, UserError
+from transfer.errors import ParamError, UserError, say
 from transfer.params import DistributedParams
 
 #: The label of a place in a batch that holds no image of the step (see the module's doc);
@@ -60,7 +60,6 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    local_size: int = 1
 
     @property
     def main(self) -> bool:
@@ -116,7 +115,6 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-
     def gather(self, mine: Iterator[T], rounds: int) -> Iterator[T]:
         """Every process's items on process 0, one from each process per round, for
         ``rounds`` rounds (a process with none left sends nothing); nothing elsewhere."""
@@ -136,8 +134,7 @@ def current() -> World:
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return World()
     return World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
-                 local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                 local_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def backend(setting: str, device: torch.device) -> str:
@@ -191,22 +188,26 @@ def torchrun_args(settings: DistributedParams, module: str, argv: Sequence[str],
 
 
 def run_id(*parts: object) -> str:
+    """A rendezvous id that every node derives alike from the same run (its mode and params)."""
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def start(settings: DistributedParams, world: World, module: str, argv: Sequence[str] | None, *, threads: int,
-          run: str) -> bool:
-    """Whether this process has only launched the processes that ``settings`` ask for (each runs
-    ``python -m module argv`` again) and waited for them: then the stage is done here.
-    False where this process is one of them, or the only one."""
+def run_processes(settings: DistributedParams, asked: torch.device, module: str, argv: Sequence[str] | None, *,
+                  threads: int, run: str, work: Callable[[World, torch.device], None]) -> None:
+    """``work(world, device)`` in this process: alone, or as one of the processes that torchrun
+    started. Where ``settings`` ask for more processes than this one is among, this process
+    starts them instead (each runs ``python -m module argv`` again) and waits for them."""
+    world = current()
     wanted = processes(settings)
-    if world.size == wanted:
-        return False
-    if world.size > 1:
-        raise UserError(f"started as one of {world.size} processes, but train.distributed asks for {wanted}: "
-                        "run the stage without torchrun, it starts its own")
-    launch(settings, module, sys.argv[1:] if argv is None else argv, threads=threads, run=run)
-    return True
+    if world.size != wanted:
+        if world.size > 1:
+            raise UserError(f"started as one of {world.size} processes, but train.distributed asks for {wanted}: "
+                            "run the stage without torchrun, it starts its own")
+        launch(settings, module, sys.argv[1:] if argv is None else argv, threads=threads, run=run)
+        return
+    device = world.device(asked)
+    with process_group(world, device, backend(settings.backend, asked)):
+        work(world, device)
 
 
 def launch(settings: DistributedParams, module: str, argv: Sequence[str], *, threads: int, run: str) -> None:
@@ -234,7 +235,7 @@ def launch(settings: DistributedParams, module: str, argv: Sequence[str], *, thr
         failures = sorted(exc.failures.items(), key=lambda item: (not 0 < item[1].exitcode < 128, item[0]))
         rank, cause = failures[0]
         if cause.exitcode < 0:  # killed by a signal (the kernel's OOM killer, kill -9): nobody else says so
-            print(f"error: training process {rank} was killed by signal {-cause.exitcode}", file=sys.stderr)
+            say(f"error: training process {rank} was killed by signal {-cause.exitcode}")
             raise SystemExit(128 - cause.exitcode) from None
         raise SystemExit(cause.exitcode) from None
     except SignalException as exc:  # torchrun passed the signal on to the processes, which said what they did
