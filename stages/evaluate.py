@@ -33,7 +33,7 @@ from transfer.errors import UserError, run_stage
 from transfer.evaluation import Predictions, classification_report, predict, wilson_interval
 from transfer.figures import save_image_grid
 from transfer.params import MODES, load_params
-from transfer.preprocess import model_input
+from transfer.preprocess import ModelInput
 from transfer.runtime import configure_threads, resolve_workers, run_record
 
 #: The params this stage reads that can change its outputs, as dvc.yaml declares them.
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = ValImages(split, pre, cache_bytes=params.runtime.image_cache_mb * 2**20)
     loader = make_loader(dataset, [(0, i) for i in range(len(dataset))],  # type: ignore[arg-type]
                          batch_size=params.runtime.inference_batch_size, workers=workers, device=device)
-    preds = predict(model, loader, device, lambda batch: model_input(batch, pre, device), desc=f"evaluate@{mode}")
+    preds = predict(model, loader, device, ModelInput(pre, device), desc=f"evaluate@{mode}")
     classes: list[str] = meta["classes"]
 
     report = classification_report(preds.labels, preds.predicted, classes)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import multiprocessing
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from transfer import distributed
 from transfer.atomic import atomic_dir, write_json
 from transfer.checkpoints import pretrained_classifier, read_pretrained_meta, save_tensors
-from transfer.data import EpochSampler, TrainImages, ValImages, image_folders, make_loader
+from transfer.data import WORKER_START, EpochSampler, TrainImages, ValImages, image_folders, make_loader
 from transfer.devices import resolve_device
 from transfer.distributed import World
 from transfer.errors import ParamError, UserError, run_stage
@@ -43,7 +42,7 @@ from transfer.features import (
 )
 from transfer.interrupts import quiet_loader_worker
 from transfer.params import Params, load_params
-from transfer.preprocess import model_input, resolve_preprocess
+from transfer.preprocess import ModelInput, resolve_preprocess
 from transfer.reproducibility import configure_backends, seed_everything
 from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
 from transfer.training import autocast
@@ -89,7 +88,7 @@ def compute(args: argparse.Namespace, params: Params, world: World, device: torc
     if (warning := amp_warning(device, params.train.amp)) and world.main:
         print(warning, file=sys.stderr)
     configure_backends(device, params.train.deterministic)
-    workers = resolve_workers(params.runtime.num_workers, device)
+    workers = resolve_workers(params.runtime.num_workers, device, params.train.distributed.nproc_per_node)
     seed_everything(params.seed)
 
     pretrained = read_pretrained_meta(args.weights, params.model)
@@ -117,20 +116,21 @@ def compute(args: argparse.Namespace, params: Params, world: World, device: torc
     train.images.fill("decode train")
 
     writer = FeatureWriter()
+    prepare = ModelInput(pre, device)
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         """The head's input for a uint8 batch."""
         with head_inputs(head_module) as captured, torch.no_grad(), autocast(device, params.train.amp):
-            model(model_input(pixels, pre, device))
+            model(prepare(pixels))
         return captured[0]
 
     # On the CPU the frozen backbone runs in loader worker processes, one thread each: on two
     # cores two single-threaded processes get through about 20% more images per second than
     # one process whose two threads wait for each other at every layer. Elsewhere the workers
     # prepare images and the backbone runs here (on the GPU; or updating its statistics).
-    # The workers get ``forward``, a closure, so they must be forked (Linux's default before
-    # Python 3.14): where processes are spawned instead, the backbone runs here.
-    forked = multiprocessing.get_start_method() == "fork"
+    # The workers get ``forward``, a closure, so they must be forked (Linux): where processes
+    # are spawned instead, the backbone runs here.
+    forked = WORKER_START == "fork"
     processes = threads if device.type == "cpu" and not update and threads > 1 and forked else 0
 
     def run(dataset: Dataset, pairs: Sequence[tuple[int, int]], batch_size: int, name: str, desc: str) -> None:
@@ -141,7 +141,7 @@ def compute(args: argparse.Namespace, params: Params, world: World, device: torc
         if processes:
             batches: Iterable[tuple[Sequence[tuple[int, int]], torch.Tensor]] = DataLoader(
                 BackboneOutputs(dataset, mine, forward), batch_size=None, num_workers=processes,
-                worker_init_fn=quiet_loader_worker)
+                worker_init_fn=quiet_loader_worker, multiprocessing_context=WORKER_START)
         else:
             loader = make_loader(dataset, [p for chunk in mine for p in chunk], batch_size=batch_size,  # type: ignore[arg-type]
                                  workers=workers, device=device)

@@ -51,10 +51,10 @@ from transfer.features import TRAIN, VAL, StoredFeatures, read_features
 from transfer.interrupts import Interrupted, deferred_interrupts
 from transfer.models import freeze_backbone
 from transfer.params import MODES, Params, load_params
-from transfer.preprocess import Preprocess, model_input, resolve_preprocess
-from transfer.reproducibility import configure_backends, seed_everything
+from transfer.preprocess import ModelInput, Preprocess, resolve_preprocess
+from transfer.reproducibility import check_deterministic, configure_backends, seed_everything
 from transfer.resume import FOLDER as RESUME_FOLDER
-from transfer.resume import ResumeState, Training, restore, run_key
+from transfer.resume import ResumeState, Training, restore, rng_states, run_key
 from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
 from transfer.training import EpochRecord, Progress, train_model
 
@@ -97,7 +97,7 @@ def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.de
                            batch_size=params.runtime.inference_batch_size * world.size, workers=workers,
                            device=device, world=world),
     }
-    return Inputs(split["train"].classes, loaders, lambda batch: model_input(batch, pre, device))
+    return Inputs(split["train"].classes, loaders, ModelInput(pre, device))
 
 
 def feature_inputs(folder: Path, params: Params, device: torch.device, world: World) -> Inputs:
@@ -143,14 +143,18 @@ class EpochEnd:
     once both are written, so after an interruption they always agree."""
 
     history_out: Path
-    state: ResumeState
+    state: ResumeState | None  #: None in the processes that do not write
     training: Training
+    world: World
     saved: int = 0  #: the last epoch whose state is on disk
 
     def __call__(self, progress: Progress) -> None:
+        rngs = self.world.gather_object(rng_states(self.training.device))  # each process's own generators
+        if self.state is None or rngs is None:
+            return
         with deferred_interrupts():
             write_text(self.history_out, history_csv(progress.history))
-            self.state.save(self.training, progress)
+            self.state.save(self.training, progress, rngs)
             self.saved = progress.epoch
 
 
@@ -158,7 +162,7 @@ def interrupted(exc: KeyboardInterrupt, mode: str, epochs: int, end: EpochEnd | 
     """Ctrl-C (or SIGTERM, SIGHUP) during training, with the line that says what is left and what to do
     (from the process that writes; the others stop without one)."""
     stopped = Interrupted.of(exc)
-    if end is None:
+    if end is None or end.state is None:
         return stopped
     if end.saved:
         stopped.detail = (f"train@{mode} stopped after epoch {end.saved} of {epochs} and saved its state in "
@@ -204,7 +208,8 @@ def train(args: argparse.Namespace, params: Params, world: World, device: torch.
     record_out = args.record or Path(f"reports/{mode}/train.json")
     recipe = params.train.mode(mode)
     configure_backends(device, params.train.deterministic)
-    workers = resolve_workers(params.runtime.num_workers, device) if finetune else 0
+    processes = params.train.distributed.nproc_per_node
+    workers = resolve_workers(params.runtime.num_workers, device, processes) if finetune else 0
     if (warning := amp_warning(device, params.train.amp)) and world.main:
         print(warning, file=sys.stderr)
     seed_everything(params.seed)
@@ -219,6 +224,7 @@ def train(args: argparse.Namespace, params: Params, world: World, device: torch.
     model, head = pretrained_classifier(args.weights, pretrained, len(classes), pre.crop)
 
     if finetune:
+        check_deterministic(model, device, params.train.deterministic)
         if params.train.finetune.sync_batchnorm and world.size > 1:  # same state_dict keys as BatchNorm
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         trained: nn.Module = model.to(device, memory_format=torch.channels_last)
@@ -228,8 +234,9 @@ def train(args: argparse.Namespace, params: Params, world: World, device: torch.
         trained = model.get_submodule(head.name).to(device)
 
     criterion = nn.CrossEntropyLoss(reduction="sum")  # the loop divides by each step's number of images
+    # Fused on CUDA: one kernel per step, and the AMP scaler's step then needs no host sync.
     optimizer = optim.SGD(trained_params, lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay)
+                          weight_decay=recipe.weight_decay, fused=device.type == "cuda" or None)
     scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
 
     sizes = {phase: len(loader.dataset) for phase, loader in inputs.loaders.items()}  # type: ignore[arg-type]
@@ -245,13 +252,11 @@ def train(args: argparse.Namespace, params: Params, world: World, device: torch.
         state = ResumeState(model_out.parent / RESUME_FOLDER, mode, run_key(
             mode, params, tracked_params(mode), [inputs_path, args.weights, sidecar_path(args.weights)], device))
     saved = world.broadcast_object(saved_state(state, mode) if state else None)
-    start = restore(saved, training) if saved is not None else None
-    end = None
-    if state is not None:
-        if start is not None:  # the finished epochs, for `dvc plots` until the next one ends (DVC deleted the file)
-            print(f"train@{mode}: resuming after epoch {start.epoch} of {recipe.epochs} (state from {state.path})")
-            write_text(history_out, history_csv(start.history))
-        end = EpochEnd(history_out, state, training, saved=start.epoch if start else 0)
+    start = restore(saved, training, world.rank) if saved is not None else None
+    if state is not None and start is not None:  # the finished epochs, for `dvc plots` until the next one ends
+        print(f"train@{mode}: resuming after epoch {start.epoch} of {recipe.epochs} (state from {state.path})")
+        write_text(history_out, history_csv(start.history))
+    end = EpochEnd(history_out, state, training, world, saved=start.epoch if start else 0)
     try:
         result = train_model(
             trained, inputs.loaders, criterion, optimizer, scheduler, recipe.epochs, device,

@@ -16,7 +16,7 @@ from PIL import Image
 from transfer.checkpoints import save_checkpoint
 from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
 from transfer.images import ImageCache, decode
-from transfer.preprocess import IMAGENET, Preprocess, eval_transform, model_input
+from transfer.preprocess import IMAGENET, ModelInput, Preprocess, eval_transform
 
 CPU = torch.device("cpu")
 
@@ -93,7 +93,7 @@ def test_cache_keeps_images_up_to_its_budget(tmp_path: Path) -> None:
 
 
 def test_validation_input_is_the_tutorials_bit_for_bit(folders: Path) -> None:
-    """uint8 crop (cached), then ``model_input`` on the device, equals ``ToTensor()`` +
+    """uint8 crop (cached), then ``ModelInput`` on the device, equals ``ToTensor()`` +
     ``Normalize()`` of the tutorial's PIL pipeline exactly, for every size and orientation."""
     split = image_folders(folders)["val"]
     for pre in (IMAGENET, Preprocess(40, 32, "bicubic", [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])):
@@ -103,7 +103,7 @@ def test_validation_input_is_the_tutorials_bit_for_bit(folders: Path) -> None:
         for index, path in enumerate(split.paths):
             pixels, label = dataset[(0, index)]
             assert pixels.dtype == torch.uint8 and label == split.labels[index]
-            ours = model_input(pixels.unsqueeze(0), pre, CPU)[0]
+            ours = ModelInput(pre, CPU)(pixels.unsqueeze(0))[0]
             assert torch.equal(ours, reference(decode(path))), path
 
 

@@ -32,7 +32,7 @@ from transfer.errors import run_stage
 from transfer.features import head_inputs
 from transfer.models import freeze_backbone
 from transfer.params import load_params
-from transfer.preprocess import model_input, resolve_preprocess
+from transfer.preprocess import ModelInput, resolve_preprocess
 from transfer.reproducibility import seed_everything
 from transfer.runtime import configure_threads
 from transfer.training import train_model
@@ -83,7 +83,7 @@ def uncached(params_path: Path, data: Path, weights: Path) -> tuple[dict[str, to
     optimizer = optim.SGD(trained, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
     result = train_model(model, loaders, nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler, recipe.epochs, CPU,
-                         prepare=lambda batch: model_input(batch, pre, CPU),
+                         prepare=ModelInput(pre, CPU),
                          train_only=None if update else model.get_submodule(head.name), log=False)
     return result.best_state, [r.as_row() for r in result.history]
 
@@ -145,10 +145,10 @@ def test_stored_features_are_the_backbone_outputs_of_each_view(tmp_path: Path, d
     with torch.inference_mode(), head_inputs(model.get_submodule(head.name)) as captured:
         for view in (0, 1):
             for index in range(len(train)):
-                model(model_input(train[(view, index)][0].unsqueeze(0), pre, CPU))
+                model(ModelInput(pre, CPU)(train[(view, index)][0].unsqueeze(0)))
                 np.testing.assert_allclose(train_features[view, index], captured.pop()[0].numpy(), atol=TOLERANCE)
         for index in range(len(val)):
-            model(model_input(val[(0, index)][0].unsqueeze(0), pre, CPU))
+            model(ModelInput(pre, CPU)(val[(0, index)][0].unsqueeze(0)))
             np.testing.assert_allclose(val_features[0, index], captured.pop()[0].numpy(), atol=TOLERANCE)
     assert not np.allclose(train_features[0], train_features[1]), "two views must differ"
     record = json.loads((tmp_path / "features.json").read_text())

@@ -38,7 +38,7 @@ import stages.train
 import stages.weights
 from transfer.interrupts import Interrupted
 from transfer.params import load_params
-from transfer.resume import FOLDER, ResumeState, Training, restore, run_key
+from transfer.resume import FOLDER, ResumeState, Training, restore, rng_states, run_key
 from transfer.training import EpochRecord, Progress
 
 #: A schedule that changes the learning rate after epoch 2, so a resumed epoch 3 is only
@@ -169,7 +169,7 @@ def test_state_round_trip(tmp_path: Path) -> None:
     (folder / "finetune-0000000000000000.pt").write_bytes(b"another run's")
     (folder / "feature_extract-0000000000000000.pt").write_bytes(b"the other mode's")
     state = ResumeState(folder, "finetune", "1234567890abcdef")
-    state.save(saved, progress)
+    state.save(saved, progress, [rng_states(torch.device("cpu"))])
     draws = torch.rand(3), random.random(), np.random.rand()
     assert states(tmp_path) == ["feature_extract-0000000000000000.pt", "finetune-1234567890abcdef.pt"]
 

@@ -10,7 +10,9 @@ exactly the batches that training on images would.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,12 @@ from transfer.images import ImageCache
 from transfer.interrupts import quiet_loader_worker
 from transfer.layout import SPLITS, is_image_name, layout_problem
 from transfer.preprocess import Preprocess, to_uint8_tensor, val_crop
+
+#: How loader workers start. Forked on Linux (on purpose, also from Python 3.14, whose default
+#: is forkserver): they then share the decoded images the main process cached. Elsewhere
+#: (macOS, Windows) Python's default, spawn: the datasets are pickled to each worker, which
+#: decodes and caches images itself.
+WORKER_START = "fork" if sys.platform == "linux" else None
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ class TrainImages(Dataset[tuple[torch.Tensor, int]]):
     def __init__(self, split: Split, pre: Preprocess, *, seed: int, cache_bytes: int, augment: bool = True) -> None:
         self.labels = split.labels
         self.pre, self.seed, self.augment = pre, seed, augment
-        self.images = ImageCache(split.paths, lambda image: image, cache_bytes)
+        self.images = ImageCache(split.paths, None, cache_bytes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -181,7 +189,7 @@ class ValImages(Dataset[tuple[torch.Tensor, int]]):
 
     def __init__(self, split: Split, pre: Preprocess, *, cache_bytes: int) -> None:
         self.labels = split.labels
-        self.images = ImageCache(split.paths, lambda image: val_crop(image, pre), cache_bytes)
+        self.images = ImageCache(split.paths, functools.partial(val_crop, pre=pre), cache_bytes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -216,7 +224,8 @@ def make_loader(dataset: Dataset, sampler: EpochSampler, *, batch_size: int, wor
     non-blocking copies to CUDA. Its workers end quietly on Ctrl-C and SIGTERM, leaving the
     message to the main process."""
     options = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-               "worker_init_fn": quiet_loader_worker if workers else None}
+               "worker_init_fn": quiet_loader_worker if workers else None,
+               "multiprocessing_context": WORKER_START if workers else None}
     if world is not None and world.size > 1:
         return DataLoader(Shard(dataset), batch_sampler=ShardedBatches(sampler, batch_size, world), **options)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)

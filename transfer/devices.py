@@ -41,6 +41,21 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of a loop's running sums: float64 (sums of hundreds of losses keep their last
+    digits), but float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``, so that a timing covers it (GPUs run ahead of
+    the Python code that queues their work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def describe_device(device: torch.device) -> str:
     """A human-readable name for metrics: 'cpu', 'cuda:0 (NVIDIA H200)', 'mps'."""
     if device.type == "cuda":

@@ -115,6 +115,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_object(self, value: T) -> list[T] | None:
+        """Every process's ``value`` on process 0, by rank; None elsewhere."""
+        if self.size == 1:
+            return [value]
+        received: list[T] | None = [None] * self.size if self.main else None  # type: ignore[list-item]
+        dist.gather_object(value, received, dst=0)
+        return received
+
     def gather(self, mine: Iterator[T], rounds: int) -> Iterator[T]:
         """Every process's items on process 0, one from each process per round, for
         ``rounds`` rounds (a process with none left sends nothing); nothing elsewhere."""

@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from transfer.devices import accumulator_dtype
+
 
 @dataclass
 class Predictions:
@@ -36,11 +38,11 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device,
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     labels, probabilities = [], []
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_loss = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     for inputs, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         inputs, targets = prepare(inputs), targets.to(device, non_blocking=True)
         logits = model(inputs).float()
-        total_loss += criterion(logits, targets).double()
+        total_loss += criterion(logits, targets).to(total_loss.dtype)
         labels.append(targets.cpu())
         probabilities.append(logits.softmax(dim=1).cpu())
     count = sum(len(t) for t in labels)

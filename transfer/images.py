@@ -120,7 +120,7 @@ class ImageCache:
     workers then share the arrays instead of each decoding its own copy.
     """
 
-    def __init__(self, paths: Sequence[str], prepare: Callable[[Image.Image], Image.Image],
+    def __init__(self, paths: Sequence[str], prepare: Callable[[Image.Image], Image.Image] | None,
                  budget_bytes: int) -> None:
         self.paths = list(paths)
         self.prepare = prepare
@@ -132,8 +132,16 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getstate__(self) -> dict[str, object]:
+        """What a loader worker started by spawn (macOS, Windows) receives: the paths and the
+        budget, not the decoded images, which it decodes and caches itself; copying the whole
+        cache through a pipe to every worker would cost more. Forked workers share the
+        parent's arrays instead (see :data:`transfer.data.WORKER_START`)."""
+        return {**self.__dict__, "arrays": {}, "used": 0, "last": None}
+
     def load(self, index: int) -> np.ndarray:
-        return np.array(self.prepare(decode(self.paths[index])))  # a writable copy, as torch wants
+        image = decode(self.paths[index])
+        return np.array(self.prepare(image) if self.prepare else image)  # a writable copy, as torch wants
 
     def fill(self, desc: str) -> None:
         """Decode images in order until the budget is spent, with a progress bar."""

@@ -42,7 +42,7 @@ from transfer.training import EpochRecord, Progress
 #: The folder, beside a stage's checkpoint, that holds the states of interrupted runs.
 FOLDER = ".resume"
 #: Bumped when what a state file holds changes, so an older file is not misread.
-FORMAT = 1
+FORMAT = 2
 #: The packages whose code decides what a run computes (everything the stages run).
 CODE = ("stages", "transfer")
 
@@ -93,24 +93,25 @@ def rng_states(device: torch.device) -> dict[str, Any]:
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this process's GPU only: another restart may see other GPUs
+        states["device"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
-        states["mps"] = torch.mps.get_rng_state()
+        states["device"] = torch.mps.get_rng_state()
     return states
 
 
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Put every generator back in the state :func:`rng_states` recorded."""
+def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    """Put every generator back in the state :func:`rng_states` recorded, the device's on
+    ``device`` (the GPU this process uses now, whatever its index was when saved)."""
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
     numpy = states["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["cached_gaussian"]))
-    if "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if "mps" in states:
-        torch.mps.set_rng_state(states["mps"])
+    if device.type == "cuda" and "device" in states:
+        torch.cuda.set_rng_state(states["device"], device)
+    elif device.type == "mps" and "device" in states:
+        torch.mps.set_rng_state(states["device"])
 
 
 # --------------------------------------------------------------------------- the state file
@@ -144,10 +145,11 @@ class ResumeState:
             return []
         return sorted(p for p in self.folder.glob(f"{self.mode}-*.pt") if p != self.path)
 
-    def save(self, training: Training, progress: Progress) -> None:
-        """Write the whole state after ``progress.epoch``, atomically (a reader sees the
-        previous epoch's file or this one, never half of one); then remove other runs' states
-        of this mode, so that at most one is kept per mode."""
+    def save(self, training: Training, progress: Progress, rngs: list[dict[str, Any]]) -> None:
+        """Write the whole state after ``progress.epoch``, with each training process's random
+        generators (``rngs``, by rank), atomically (a reader sees the previous epoch's file or
+        this one, never half of one); then remove other runs' states of this mode, so that at
+        most one is kept per mode."""
         state = {
             "format": FORMAT, "key": self.key, "mode": self.mode,
             "model": training.model.state_dict(),
@@ -155,7 +157,7 @@ class ResumeState:
             "scheduler": training.scheduler.state_dict(),
             "progress": {field.name: getattr(progress, field.name) for field in fields(progress)}
             | {"history": [record.as_row() for record in progress.history]},
-            "rng": rng_states(training.device),
+            "rng": rngs,
         }
         # Straight to the temporary file: unlike a checkpoint, nobody compares this file's bytes.
         with atomic_path(self.path) as tmp:
@@ -186,13 +188,13 @@ class ResumeState:
             self.folder.rmdir()
 
 
-def restore(state: dict[str, Any], training: Training) -> Progress:
+def restore(state: dict[str, Any], training: Training, rank: int = 0) -> Progress:
     """Load a saved state into ``training`` (model, optimizer, scheduler) and the random
-    generators; return the loop's progress to start from."""
+    generators of process ``rank``; return the loop's progress to start from."""
     training.model.load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(state["rng"])
+    set_rng_states(state["rng"][rank], training.device)
     progress = dict(state["progress"])
     progress["history"] = [EpochRecord(**row) for row in progress["history"]]
     return Progress(**progress)

@@ -37,16 +37,17 @@ def configure_threads(setting: int | str, processes: int = 1) -> int:
     return threads
 
 
-def resolve_workers(setting: int | str, device: torch.device) -> int:
-    """DataLoader worker processes. ``auto`` on the CPU is 0: the model's threads already use
-    every core, and loader processes beside them only take turns with them (with images
-    decoded once and cached, preparing a batch costs about 1% of a training step). On a GPU
-    the CPU prepares batches while the GPU computes: one worker per spare core, at most 8."""
+def resolve_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
+    """DataLoader worker processes of each of ``processes`` training processes on this machine.
+    ``auto`` on the CPU is 0: the model's threads already use every core, and loader processes
+    beside them only take turns with them (with images decoded once and cached, preparing a
+    batch costs about 1% of a training step). On a GPU the CPU prepares batches while the GPU
+    computes: the spare cores shared among the processes, at least one each, at most 8."""
     if setting != "auto":
         return int(setting)
     if device.type == "cpu":
         return 0
-    return max(1, min(8, available_cores() - 1))
+    return max(1, min(8, available_cores() // processes - 1))
 
 
 def native_bf16() -> bool:

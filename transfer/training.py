@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from transfer.data import set_epoch
+from transfer.devices import accumulator_dtype, synchronize
 from transfer.distributed import IGNORE, World
 
 
@@ -127,6 +128,8 @@ def train_model(
     prepare = prepare or (lambda batch: batch.to(device, non_blocking=True))
     net = world.wrap(model, device)  # DistributedDataParallel across processes; the model itself in one
     dataset_sizes = {phase: len(loader.dataset) for phase, loader in loaders.items()}  # type: ignore[arg-type]
+    batch_size = loaders["train"].batch_sampler.batch_size  # type: ignore[union-attr]  # images per step, all processes
+    total = accumulator_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     best_state = _cpu_copy(model)
     best_acc, best_epoch = -1.0, 0
@@ -149,13 +152,13 @@ def train_model(
             set_train_mode(model, training, train_only)
             set_epoch(loaders[phase], epoch)
             phase_start = time.perf_counter()
-            running_loss = torch.zeros((), device=device, dtype=torch.float64)
+            running_loss = torch.zeros((), device=device, dtype=total)
             running_corrects = torch.zeros((), device=device, dtype=torch.int64)
             running_images = torch.zeros((), device=device, dtype=torch.int64)
 
             bar = tqdm(loaders[phase], desc=f"epoch {epoch}/{num_epochs} {phase}", unit="batch",
                        leave=False, disable=None if world.main else True)
-            for inputs, labels in bar:
+            for step, (inputs, labels) in enumerate(bar):
                 inputs = prepare(inputs)
                 labels = labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
@@ -166,19 +169,19 @@ def train_model(
                     _, preds = torch.max(outputs, 1)
                     loss = criterion(outputs, labels)  # summed over this process's images
 
-                images = torch.sum(labels != IGNORE)
                 if training:  # the mean over the step's images (DDP averages over processes)
-                    (step_images,) = world.sum(images)
+                    step_images = min(batch_size, dataset_sizes[phase] - step * batch_size)
                     scaler.scale(loss * world.size / step_images).backward()
                     scaler.step(optimizer)
                     scaler.update()
 
-                running_loss += loss.detach().double()
+                running_loss += loss.detach().to(total)
                 running_corrects += torch.sum(preds == labels)
-                running_images += images
+                running_images += torch.sum(labels != IGNORE)
             if training:
                 scheduler.step()
                 world.broadcast_buffers(model)  # every process validates process 0's model
+                synchronize(device)
                 train_seconds += time.perf_counter() - phase_start
 
             running_loss, running_corrects, running_images = world.sum(running_loss, running_corrects,

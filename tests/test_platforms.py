@@ -1,0 +1,115 @@
+"""What the GPU and Mac paths need, checked on the CPU: their logic runs here even where their
+devices do not (the GPU check, ``benchmarks/gpu_check.py``, runs the rest on a GPU).
+
+- MPS has no float64: the loops' running sums use float32 there;
+- loader workers started by spawn (macOS; Linux only where asked) get picklable datasets;
+- normalisation builds no tensor from Python lists per batch (a blocking host-to-device copy);
+- ``runtime.num_workers: auto`` shares the machine's cores among its training processes;
+- ``train.deterministic`` on CUDA refuses, up front, models torch has no deterministic
+  backward for;
+- a resume state holds the random generator of the GPU a process uses, and gives it back to
+  the GPU the process uses when it resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from imagefolders import make_image_folders
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
+from transfer.devices import accumulator_dtype
+from transfer.errors import ParamError
+from transfer.preprocess import IMAGENET, ModelInput
+from transfer.reproducibility import check_deterministic, nondeterministic_layers
+from transfer.resume import rng_states, set_rng_states
+from transfer.runtime import resolve_workers
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("device", "dtype"), [("cpu", torch.float64), ("cuda", torch.float64),
+                                               ("mps", torch.float32)])
+def test_running_sums_avoid_float64_on_mps(device: str, dtype: torch.dtype) -> None:
+    assert accumulator_dtype(torch.device(device)) == dtype
+
+
+def test_workers_started_by_spawn_load_what_the_main_process_loads(tmp_path: Path) -> None:
+    """macOS (and Linux from Python 3.14, where the loaders do not ask for fork) start loader
+    workers by spawn, which pickles the data sets: they must pickle (no lambdas) and the
+    workers, which decode the images themselves, must give the same batches."""
+    split = image_folders(make_image_folders(tmp_path / "data", n_train=3, n_val=2, size=40))
+    pre = IMAGENET.__class__(40, 32, "bilinear", IMAGENET.mean, IMAGENET.std)
+    for dataset in (TrainImages(split["train"], pre, seed=3, cache_bytes=10**8),
+                    ValImages(split["val"], pre, cache_bytes=10**8)):
+        dataset.images.fill("test")
+        sampler = EpochSampler(len(dataset), seed=3, shuffle=True, cycle=None)
+        sampler.set_epoch(2)
+        here = list(DataLoader(dataset, batch_size=2, sampler=sampler))
+        spawned = list(DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1,
+                                  multiprocessing_context="spawn"))
+        assert len(here) == len(spawned) > 0
+        for (pixels, labels), (pixels_w, labels_w) in zip(here, spawned, strict=True):
+            assert torch.equal(pixels, pixels_w) and torch.equal(labels, labels_w)
+
+
+def test_normalisation_builds_no_tensor_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mean and std are made once, on the device; a batch costs no host-to-device copy of them."""
+    prepare = ModelInput(IMAGENET, CPU)
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = prepare(batch)
+
+    def no_tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("a tensor built from Python values per batch")
+
+    monkeypatch.setattr(torch, "tensor", no_tensor)
+    for _ in range(3):
+        assert torch.equal(prepare(batch), expected)
+
+
+@pytest.mark.parametrize(("processes", "workers"), [(1, 8), (2, 7), (8, 1), (16, 1)])
+def test_auto_workers_share_the_cores_among_processes(processes: int, workers: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 cores: one process gets 8 workers (the cap), 2 get 7 each, 8 or 16 get one each,
+    never 8 times the cores."""
+    monkeypatch.setattr("transfer.runtime.available_cores", lambda: 16)
+    assert resolve_workers("auto", torch.device("cuda"), processes) == workers
+    assert resolve_workers("auto", CPU, processes) == 0
+    assert resolve_workers(3, torch.device("cuda"), processes) == 3
+
+
+def test_deterministic_cuda_training_refuses_layers_without_deterministic_backward() -> None:
+    """VGG and AlexNet pool to 7x7 (no deterministic CUDA backward: torch raises at the first
+    step); pooling to 1x1 (ResNet) is a mean and fine; on the CPU everything is deterministic."""
+    vgg_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), nn.Linear(196, 2))
+    resnet_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert nondeterministic_layers(vgg_like) == ["1 (AdaptiveAvgPool2d)"]
+    assert nondeterministic_layers(resnet_like) == []
+    assert nondeterministic_layers(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"))) == ["0 (Upsample)"]
+    assert nondeterministic_layers(nn.Sequential(nn.Upsample(scale_factor=2))) == []
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(ParamError, match=r"train.deterministic is true, but torch has no deterministic CUDA "
+                                         r"backward for 1 \(AdaptiveAvgPool2d\): set it to false"):
+        check_deterministic(vgg_like, cuda, deterministic=True)
+    check_deterministic(vgg_like, cuda, deterministic=False)
+    check_deterministic(vgg_like, CPU, deterministic=True)
+    check_deterministic(resnet_like, cuda, deterministic=True)
+
+
+def test_resume_keeps_the_generator_of_the_gpu_the_process_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process on cuda:1 saves cuda:1's generator only (not every visible GPU's, which fails
+    on a restart that sees fewer), and a resumed process gives it to its own GPU, whatever its
+    index is now. CUDA's generator functions stand in for the GPU here."""
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(3))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
+    states = rng_states(torch.device("cuda", 1))
+    assert calls == [("get", torch.device("cuda", 1))] and torch.equal(states["device"], torch.ones(3))
+    set_rng_states(states, torch.device("cuda", 0))
+    assert calls[1:] == [("set", torch.device("cuda", 0))]
