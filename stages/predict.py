@@ -12,34 +12,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from transfer.checkpoints import load_trained_model, preprocess_of
+from transfer.checkpoints import load_trained_model
 from transfer.devices import resolve_device
 from transfer.errors import UserError, run_stage
 from transfer.images import ImageTooLarge, decode
 from transfer.layout import is_image_name, is_litter
-from transfer.params import MODES, load_params
+from transfer.params import load_params
 from transfer.preprocess import eval_transform
+from transfer.strategies import STRATEGIES
 
 
 def expand(paths: list[Path]) -> list[Path | UserError]:
-    """Files as given, folders replaced by their images; missing paths become errors."""
+    """Files as given, folders replaced by their images; a missing path, or anything but a
+    regular file (a named pipe would block the reader for ever), becomes an error."""
     found: list[Path | UserError] = []
     for path in paths:
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name)
-                            and not is_litter(p.relative_to(path)))
+            images = sorted(p for p in path.rglob("*") if is_image_name(p.name) and not is_litter(p.relative_to(path))
+                            and not p.is_dir())
             found.extend(images or [UserError(f"{path}: folder holds no images")])
-        elif path.exists():
-            found.append(path)
         else:
-            found.append(UserError(f"{path}: no such file or folder"))
-    return found
+            found.append(path)
+    return [_regular(item) if isinstance(item, Path) else item for item in found]
+
+
+def _regular(path: Path) -> Path | UserError:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return UserError(f"{path}: no such file or folder")
+    except OSError as exc:
+        return UserError(f"{path}: cannot be read ({exc.strerror})")
+    return path if stat.S_ISREG(mode) else UserError(f"{path}: not a regular file (a pipe, device or socket); "
+                                                     "refused")
 
 
 def load_image(path: Path) -> Image.Image:
@@ -56,17 +68,17 @@ def load_image(path: Path) -> Image.Image:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
-    parser.add_argument("--mode", choices=MODES, default="finetune")
-    parser.add_argument("--model", type=Path, help="checkpoint to use; default: models/<mode>.pt")
+    parser.add_argument("--strategy", "--mode", choices=STRATEGIES, default="finetune")
+    parser.add_argument("--model", type=Path, help="checkpoint to use; default: models/<strategy>.pt")
     parser.add_argument("--params", default="params.yaml", help="read for the device setting")
     parser.add_argument("--device", help="override the device param (auto, cpu, cuda, cuda:N, mps)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device or load_params(args.params).device)
-    model, meta = load_trained_model(args.model or Path(f"models/{args.mode}.pt"), device)
-    transform = eval_transform(preprocess_of(meta))
-    classes: list[str] = meta["classes"]
+    model, meta = load_trained_model(args.model or Path(f"models/{args.strategy}.pt"), device)
+    transform = eval_transform(meta.preprocess)
+    classes = meta.classes
 
     results, failures = [], 0
     for item in expand(args.paths):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transfer.checkpoints import read_pretrained_meta
+from transfer.checkpoints import PretrainedMeta, read_start
 from transfer.data import EpochSampler, TrainImages, image_folders
 from transfer.errors import run_stage
 from transfer.figures import save_image_grid
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    pre = resolve_preprocess(params.preprocess, read_pretrained_meta(args.weights, params.model)["preprocess"])
+    pre = resolve_preprocess(params.preprocess, read_start(args.weights, PretrainedMeta, params.model).preprocess)
     split = image_folders(args.data)["train"]
     train = TrainImages(split, pre, seed=params.seed, cache_bytes=0)
     first = list(EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None))[:params.train.batch_size]

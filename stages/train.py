@@ -1,35 +1,20 @@
-"""Stage ``train@<mode>``: transfer-learn the backbone, one of two ways.
+"""Stage ``train@<strategy>``: transfer-learn the backbone as a strategy of
+:mod:`transfer.strategies` says (docs/strategies.md compares them).
 
-- ``finetune``: start from the pretrained weights, replace the final layer with one sized to
-  the number of classes, and train every parameter on the images (``--inputs``: the image
-  folders), with a fresh seeded random crop and flip of every image each epoch.
-- ``feature_extract``: freeze the backbone ("ConvNet as fixed feature extractor") and train
-  only the new final layer, on the backbone's outputs that the features stage computed once
-  (``--inputs``: its folder); see :mod:`transfer.features`.
-
-Writes the best epoch's weights (``models/<mode>.pt`` + ``.json``), the history
-(``plots/<mode>/history.csv``, rewritten after every epoch so that ``dvc plots`` and editor
-integrations show a run as it goes) and a run record (``reports/<mode>/train.json``:
-summary, timings, versions, device).
-
-After every epoch it also saves the whole state of the run beside the checkpoint
-(``models/.resume/<mode>-<key>.pt``, see :mod:`transfer.resume`), so that a run stopped by
-Ctrl-C, SIGTERM, SIGHUP or even SIGKILL continues from its last finished epoch when started again with
-the same inputs and params, and ends with the same results as if it had never stopped.
-
-With ``train.distributed`` asking for several processes, the stage starts itself again under
-torchrun, once per process, and waits; each of those trains on its share of every step and
-process 0 writes the outputs (see :mod:`transfer.distributed`).
+Writes the best epoch's checkpoint (``--model-out`` and its ``.json``), the history
+(``--history``, rewritten after every epoch, so that ``dvc plots show`` shows a run as it
+goes) and a run record (``--record``). After every epoch it saves the state an interrupted
+run resumes from (:mod:`transfer.resume`); with ``train.distributed`` asking for several
+processes it starts itself again under torchrun (:mod:`transfer.distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,39 +26,47 @@ from torch.utils.data import DataLoader
 
 from transfer import distributed
 from transfer.atomic import write_json, write_text
-from transfer.checkpoints import pretrained_classifier, read_pretrained_meta, save_checkpoint, sidecar_path
-from transfer.data import EpochSampler, FeatureViews, TrainImages, ValImages, image_folders, make_loader
+from transfer.checkpoints import (
+    CheckpointMeta,
+    PretrainedMeta,
+    pretrained_classifier,
+    read_start,
+    save_checkpoint,
+    sidecar_path,
+    trained_classifier,
+)
+from transfer.data import EpochSampler, FeatureViews, TrainImages, ValImages, image_folders
 from transfer.devices import describe_device, resolve_device
 from transfer.distributed import World
-from transfer.errors import run_stage
+from transfer.errors import UserError, run_stage
 from transfer.features import PARAMS as FEATURE_PARAMS
 from transfer.features import TRAIN, VAL, StoredFeatures, read_features
 from transfer.interrupts import Interrupted, deferred_interrupts
-from transfer.models import freeze_backbone
-from transfer.params import MODES, Params, load_params
+from transfer.models import Head, freeze_backbone
+from transfer.params import Params, load_params
 from transfer.preprocess import ModelInput, Preprocess, resolve_preprocess
 from transfer.reproducibility import check_deterministic, configure_backends, seed_everything
 from transfer.resume import FOLDER as RESUME_FOLDER
 from transfer.resume import ResumeState, Training, restore, rng_states, run_key
 from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
-from transfer.training import EpochRecord, Progress, train_model
+from transfer.strategies import STRATEGIES, FinetuneRecipe, Recipe, Strategy, WarmUp, param_groups
+from transfer.training import Diverged, EpochRecord, Progress, images_per_second, make_loader, train_model
 
 #: How many processes train, and how they talk: with several, each computes on its share of
-#: a batch and the sums differ in their last bits (BatchNorm statistics, more than that).
-#: ``rdzv_endpoint`` only says where they meet.
+#: a batch and the sums differ in their last bits. ``rdzv_endpoint`` only says where they meet.
 DISTRIBUTED = ("train.distributed.nproc_per_node", "train.distributed.nnodes", "train.distributed.backend")
 
 
-def tracked_params(mode: str) -> tuple[str, ...]:
+def tracked_params(strategy: str) -> tuple[str, ...]:
     """The params this stage reads that can change its outputs, as dvc.yaml declares them."""
     return ("seed", "device", "model", "preprocess", "train.batch_size", "train.amp",
-            "train.deterministic", f"train.{mode}", *DISTRIBUTED)
+            "train.deterministic", f"train.{strategy}", *DISTRIBUTED)
 
 
 @dataclass
 class Inputs:
-    """What one mode trains on: its loaders, how a batch becomes the model's input, and
-    for feature_extract the stored features (whose BatchNorm statistics it may need)."""
+    """What a strategy trains on: its loaders, how a batch becomes the model's input, and
+    for the stored features, the features (whose BatchNorm statistics it may need)."""
 
     classes: list[str]
     loaders: dict[str, DataLoader]
@@ -92,7 +85,8 @@ def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.de
     train.images.fill("decode train")
     loaders = {
         "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None),
-                             batch_size=params.train.batch_size, workers=workers, device=device, world=world),
+                             batch_size=params.train.batch_size, workers=workers, device=device, world=world,
+                             drop_single=True),
         "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=1),
                            batch_size=params.runtime.inference_batch_size * world.size, workers=workers,
                            device=device, world=world),
@@ -105,42 +99,70 @@ def feature_inputs(folder: Path, params: Params, device: torch.device, world: Wo
     features = read_features(folder, params.digest(FEATURE_PARAMS))
     train = FeatureViews(features.array(TRAIN), features.labels("train"))
     val = FeatureViews(features.array(VAL), features.labels("val"))
+    cycles = {"train": train.features.shape[0], "val": val.features.shape[0]}
     loaders = {
-        "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True,
-                                                 cycle=train.features.shape[0]),
-                             batch_size=params.train.batch_size, workers=0, device=device, world=world),
-        "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=val.features.shape[0]),
+        "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=cycles["train"]),
+                             batch_size=params.train.batch_size, workers=0, device=device, world=world,
+                             drop_single=True),
+        "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=cycles["val"]),
                            batch_size=params.runtime.inference_batch_size * world.size, workers=0, device=device,
                            world=world),
     }
     return Inputs(features.meta["classes"], loaders, None, features)
 
 
+def starting_classifier(strategy: Strategy, path: Path, meta: PretrainedMeta | CheckpointMeta, classes: list[str],
+                        crop: int) -> tuple[nn.Module, Head]:
+    """The classifier training starts from: the pretrained backbone with a new head, or the
+    trained classifier of the strategy this one starts from."""
+    if isinstance(meta, PretrainedMeta):
+        return pretrained_classifier(path, meta, len(classes), crop)
+    if meta.classes != classes:
+        raise UserError(f"{path} was trained on the classes {meta.classes}, the data has {classes}: run `dvc repro`")
+    return trained_classifier(path, meta, torch.device("cpu")), Head(meta.head, 0)
+
+
+@dataclass
+class Setup:
+    """What the loop trains (the classifier, or its head alone), and how."""
+
+    trained: nn.Module
+    optimizer: optim.Optimizer
+    scheduler: lr_scheduler.LRScheduler
+    warmup: WarmUp | None
+
+
+def set_up(strategy: Strategy, recipe: Recipe, model: nn.Module, head: Head, params: Params, device: torch.device,
+           world: World) -> Setup:
+    if strategy.trains == "head":  # from the stored outputs of the frozen backbone
+        freeze_backbone(model, head)
+        trained = model.get_submodule(head.name).to(device)
+        groups: list[dict[str, Any]] = [{"params": list(trained.parameters()), "lr": recipe.lr}]
+    else:
+        check_deterministic(model, device, params.train.deterministic)
+        if isinstance(recipe, FinetuneRecipe) and recipe.sync_batchnorm and world.size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same state_dict keys as BatchNorm
+        trained = model.to(device, memory_format=torch.channels_last)
+        groups = param_groups(model, head, recipe)
+    # Fused on CUDA: one kernel per step, and the AMP scaler's step then needs no host sync.
+    optimizer = optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                          fused=device.type == "cuda" or None)
+    scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
+    warmup = None
+    if isinstance(recipe, FinetuneRecipe) and recipe.freeze_epochs:
+        warmup = WarmUp(recipe.freeze_epochs, model.get_submodule(head.name), groups[1]["params"])
+    return Setup(trained, optimizer, scheduler, warmup)
+
+
 def history_csv(history: list[EpochRecord]) -> str:
     return pd.DataFrame([r.as_row() for r in history]).round(6).to_csv(index=False, lineterminator="\n")
-
-
-def saved_state(state: ResumeState, mode: str) -> dict[str, Any] | None:
-    """The saved state of this run's interrupted predecessor, or None to start at epoch 1.
-
-    States of runs with other inputs, params or code are never used; saying so spares a user
-    who expected a resume from wondering why training starts over.
-    """
-    for other in state.others():
-        print(f"train@{mode}: not resuming from {other}: it is the state of a run with other inputs, params "
-              "or code (it is deleted once this run has finished an epoch)")
-    try:
-        return state.load()
-    except ValueError as exc:
-        print(f"warning: cannot resume from {state.path} ({exc}); starting from epoch 1", file=sys.stderr)
-        return None
 
 
 @dataclass
 class EpochEnd:
     """What the stage does after every epoch: rewrite the history (for ``dvc plots`` while the
-    run goes on) and save the state to resume from. A signal arriving meanwhile takes effect
-    once both are written, so after an interruption they always agree."""
+    run goes on) and save the state to resume from, with every process's random generators.
+    A signal arriving meanwhile takes effect once both are written, so they always agree."""
 
     history_out: Path
     state: ResumeState | None  #: None in the processes that do not write
@@ -149,7 +171,7 @@ class EpochEnd:
     saved: int = 0  #: the last epoch whose state is on disk
 
     def __call__(self, progress: Progress) -> None:
-        rngs = self.world.gather_object(rng_states(self.training.device))  # each process's own generators
+        rngs = self.world.gather_object(rng_states(self.training.device))
         if self.state is None or rngs is None:
             return
         with deferred_interrupts():
@@ -157,151 +179,162 @@ class EpochEnd:
             self.state.save(self.training, progress, rngs)
             self.saved = progress.epoch
 
-
-def interrupted(exc: KeyboardInterrupt, mode: str, epochs: int, end: EpochEnd | None) -> Interrupted:
-    """Ctrl-C (or SIGTERM, SIGHUP) during training, with the line that says what is left and what to do
-    (from the process that writes; the others stop without one)."""
-    stopped = Interrupted.of(exc)
-    if end is None or end.state is None:
+    def interrupted(self, exc: KeyboardInterrupt, name: str, epochs: int) -> Interrupted:
+        """The line that says what an interruption left and what to do (from the process that writes)."""
+        stopped = Interrupted.of(exc)
+        if self.state is not None and self.saved:
+            stopped.detail = (f"train@{name} stopped after epoch {self.saved} of {epochs} and saved its state in "
+                              f"{self.state.path}; run it again with the same inputs and params (dvc repro) to "
+                              "resume from there")
+        elif self.state is not None:
+            stopped.detail = (f"train@{name} stopped during epoch 1 of {epochs}, before any epoch finished: nothing "
+                              "was written to the stage's outputs and there is nothing to resume")
         return stopped
-    if end.saved:
-        stopped.detail = (f"train@{mode} stopped after epoch {end.saved} of {epochs} and saved its state in "
-                          f"{end.state.path}; run it again with the same inputs and params (dvc repro) to resume "
-                          "from there")
-    else:
-        stopped.detail = (f"train@{mode} stopped during epoch 1 of {epochs}, before any epoch finished: nothing "
-                          "was written to the stage's outputs and there is nothing to resume")
-    return stopped
+
+
+def resumed(state: ResumeState | None, name: str, world: World, training: Training) -> Progress | None:
+    """The progress of this run's interrupted predecessor, restored into ``training``, or None
+    to start at epoch 1. Process 0 reads the state and hands it to the others."""
+    saved = None
+    if state is not None:
+        for other in state.others():  # saying so spares a user who expected a resume from wondering
+            print(f"train@{name}: not resuming from {other}: it is the state of a run with other inputs, params "
+                  "or code (it is deleted once this run has finished an epoch)")
+        try:
+            saved = state.load()
+        except ValueError as exc:
+            print(f"warning: cannot resume from {state.path} ({exc}); starting from epoch 1", file=sys.stderr)
+    saved = world.broadcast_object(saved)
+    return restore(saved, training, world.rank) if saved is not None else None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--strategy", "--mode", choices=STRATEGIES, required=True)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--inputs", type=Path, help="finetune: the image folders (default data/hymenoptera_data); "
-                        "feature_extract: the features stage's folder (default data/features)")
-    parser.add_argument("--weights", type=Path, default=Path("models/pretrained.pt"))
-    parser.add_argument("--model-out", type=Path, help="default: models/<mode>.pt")
-    parser.add_argument("--history", type=Path, help="default: plots/<mode>/history.csv")
-    parser.add_argument("--record", type=Path, help="run record; default: reports/<mode>/train.json")
+    parser.add_argument("--inputs", type=Path, required=True, help="the image folders, or the features stage's folder")
+    parser.add_argument("--weights", type=Path, required=True, help="what training starts from: models/pretrained.pt, "
+                        "or the checkpoint of the strategy this one starts from")
+    parser.add_argument("--model-out", type=Path, required=True)
+    parser.add_argument("--history", type=Path, required=True)
+    parser.add_argument("--record", type=Path, required=True, help="run record (timings, versions, device)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     params = load_params(args.params)
-    settings = params.train.distributed
+    recipe, settings = params.train.recipe(args.strategy), params.train.distributed
     asked = resolve_device(params.device)
-    distributed.check(settings, asked, sync_batchnorm=args.mode == "finetune" and params.train.finetune.sync_batchnorm)
+    distributed.check(settings, asked, sync_batchnorm=getattr(recipe, "sync_batchnorm", False))
     threads = configure_threads(params.runtime.threads, processes=settings.nproc_per_node)
     distributed.run_processes(settings, asked, "stages.train", argv, threads=threads,
-                              run=distributed.run_id(args.mode, params.digest(tracked_params(args.mode))),
-                              work=lambda world, device: train(args, params, world, device, threads, started))
+                              run=distributed.run_id(args.strategy, params.digest(tracked_params(args.strategy))),
+                              work=lambda world, device: train(Run(args, params, world, device, threads, started)))
 
 
-def train(args: argparse.Namespace, params: Params, world: World, device: torch.device, threads: int,
-          started: float) -> None:
-    """One training process: all of the run in one, or its share of it among several."""
-    mode: str = args.mode
-    finetune = mode == "finetune"
-    inputs_path = args.inputs or Path("data/hymenoptera_data" if finetune else "data/features")
-    model_out = args.model_out or Path(f"models/{mode}.pt")
-    history_out = args.history or Path(f"plots/{mode}/history.csv")
-    record_out = args.record or Path(f"reports/{mode}/train.json")
-    recipe = params.train.mode(mode)
+@dataclass
+class Run:
+    """One training process: what it was asked for, and where and how it runs."""
+
+    args: argparse.Namespace
+    params: Params
+    world: World
+    device: torch.device
+    threads: int
+    started: float
+    workers: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.args.strategy
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.params.train.recipe(self.name)
+
+
+def train(run: Run) -> None:
+    """All of the run in one process, or its share of it among several."""
+    args, params, world, device, name = run.args, run.params, run.world, run.device, run.name
+    strategy = STRATEGIES[name]
     configure_backends(device, params.train.deterministic)
-    processes = params.train.distributed.nproc_per_node
-    workers = resolve_workers(params.runtime.num_workers, device, processes) if finetune else 0
     if (warning := amp_warning(device, params.train.amp)) and world.main:
         print(warning, file=sys.stderr)
     seed_everything(params.seed)
 
-    pretrained = read_pretrained_meta(args.weights, params.model)
-    pre = resolve_preprocess(params.preprocess, pretrained["preprocess"])
-    if finetune:
-        inputs = image_inputs(inputs_path, pre, params, device, workers, world)
+    meta = read_start(args.weights, CheckpointMeta if strategy.start else PretrainedMeta, params.model)
+    pre = resolve_preprocess(params.preprocess, meta.preprocess)
+    if strategy.inputs == "images":
+        run.workers = resolve_workers(params.runtime.num_workers, device, params.train.distributed.nproc_per_node)
+        inputs = image_inputs(args.inputs, pre, params, device, run.workers, world)
     else:
-        inputs = feature_inputs(inputs_path, params, device, world)
-    classes = inputs.classes
-    model, head = pretrained_classifier(args.weights, pretrained, len(classes), pre.crop)
-
-    if finetune:
-        check_deterministic(model, device, params.train.deterministic)
-        if params.train.finetune.sync_batchnorm and world.size > 1:  # same state_dict keys as BatchNorm
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        trained: nn.Module = model.to(device, memory_format=torch.channels_last)
-        trained_params = list(model.parameters())
-    else:  # only the head learns, from the stored outputs of the frozen backbone
-        trained_params = freeze_backbone(model, head)
-        trained = model.get_submodule(head.name).to(device)
-
-    criterion = nn.CrossEntropyLoss(reduction="sum")  # the loop divides by each step's number of images
-    # Fused on CUDA: one kernel per step, and the AMP scaler's step then needs no host sync.
-    optimizer = optim.SGD(trained_params, lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay, fused=device.type == "cuda" or None)
-    scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
-
-    sizes = {phase: len(loader.dataset) for phase, loader in inputs.loaders.items()}  # type: ignore[arg-type]
-    processes = f", {world.size} processes" if world.size > 1 else ""
+        inputs = feature_inputs(args.inputs, params, device, world)
+    model, head = starting_classifier(strategy, args.weights, meta, inputs.classes, pre.crop)
+    setup = set_up(strategy, run.recipe, model, head, params, device, world)
     if world.main:
-        print(f"train@{mode}: {params.model.arch} ({pretrained['source']}), {len(classes)} classes "
-              f"{classes}, {sizes['train']} train / {sizes['val']} val images, "
-              f"{sum(p.numel() for p in trained_params):,} trainable parameters, {describe_device(device)}"
-              f"{processes}, {threads} threads")
-    training = Training(trained, optimizer, scheduler, device)
+        announce(run, meta, inputs, setup)
+    training = Training(setup.trained, setup.optimizer, setup.scheduler, device)
     state = None
     if world.main:  # the one process that writes: the state it saves is the whole run's
-        state = ResumeState(model_out.parent / RESUME_FOLDER, mode, run_key(
-            mode, params, tracked_params(mode), [inputs_path, args.weights, sidecar_path(args.weights)], device))
-    saved = world.broadcast_object(saved_state(state, mode) if state else None)
-    start = restore(saved, training, world.rank) if saved is not None else None
-    if state is not None and start is not None:  # the finished epochs, for `dvc plots` until the next one ends
-        print(f"train@{mode}: resuming after epoch {start.epoch} of {recipe.epochs} (state from {state.path})")
-        write_text(history_out, history_csv(start.history))
-    end = EpochEnd(history_out, state, training, world, saved=start.epoch if start else 0)
+        inputs_files = [args.inputs, args.weights, sidecar_path(args.weights)]
+        key = run_key(name, params, tracked_params(name), inputs_files, device)
+        state = ResumeState(args.model_out.parent / RESUME_FOLDER, name, key)
+    start = resumed(state, name, world, training)
+    if start is not None and state is not None:  # the finished epochs, for `dvc plots` until the next one ends
+        print(f"train@{name}: resuming after epoch {start.epoch} of {run.recipe.epochs} (state from {state.path})")
+        write_text(args.history, history_csv(start.history))
+    end = EpochEnd(args.history, state, training, world, saved=start.epoch if start else 0)
     try:
-        result = train_model(
-            trained, inputs.loaders, criterion, optimizer, scheduler, recipe.epochs, device,
-            prepare=inputs.prepare, amp=params.train.amp, start=start, on_epoch=end, world=world,
-        )
+        progress = train_model(setup.trained, inputs.loaders, nn.CrossEntropyLoss(reduction="sum"), setup.optimizer,
+                               setup.scheduler, run.recipe.epochs, device, prepare=inputs.prepare,
+                               amp=params.train.amp, warmup=setup.warmup, start=start, on_epoch=end, world=world)
     except KeyboardInterrupt as exc:
-        raise interrupted(exc, mode, recipe.epochs, end) from None
-    if not world.main:
-        return
+        raise end.interrupted(exc, name, run.recipe.epochs) from None
+    except Diverged as exc:
+        raise UserError(f"train@{name}: {exc}; nothing was written. The learning rate is too large for this model "
+                        f"and data: lower train.{name}.lr") from None
+    if state is not None:
+        write_outputs(run, model, head, meta, pre, inputs, progress, start.epoch if start else None)
+        state.remove()  # the outputs hold this run's results now: nothing left to resume
+        print(f"train@{name}: best val acc {progress.best_acc:.4f} at epoch {progress.best_epoch}, "
+              f"{time.perf_counter() - run.started:.1f}s -> {args.model_out}")
 
-    if finetune:
-        best_state = result.best_state
-    else:  # the whole classifier: pretrained backbone (with the best epoch's statistics) and trained head
-        model.get_submodule(head.name).load_state_dict(result.best_state)
-        if inputs.features and inputs.features.meta["batchnorm"] == "update":
-            model.load_state_dict(inputs.features.batchnorm(result.best_epoch), strict=False)
-        best_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_checkpoint(model_out, best_state, {
-        "mode": mode,
-        "arch": params.model.arch,
-        "classes": classes,
-        "head": head.name,
-        "epoch": result.best_epoch,
-        "val_acc": result.best_acc,
-        "weights": params.model.weights,
-        "weights_source": pretrained["source"],
-        "weights_sha256": pretrained.get("sha256"),
-        "preprocess": dataclasses.asdict(pre),
-        "params_digest": params.digest(tracked_params(mode)),
-    })
-    last = result.history[-1]
-    wall = time.perf_counter() - started
-    write_json(record_out, run_record(
-        device, threads, workers,
-        best_epoch=result.best_epoch, best_val_acc=result.best_acc, epochs=len(result.history),
-        final={"train_loss": last.train_loss, "train_acc": last.train_acc,
-               "val_loss": last.val_loss, "val_acc": last.val_acc},
-        wall_seconds=round(wall, 2), epoch_seconds=[round(s, 3) for s in result.epoch_seconds],
-        train_images_per_second=round(result.train_images_per_second, 2),
-        resumed_after_epoch=start.epoch if start else None,
-        processes=world.size,
+
+def announce(run: Run, meta: PretrainedMeta | CheckpointMeta, inputs: Inputs, setup: Setup) -> None:
+    """The run's first line: what trains, on what, where."""
+    trainable = sum(p.numel() for group in setup.optimizer.param_groups for p in group["params"])
+    processes = f", {run.world.size} processes" if run.world.size > 1 else ""
+    source = meta.source if isinstance(meta, PretrainedMeta) else run.args.weights
+    sizes = {phase: len(loader.dataset) for phase, loader in inputs.loaders.items()}  # type: ignore[arg-type]
+    print(f"train@{run.name}: {run.params.model.arch} ({source}), {len(inputs.classes)} classes {inputs.classes}, "
+          f"{sizes['train']} train / {sizes['val']} val images, {trainable:,} trainable parameters, "
+          f"{describe_device(run.device)}{processes}, {run.threads} threads")
+
+
+def write_outputs(run: Run, model: nn.Module, head: Head, meta: PretrainedMeta | CheckpointMeta, pre: Preprocess,
+                  inputs: Inputs, progress: Progress, resumed_after: int | None) -> None:
+    """The best epoch's classifier, its sidecar, and the run record."""
+    best = progress.best_state
+    if STRATEGIES[run.name].trains == "head":  # the whole classifier: the frozen backbone and the trained head
+        model.get_submodule(head.name).load_state_dict(best)
+        if inputs.features and inputs.features.meta["batchnorm"] == "update":  # the best epoch's statistics
+            model.load_state_dict(inputs.features.batchnorm(progress.best_epoch), strict=False)
+        best = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    source = meta.source if isinstance(meta, PretrainedMeta) else meta.weights_source
+    sha256 = meta.sha256 if isinstance(meta, PretrainedMeta) else meta.weights_sha256
+    params = run.params
+    save_checkpoint(run.args.model_out, best, CheckpointMeta(
+        run.name, params.model.arch, inputs.classes, head.name, progress.best_epoch, progress.best_acc,
+        params.model.weights, source, sha256, pre, params.digest(tracked_params(run.name))))
+    last = progress.history[-1]
+    write_json(run.args.record, run_record(
+        run.device, run.threads, run.workers,
+        best_epoch=progress.best_epoch, best_val_acc=progress.best_acc, epochs=len(progress.history),
+        final={k: v for k, v in asdict(last).items() if k not in ("epoch", "lr")},
+        wall_seconds=round(time.perf_counter() - run.started, 2),
+        epoch_seconds=[round(s, 3) for s in progress.epoch_seconds],
+        train_images_per_second=round(images_per_second(progress, inputs.loaders["train"]), 2),
+        resumed_after_epoch=resumed_after, processes=run.world.size,
     ))
-    state.remove()  # the outputs hold this run's results now: nothing left to resume
-    print(f"train@{mode}: best val acc {result.best_acc:.4f} at epoch {result.best_epoch}, "
-          f"{wall:.1f}s -> {model_out}")
 
 
 if __name__ == "__main__":

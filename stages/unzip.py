@@ -6,7 +6,8 @@ accepted images (or that trip Pillow's decompression-bomb check) are left out an
 the result is checked to be a usable image-folder data set. The extraction happens in a
 temporary folder that replaces the output only when all is well.
 A data report (images per split and class, what was skipped and why) goes to ``reports/``.
-A data set without ``val/`` can have one split off ``train/`` (``data.val_fraction``).
+A data set without ``val/`` or ``test/`` can have them split off ``train/`` and ``val/``
+(``data.val_fraction``, ``data.test_fraction``).
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     with atomic_dir(args.out) as tmp:
         report = extract_image_folder(args.archive, tmp, max_unpacked_mb=params.runtime.max_unpacked_mb,
-                                      val_fraction=params.data.val_fraction, seed=params.seed)
+                                      val_fraction=params.data.val_fraction,
+                                      test_fraction=params.data.test_fraction, seed=params.seed)
         # Before the folder is swapped in: a report that cannot be written (a full disk)
         # then leaves the previous folder too, not a new folder beside an old report.
         write_json(args.report, report.as_metrics())
 
     for name, reason in sorted(report.skipped.items()):
         tqdm.write(f"warning: skipped {name}: {reason}", file=sys.stderr)
+    for names in report.duplicates():
+        tqdm.write(f"warning: the same image is in two splits, which makes scores optimistic: {', '.join(names)}",
+                   file=sys.stderr)
     summary = ", ".join(
         f"{split} {sum(c.values())} images" for split, c in sorted(report.counts.items())
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from transfer.checkpoints import save_checkpoint
+from transfer.checkpoints import PretrainedMeta, save_checkpoint
 from transfer.download import fetch, sha256_of
 from transfer.errors import ParamError, UserError, run_stage
 from transfer.models import (
@@ -66,28 +66,27 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     arch, weights = params.model.arch, params.model.weights
     model = create_backbone(arch)  # validates the arch before anything is downloaded
-    meta: dict[str, object] = {"arch": arch, "weights": weights, "pretrained": True}
+    sha256 = None
     if weights.lower() == "none":
         state: dict[str, torch.Tensor] = {}
-        meta.update(pretrained=False, source="none (random initialisation from seed)")
+        source = "none (random initialisation from seed)"
     elif weights.endswith(STATE_SUFFIXES):
         path = Path(weights).expanduser()
         state = read_state_dict(path)
         load_backbone_state(model, state, f"weights file {path}")
-        meta.update(source=str(path), sha256=sha256_of(path))
+        source, sha256 = str(path), sha256_of(path)
     elif arch.startswith(TIMM_PREFIX):
         model = timm_pretrained(arch, weights)
         state = model.state_dict()
-        meta.update(source=f"timm {model.pretrained_cfg.get('hf_hub_id') or arch}")
+        source = f"timm {model.pretrained_cfg.get('hf_hub_id') or arch}"
     else:
-        path, url = download_torchvision_weights(arch, weights, params.runtime)
+        path, source = download_torchvision_weights(arch, weights, params.runtime)
         state = read_state_dict(path)
         load_backbone_state(model, state, f"weights file {path}")
-        meta.update(source=url, sha256=sha256_of(path))
-    meta["preprocess"] = pretrained_preprocess(arch, weights, model)
-    save_checkpoint(args.out, state, meta)
-    print(f"weights for {arch}: {meta['source']} -> {args.out}")
-
+        sha256 = sha256_of(path)
+    save_checkpoint(args.out, state, PretrainedMeta(arch, weights, weights.lower() != "none", source, sha256,
+                                                    pretrained_preprocess(arch, weights, model)))
+    print(f"weights for {arch}: {source} -> {args.out}")
 
 if __name__ == "__main__":
     run_stage(main)

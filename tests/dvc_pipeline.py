@@ -38,12 +38,13 @@ import yaml
 from conftest import REPO_ROOT, DvcRepo, copy_project, dvc_env, make_dataset_zip
 from imagefolders import TINY_TRAIN
 
-MODES = ("finetune", "feature_extract")
+from transfer.strategies import STRATEGIES
+
+MODES = tuple(STRATEGIES)
 #: Two epochs, so the history charts draw lines and not single points.
 PIPELINE_PARAMS: dict[str, Any] = {
     **TINY_TRAIN,
-    "train.finetune.epochs": 2,
-    "train.feature_extract.epochs": 2,
+    **{f"train.{name}.epochs": 2 for name in STRATEGIES},
     "runtime.inference_batch_size": 8,
     "evaluate.grid_images": 4,
 }

@@ -20,8 +20,12 @@ import pytest
 import torch
 import torchvision
 from conftest import CLASS_COLOURS, make_image, write_params
+from torch.utils.data import DataLoader, Dataset
 
-from transfer.checkpoints import read_meta
+from transfer.checkpoints import CheckpointMeta, read_meta
+from transfer.data import EpochSampler
+from transfer.distributed import World
+from transfer.training import make_loader
 
 #: The params that make one training run take about a second on two CPU cores.
 TINY_TRAIN: dict[str, Any] = {
@@ -40,6 +44,7 @@ TINY_TRAIN: dict[str, Any] = {
     "train.deterministic": False,
     "train.finetune.epochs": 1,
     "train.feature_extract.epochs": 1,
+    "train.lp_ft.epochs": 1,
     "train.feature_extract.batchnorm": "frozen",
 }
 
@@ -108,27 +113,32 @@ def features_argv(params: Path, data: Path, weights: Path, out: Path) -> list[st
             "--out", str(out / "features"), "--record", str(out / "features.json")]
 
 
-def train_argv(mode: str, params: Path, inputs: Path, weights: Path, out: Path) -> list[str]:
-    """The train stage's command line, with every output under ``out/`` (``<mode>.pt`` ...).
-    ``inputs``: the image folders for finetune, the features folder for feature_extract."""
+def train_argv(strategy: str, params: Path, inputs: Path, start: Path, out: Path) -> list[str]:
+    """The train stage's command line, with every output under ``out/`` (``<strategy>.pt`` ...).
+    ``inputs``: the image folders, or the features folder; ``start``: the weights stage's file,
+    or the checkpoint of the strategy this one starts from."""
     return [
-        "--mode", mode, "--params", str(params), "--inputs", str(inputs), "--weights", str(weights),
-        "--model-out", str(out / f"{mode}.pt"), "--history", str(out / mode / "history.csv"),
-        "--record", str(out / mode / "train.json"),
+        "--strategy", strategy, "--params", str(params), "--inputs", str(inputs), "--weights", str(start),
+        "--model-out", str(out / f"{strategy}.pt"), "--history", str(out / strategy / "history.csv"),
+        "--record", str(out / strategy / "train.json"),
     ]
 
 
-def run_training(mode: str, params: Path, data: Path, weights: Path, out: Path) -> Path:
-    """``train@<mode>`` on ``data`` with outputs under ``out/``, after the features stage for
-    feature_extract (as ``dvc repro`` runs them); return ``out``."""
+def run_training(strategy: str, params: Path, data: Path, weights: Path, out: Path) -> Path:
+    """``train@<strategy>`` on ``data`` with outputs under ``out/``, after what it needs, as
+    ``dvc repro`` runs them: the features stage, or the strategy it starts from; return ``out``."""
     import stages.features
     import stages.train
+    from transfer.strategies import STRATEGIES
 
-    inputs = data
-    if mode == "feature_extract":
+    record = STRATEGIES[strategy]
+    inputs, start = data, weights
+    if record.inputs == "features":
         stages.features.main(features_argv(params, data, weights, out))
         inputs = out / "features"
-    stages.train.main(train_argv(mode, params, inputs, weights, out))
+    if record.start is not None:
+        start = run_training(record.start, params, data, weights, out) / f"{record.start}.pt"
+    stages.train.main(train_argv(strategy, params, inputs, start, out))
     return out
 
 
@@ -158,7 +168,7 @@ def assert_same_run(a: Path, b: Path, mode: str) -> None:
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
-    assert read_meta(a / f"{mode}.pt") == read_meta(b / f"{mode}.pt")
+    assert read_meta(a / f"{mode}.pt", CheckpointMeta) == read_meta(b / f"{mode}.pt", CheckpointMeta)
     assert (a / f"{mode}.pt").read_bytes() == (b / f"{mode}.pt").read_bytes(), "same tensors, other bytes"
 
 
@@ -166,7 +176,7 @@ def assert_close_run(a: Path, b: Path, mode: str, rtol: float = 1e-5, atol: floa
     """As :func:`assert_same_run`, to float rounding: for runs whose sums add up in another
     order (several processes), so the same epochs, best epoch and numbers, not the same bits."""
     assert_close_outputs(run_outputs(a, mode), run_outputs(b, mode), rtol, atol)
-    assert read_meta(a / f"{mode}.pt").keys() == read_meta(b / f"{mode}.pt").keys()
+    assert read_meta(a / f"{mode}.pt", CheckpointMeta).classes == read_meta(b / f"{mode}.pt", CheckpointMeta).classes
 
 
 def assert_close_outputs(a: tuple[list[dict[str, str]], dict[str, Any], dict[str, torch.Tensor]],
@@ -181,3 +191,24 @@ def assert_close_outputs(a: tuple[list[dict[str, str]], dict[str, Any], dict[str
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         torch.testing.assert_close(state_b[key], state_a[key], rtol=rtol, atol=atol)
+
+
+class Tensors(Dataset[tuple[torch.Tensor, int]]):
+    """``(view, index)`` -> ``inputs[index]`` and its label (every view alike): a data set in
+    the shape the pipeline's loaders take."""
+
+    def __init__(self, inputs: torch.Tensor, labels: list[int]) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        return self.inputs[key[1]], self.labels[key[1]]
+
+
+def loader(dataset: Dataset[tuple[torch.Tensor, int]], batch_size: int, shuffle: bool = False, seed: int = 0,
+           world: World | None = None) -> DataLoader:
+    """The training loop's loader over ``dataset`` in the loader process, on the CPU."""
+    sampler = EpochSampler(len(dataset), seed=seed, shuffle=shuffle, cycle=1)  # type: ignore[arg-type]
+    return make_loader(dataset, sampler, batch_size=batch_size, workers=0, device=torch.device("cpu"), world=world)

@@ -23,15 +23,22 @@ import timm
 import torch
 import torchvision
 from conftest import error_line, stage_env
-from imagefolders import make_image_folders, random_state_dict, run_training, save_state_dict, tiny_params
+from imagefolders import (
+    Tensors,
+    loader,
+    make_image_folders,
+    random_state_dict,
+    run_training,
+    save_state_dict,
+    tiny_params,
+)
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import stages.train
 import stages.weights
-from transfer.archive import split_off_val
-from transfer.checkpoints import load_trained_model, preprocess_of, read_meta
+from transfer.archive import split_off
+from transfer.checkpoints import CheckpointMeta, PretrainedMeta, load_trained_model, read_meta
 from transfer.download import sha256_of
 from transfer.errors import UserError, run_stage
 from transfer.models import (
@@ -45,6 +52,7 @@ from transfer.models import (
 )
 from transfer.params import PreprocessParams
 from transfer.preprocess import IMAGENET, Preprocess, eval_transform, resolve_preprocess
+from transfer.strategies import WarmUp
 from transfer.training import train_model
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -100,11 +108,11 @@ def test_new_head_and_feature_extraction(arch: str, head_name: str, size: int) -
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen.clear()
-    loader = DataLoader(TensorDataset(images, torch.tensor([2])), batch_size=1)
+    batches = loader(Tensors(images, [2]), batch_size=1)
     optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7)
-    train_model(model, {"train": loader, "val": loader}, nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler, 1,
-                torch.device("cpu"), train_only=layer, log=False)
+    train_model(model, {"train": batches, "val": batches}, nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler,
+                1, torch.device("cpu"), warmup=WarmUp(1, layer, []))  # the head alone, the rest in eval mode
     hook.remove()
 
     assert len(seen) == 2 and not any(requires for requires, _ in seen), "features were computed with a graph"
@@ -225,8 +233,7 @@ def test_torchvision_weights_metadata(arch: str, weights: str, resize: int, crop
     """With every key ``auto``, validation images are preprocessed exactly as torchvision's
     own ``weights.transforms()`` does it (compared pixel for pixel)."""
     meta = pretrained_preprocess(arch, weights, build(arch))
-    assert meta == {"resize": resize, "crop": crop, "interpolation": interpolation,
-                    "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    assert meta == Preprocess(resize, crop, interpolation, IMAGENET_MEAN, IMAGENET_STD)
     ours = eval_transform(resolve_preprocess(AUTO, meta))(photo())
     reference = torchvision.models.get_model_weights(arch)[weights].transforms()(photo())
     assert ours.shape == reference.shape == (3, crop, crop)
@@ -257,8 +264,8 @@ def test_timm_metadata(arch: str, expected: Preprocess) -> None:
 
 def test_explicit_params_win_over_metadata() -> None:
     """Each key on its own: a value in params.yaml wins, ``auto`` takes the metadata's."""
-    meta = {"resize": 320, "crop": 300, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}
-    assert resolve_preprocess(AUTO, meta) == Preprocess(**meta)
+    meta = Preprocess(320, 300, "bicubic", [0.5] * 3, [0.25] * 3)
+    assert resolve_preprocess(AUTO, meta) == meta
     mixed = PreprocessParams(resize=40, crop=32, interpolation="nearest", mean="auto", std=[0.2, 0.3, 0.4])
     assert resolve_preprocess(mixed, meta) == Preprocess(40, 32, "nearest", [0.5] * 3, [0.2, 0.3, 0.4])
     assert resolve_preprocess(mixed, None) == Preprocess(40, 32, "nearest", IMAGENET_MEAN, [0.2, 0.3, 0.4])
@@ -366,13 +373,10 @@ def test_timm_safetensors_file_needs_no_network(offline: dict[str, Any]) -> None
     stored = torch.load(out, map_location="cpu", weights_only=True)
     assert stored.keys() == state.keys()
     assert all(torch.equal(stored[k], state[k]) for k in state)
-    meta = read_meta(out)
+    meta = read_meta(out, PretrainedMeta)
     source = offline["source"]
-    assert {k: meta[k] for k in ("arch", "weights", "pretrained", "source", "sha256")} == {
-        "arch": TIMM_SMALL, "weights": str(source), "pretrained": True, "source": str(source),
-        "sha256": sha256_of(source)}
-    assert meta["preprocess"] == {"resize": 256, "crop": 224, "interpolation": "bicubic",
-                                  "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    assert meta == PretrainedMeta(TIMM_SMALL, str(source), True, str(source), sha256_of(source),
+                                  Preprocess(256, 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD))
 
 
 def test_timm_feature_extract_keeps_the_file_and_records_preprocessing(offline: dict[str, Any],
@@ -392,11 +396,10 @@ def test_timm_feature_extract_keeps_the_file_and_records_preprocessing(offline: 
     assert all(torch.equal(trained[k], state[k]) for k in backbone)
     assert trained["classifier.weight"].shape == (2, 1024)
 
-    meta = read_meta(out / "feature_extract.pt")
     expected = Preprocess(40, 32, "bicubic", IMAGENET_MEAN, [0.5, 0.5, 0.5])
-    assert meta["preprocess"] == dataclasses.asdict(expected)
+    assert read_meta(out / "feature_extract.pt", CheckpointMeta).preprocess == expected
     model, loaded = load_trained_model(out / "feature_extract.pt", torch.device("cpu"))
-    assert preprocess_of(loaded) == expected
+    assert loaded.preprocess == expected
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
@@ -446,10 +449,10 @@ def test_val_split_is_stratified_over_uneven_classes() -> None:
     sizes = {"cats": 10, "dogs": 3, "owls": 2}
     files = [PurePosixPath("train", cls, f"{cls}{i}.png") for cls, n in sizes.items() for i in range(n)]
     files.append(PurePosixPath("train", "cats", "notes.txt"))  # not an image: never moved
-    moved = split_off_val(files, 0.34, seed=1)
+    moved = split_off(files, 0.34, seed=1)
     per_class = {cls: sum(1 for rel in moved if rel.parts[1] == cls) for cls in sizes}
     assert per_class == {"cats": 3, "dogs": 1, "owls": 1}
     assert all(dest == PurePosixPath("val", *src.parts[1:]) for src, dest in moved.items())
-    assert split_off_val(list(reversed(files)), 0.34, seed=1) == moved, "depends on the listing order"
-    assert split_off_val(files, 0.34, seed=2) != moved
+    assert split_off(list(reversed(files)), 0.34, seed=1) == moved, "depends on the listing order"
+    assert split_off(files, 0.34, seed=2) != moved
 

@@ -42,8 +42,12 @@ from dvc_pipeline import (
     workspace_lock,
 )
 
-#: The stages a change of both modes' training params reruns (or restores), in pipeline order.
-TRAIN_AND_EVALUATE = ["train@finetune", "train@feature_extract", "evaluate@finetune", "evaluate@feature_extract"]
+#: The stages a change of finetune's and feature_extract's training params reruns (or restores), in
+#: pipeline order: lp_ft starts from feature_extract's head, and compare pairs every evaluation.
+TRAIN_AND_EVALUATE = ["train@finetune", "train@feature_extract", "train@lp_ft", "evaluate@finetune",
+                      "evaluate@feature_extract", "evaluate@lp_ft"]
+#: What each experiment's change reaches (its own strategy, and for the head, lp_ft, which starts from it).
+REACHES = {"finetune-lr": ("@finetune",), "head-lr": ("@feature_extract", "@lp_ft")}
 #: Both modes' learning rates as the experiments set them, and as the committed run has them.
 BOTH_CHANGED = {key: EXPERIMENT_LR for key in EXPERIMENTS.values()}
 BOTH_ORIGINAL = {key: 0.001 for key in EXPERIMENTS.values()}
@@ -125,30 +129,31 @@ def test_head_only_change_leaves_the_backbone_alone(pipeline: Pipeline, experime
     assert dvc_json(repo, "status") == status, "--dry changed something"
 
     # The queue ran exactly this change ("head-lr"; tests/test_experiments_e2e.py checks from
-    # its log that the features stage was skipped): every output but feature_extract's is the
-    # first run's file.
+    # its log that the features stage was skipped): every output but those of feature_extract,
+    # of lp_ft (which starts from its head) and of the comparison is the first run's file.
     first, head_lr = head_lock(experiments.repo), head_lock(experiments.repo, experiments.rev("head-lr"))
     assert head_lr["models/feature_extract.pt"] != first["models/feature_extract.pt"]
+    assert head_lr["models/lp_ft.pt"] != first["models/lp_ft.pt"]
     for kind in declared_outputs(repo.root).values():
         for path, writer in kind.items():
-            if not writer.endswith("@feature_extract"):
+            if not writer.endswith(REACHES["head-lr"]) and writer != "compare":
                 assert head_lr[path] == first[path], path
 
 
 def test_run_cache_restores_earlier_results(experiments: Experiments, tmp_path: Path) -> None:
-    """``dvc exp run -S`` of params that already ran (here in the queue's temporary copies)
-    restores every train and evaluate stage from the run-cache ("Stage '...' is cached -
-    skipping run, checking out outputs"), for both modes, with the earlier runs' outputs byte
-    for byte; and so does going back to the committed params."""
+    """``dvc exp run -S`` of params that already ran (here in the queue's temporary copies, one
+    change each) restores every train and evaluate stage from the run-cache ("Stage '...' is
+    cached - skipping run, checking out outputs"), with the earlier runs' outputs byte for
+    byte; only the comparison of the two changes together runs, in seconds. Going back to the
+    committed params restores everything."""
     repo = copy_repo(experiments.repo, tmp_path)
     there = repo.dvc("exp", "run", *sets(BOTH_CHANGED))
-    assert ran_stages(there.stdout) == [], there.stdout
+    assert ran_stages(there.stdout) == ["compare"], there.stdout  # this pairing of runs is new
     assert cached_stages(there.stdout) == TRAIN_AND_EVALUATE, there.stdout
     now, outputs = workspace_lock(repo), declared_outputs(repo.root)
-    for name, key in EXPERIMENTS.items():
-        mode = key.split(".")[1]
+    for name, reaches in REACHES.items():
         ran = head_lock(repo, experiments.rev(name))
-        written = [path for kind in outputs.values() for path, writer in kind.items() if writer.endswith("@" + mode)]
+        written = [path for kind in outputs.values() for path, writer in kind.items() if writer.endswith(reaches)]
         assert len(written) >= 8, written
         for path in written:
             assert now[path] == ran[path], f"{path} is not what experiment {name} wrote"
@@ -156,7 +161,7 @@ def test_run_cache_restores_earlier_results(experiments: Experiments, tmp_path: 
 
     back = repo.dvc("exp", "run", *sets(BOTH_ORIGINAL))
     assert ran_stages(back.stdout) == [], back.stdout
-    assert cached_stages(back.stdout) == TRAIN_AND_EVALUATE, back.stdout
+    assert cached_stages(back.stdout) == [*TRAIN_AND_EVALUATE, "compare"], back.stdout
     assert workspace_lock(repo) == head_lock(repo), "the restored outputs are not the first run's"
     assert dvc_json(repo, "status") == {}
     # params.yaml is rewritten by `-S` (same values); every result file is the committed one.
@@ -166,7 +171,7 @@ def test_run_cache_restores_earlier_results(experiments: Experiments, tmp_path: 
 
 #: Stages whose outputs all live in DVC's cache, so a remote can hold whole runs of them;
 #: evaluate and preview keep theirs in git (``cache: false``, never pushed) and rerun instead.
-SHAREABLE = {"fetch", "unzip", "weights", "features", "train@finetune", "train@feature_extract"}
+SHAREABLE = {"fetch", "unzip", "weights", "features", "train@finetune", "train@feature_extract", "train@lp_ft"}
 
 
 def test_a_remote_shares_results_and_trained_runs_with_a_fresh_clone(experiments: Experiments,
@@ -206,8 +211,9 @@ def test_a_remote_shares_results_and_trained_runs_with_a_fresh_clone(experiments
     assert changed_files(colleague) == set()
 
     run = colleague.dvc("exp", "run", "--pull", *sets(BOTH_CHANGED), timeout=300)
-    assert set(cached_stages(run.stdout)) >= {"train@finetune", "train@feature_extract"}, run.stdout
-    assert set(ran_stages(run.stdout)) <= {"evaluate@finetune", "evaluate@feature_extract"}, run.stdout
+    assert set(cached_stages(run.stdout)) >= {"train@finetune", "train@feature_extract", "train@lp_ft"}, run.stdout
+    assert set(ran_stages(run.stdout)) <= {"evaluate@finetune", "evaluate@feature_extract", "evaluate@lp_ft",
+                                           "compare"}, run.stdout
     theirs = workspace_lock(colleague)
     for path, md5 in now.items():
         if not path.startswith("reports/"):  # run records hold timings

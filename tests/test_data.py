@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer.checkpoints import save_checkpoint
+from transfer.checkpoints import CheckpointMeta, save_checkpoint
 from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
 from transfer.images import ImageCache, decode
 from transfer.preprocess import IMAGENET, ModelInput, Preprocess, eval_transform
@@ -126,8 +126,9 @@ def test_checkpoints_are_byte_identical_for_identical_tensors(tmp_path: Path) ->
     """Saving the same state twice (to different places, at different times) writes the same
     bytes, so DVC sees an unchanged model as unchanged; no temporary file name is recorded."""
     state = {"w": torch.randn(4, 3), "b": torch.arange(3)}
-    save_checkpoint(tmp_path / "a" / "model.pt", state, {"epoch": 1})
-    save_checkpoint(tmp_path / "b" / "model.pt", {k: v.clone() for k, v in state.items()}, {"epoch": 1})
+    meta = CheckpointMeta("finetune", "resnet18", ["ants", "bees"], "fc", 1, 0.5, "none", "none", None, IMAGENET, "0")
+    save_checkpoint(tmp_path / "a" / "model.pt", state, meta)
+    save_checkpoint(tmp_path / "b" / "model.pt", {k: v.clone() for k, v in state.items()}, meta)
     first, second = (tmp_path / "a" / "model.pt").read_bytes(), (tmp_path / "b" / "model.pt").read_bytes()
     assert first == second
     names = zipfile.ZipFile(io.BytesIO(first)).namelist()

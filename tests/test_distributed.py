@@ -30,11 +30,11 @@ import stages.features
 import stages.train
 import stages.weights
 from transfer import distributed
-from transfer.data import EpochSampler, ShardedBatches, make_loader
+from transfer.data import EpochSampler
 from transfer.distributed import IGNORE, World
 from transfer.errors import UserError
 from transfer.params import DistributedParams
-from transfer.training import TrainResult, train_model
+from transfer.training import Progress, Steps, make_loader, train_model
 
 CPU = torch.device("cpu")
 
@@ -59,7 +59,7 @@ def test_each_step_is_the_single_process_batch_split_among_processes(size: int) 
     sampler = EpochSampler(9, seed=3, shuffle=True, cycle=None)
     sampler.set_epoch(2)
     single = [list(sampler)[start:start + 4] for start in range(0, 9, 4)]
-    per_rank = [list(ShardedBatches(sampler, 4, World(rank=r, size=size))) for r in range(size)]
+    per_rank = [list(Steps(sampler, 4, World(rank=r, size=size))) for r in range(size)]
     assert {len(steps) for steps in per_rank} == {len(single)}  # every process takes every step
     for s, batch in enumerate(single):
         real = [pair for steps in per_rank for pair, is_real in steps[s] if is_real]
@@ -70,9 +70,9 @@ def test_each_step_is_the_single_process_batch_split_among_processes(size: int) 
 
 
 def test_torchrun_command_lines() -> None:
-    one = distributed.torchrun_args(settings(), "stages.train", ["--mode", "finetune"], "abc")
+    one = distributed.torchrun_args(settings(), "stages.train", ["--strategy", "finetune"], "abc")
     assert one == ["--nnodes", "1", "--nproc-per-node", "2", "--standalone", "--max-restarts", "0",
-                   "--module", "stages.train", "--mode", "finetune"]
+                   "--module", "stages.train", "--strategy", "finetune"]
     nodes = distributed.torchrun_args(settings(nnodes=3, rdzv_endpoint="head:29400"), "stages.train", [], "abc")
     assert nodes[:4] == ["--nnodes", "3", "--nproc-per-node", "2"]
     assert nodes[4:10] == ["--rdzv-backend", "c10d", "--rdzv-endpoint", "head:29400", "--rdzv-id", "abc"]
@@ -120,7 +120,7 @@ class Pixels(Dataset[tuple[torch.Tensor, int]]):
         return self.images[key[1]], int(self.labels[key[1]])
 
 
-def train_small(world: World, epochs: int = 3) -> TrainResult:
+def train_small(world: World, epochs: int = 3) -> Progress:
     """A small network without BatchNorm or dropout, 9 training images in steps of 4 (the last
     of 1), 7 validation images; the same on any number of processes."""
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def train_small(world: World, epochs: int = 3) -> TrainResult:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
     return train_model(model, loaders, nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler, epochs, CPU,
-                       log=False, world=world)
+                       world=world)
 
 
 def _process(rank: int, size: int, store: str, out: str) -> None:

@@ -12,6 +12,7 @@ from dvc_pipeline import resolved_stages
 
 from stages import evaluate, preview, train
 from transfer import features
+from transfer.strategies import STRATEGIES
 
 #: Plumbing that cannot change what a stage writes (see the header of dvc.yaml).
 PLUMBING = {"transfer/__init__.py", "transfer/errors.py", "transfer/atomic.py", "transfer/params.py",
@@ -20,7 +21,9 @@ PLUMBING = {"transfer/__init__.py", "transfer/errors.py", "transfer/atomic.py", 
 
 def project_imports(module: str) -> set[str]:
     """The project files ``module`` (``stages.train``) runs: itself and what it imports from
-    ``stages``/``transfer``, transitively (read from the source, not by importing it)."""
+    ``stages``/``transfer``, transitively (read from the source, not by importing it), but
+    not through plumbing: what params.py imports to validate params.yaml, say, only decides
+    whether a stage starts."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -29,6 +32,8 @@ def project_imports(module: str) -> set[str]:
         if path in seen or not (REPO_ROOT / path).is_file():
             continue
         seen.add(path)
+        if path in PLUMBING:
+            continue
         for node in ast.walk(ast.parse((REPO_ROOT / path).read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("stages", "transfer"):
                 todo.append(node.module)
@@ -45,14 +50,13 @@ def declared(stage: dict, kind: str) -> set[str]:
 STAGES = resolved_stages(REPO_ROOT)
 PARAMS = {
     "fetch": {"data.url", "data.sha256"},
-    "unzip": {"seed", "data.val_fraction"},
+    "unzip": {"seed", "data.val_fraction", "data.test_fraction"},
     "weights": {"model.arch", "model.weights"},
     "features": set(features.PARAMS),
-    "train@finetune": set(train.tracked_params("finetune")),
-    "train@feature_extract": set(train.tracked_params("feature_extract")),
-    "evaluate@finetune": set(evaluate.PARAMS),
-    "evaluate@feature_extract": set(evaluate.PARAMS),
+    **{f"train@{name}": set(train.tracked_params(name)) for name in STRATEGIES},
+    **{f"evaluate@{name}": set(evaluate.PARAMS) for name in STRATEGIES},
     "preview": set(preview.PARAMS),
+    "compare": set(),
 }
 
 

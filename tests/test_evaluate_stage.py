@@ -37,7 +37,7 @@ from trained import (
 
 from stages import evaluate as evaluate_stage
 from stages import preview as preview_stage
-from transfer.checkpoints import preprocess_of, read_meta
+from transfer.checkpoints import CheckpointMeta, read_meta
 from transfer.data import ValImages, image_folders
 
 GRID = EVAL_PARAMS["evaluate.grid_images"]
@@ -86,7 +86,7 @@ def evaluate(trained: Trained, out: Path, *, model: Path | None = None, data: Pa
              params: Path | None = None) -> int:
     """``evaluate@finetune`` with every output under ``out``; the oracle checkpoint by default."""
     return exit_code(evaluate_stage.main, [
-        "--mode", "finetune", "--params", str(params or trained.params), "--data", str(data or trained.data),
+        "--strategy", "finetune", "--params", str(params or trained.params), "--data", str(data or trained.data),
         "--model", str(model or trained.oracle), "--metrics", str(out / "metrics.json"), "--plots", str(out),
         "--record", str(out / "record.json"),
     ])
@@ -101,7 +101,7 @@ def val_tensors(trained: Trained, data: Path | None = None) -> dict[str, torch.T
     """Each validation image's crop (uint8) as the stage shows it, by its predictions.csv path."""
     root = data or trained.data
     split = image_folders(root)["val"]
-    dataset = ValImages(split, preprocess_of(read_meta(trained.oracle)), cache_bytes=0)
+    dataset = ValImages(split, read_meta(trained.oracle, CheckpointMeta).preprocess, cache_bytes=0)
     return {Path(p).relative_to(root).as_posix(): dataset[(0, i)][0] for i, p in enumerate(split.paths)}
 
 
@@ -141,7 +141,8 @@ def test_eval_json_matches_hand_count(trained: Trained, tmp_path: Path, capsys: 
     assert report == {
         "accuracy": pytest.approx(6 / 9), "ci95_low": pytest.approx(0.3542, abs=1e-4),
         "ci95_high": pytest.approx(0.8794, abs=1e-4), "macro_f1": pytest.approx(2 / 3), "images": VAL_IMAGES,
-        "best_epoch": read_meta(trained.oracle)["epoch"], "loss": report["loss"],
+        "best_epoch": read_meta(trained.oracle, CheckpointMeta).epoch, "loss": report["loss"],
+        "split": "val", "held_out": False,  # the validation images chose the checkpoint's epoch
     }
     assert VAL_IMAGES == 9
     per_class = {row.pop("class"): {k: float(v) for k, v in row.items()} for row in read_rows(tmp_path / "classes.csv")}
@@ -156,7 +157,7 @@ def test_eval_json_matches_hand_count(trained: Trained, tmp_path: Path, capsys: 
     losses = [-math.log(float(r["confidence"]) if r["actual"] == r["predicted"] else 1 - float(r["confidence"]))
               for r in rows]
     assert report["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-3)
-    assert "evaluate@finetune: accuracy 0.6667 (95% CI 0.3542-0.8794) on 9 images" in capsys.readouterr().out
+    assert "evaluate@finetune: accuracy 0.6667 (95% CI 0.3542-0.8794) on 9 val images" in capsys.readouterr().out
     assert leftovers(tmp_path) == []
 
 
@@ -186,10 +187,10 @@ def test_accuracy_equals_what_training_validated(trained: Trained, tmp_path: Pat
     checkpoint = trained.checkpoint("finetune")
     assert evaluate(trained, tmp_path, model=checkpoint) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
-    meta = read_meta(checkpoint)
+    meta = read_meta(checkpoint, CheckpointMeta)
     train_record = json.loads(trained.train_record("finetune").read_text())
-    assert report["accuracy"] == pytest.approx(meta["val_acc"], abs=1e-12)
-    assert report["best_epoch"] == meta["epoch"] == train_record["epochs"] == 1
+    assert report["accuracy"] == pytest.approx(meta.val_acc, abs=1e-12)
+    assert report["best_epoch"] == meta.epoch == train_record["epochs"] == 1
     assert report["loss"] == pytest.approx(train_record["final"]["val_loss"], rel=1e-4)
 
 

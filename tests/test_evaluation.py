@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transfer.evaluation import classification_report, confusion_matrix, predict, wilson_interval
+from transfer.evaluation import classification_report, confusion_matrix, predict
+from transfer.statistics import wilson_interval
 
 CLASSES = ["ants", "bees", "wasps"]
 # Ten images: 4 ants, 3 bees, 3 wasps. Nothing is ever predicted "wasps".
@@ -50,21 +51,21 @@ def test_report_matches_hand_computed_numbers() -> None:
            F1 (0.6+4/7+0)/3 = 41/105; accuracy (3+2+0)/10 = 0.5
     """
     report = classification_report(LABELS, PREDICTED, CLASSES)
-    assert report["images"] == 10
-    assert report["accuracy"] == pytest.approx(0.5)
+    assert report.images == 10
+    assert report.accuracy == pytest.approx(0.5)
     expected = {
         "ants": {"precision": 0.5, "recall": 0.75, "f1": 0.6, "support": 4},
         "bees": {"precision": 0.5, "recall": 2 / 3, "f1": 4 / 7, "support": 3},
         "wasps": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 3},
     }
-    per_class = report["per_class"]
+    per_class = report.per_class
     assert isinstance(per_class, dict)
     assert list(per_class) == CLASSES
     for name, numbers in expected.items():
         assert per_class[name] == pytest.approx(numbers), name
         assert isinstance(per_class[name]["support"], int)
-    assert report["macro"] == pytest.approx({"precision": 1 / 3, "recall": 17 / 36, "f1": 41 / 105})
-    for value in (*report["macro"].values(), *(v for n in per_class.values() for v in n.values())):
+    assert report.macro == pytest.approx({"precision": 1 / 3, "recall": 17 / 36, "f1": 41 / 105})
+    for value in (*report.macro.values(), *(v for n in per_class.values() for v in n.values())):
         assert math.isfinite(value)
 
 
@@ -76,27 +77,27 @@ def test_class_without_images_counts_as_zero_in_the_macro_average() -> None:
     ants: precision 2/3, recall 1, F1 0.8; bees: precision 1, recall 1/2, F1 2/3.
     """
     report = classification_report(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 0]), CLASSES)
-    assert report["accuracy"] == pytest.approx(0.75)
-    assert report["per_class"]["wasps"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert report["per_class"]["ants"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8,
+    assert report.accuracy == pytest.approx(0.75)
+    assert report.per_class["wasps"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert report.per_class["ants"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8,
                                                          "support": 2})
-    assert report["macro"] == pytest.approx({"precision": 5 / 9, "recall": 1 / 2, "f1": 22 / 45})
+    assert report.macro == pytest.approx({"precision": 5 / 9, "recall": 1 / 2, "f1": 22 / 45})
 
 
 def test_class_predicted_but_absent_scores_zero() -> None:
     """Predicting a class that has no images: its precision is 0/1, its recall 0/0 -> 0."""
     report = classification_report(torch.tensor([0, 1]), torch.tensor([2, 1]), CLASSES)
-    assert report["per_class"]["wasps"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert report["per_class"]["ants"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-    assert report["accuracy"] == pytest.approx(0.5)
+    assert report.per_class["wasps"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert report.per_class["ants"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert report.accuracy == pytest.approx(0.5)
 
 
 def test_empty_set_reports_zeros_not_nan() -> None:
     """No images at all: zeros everywhere, no division by zero."""
     report = classification_report(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long),
                                    CLASSES)
-    assert report["images"] == 0 and report["accuracy"] == 0.0
-    assert report["macro"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert report.images == 0 and report.accuracy == 0.0
+    assert report.macro == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
 
 
 class Logits(nn.Module):

@@ -26,8 +26,8 @@ from torch.optim import lr_scheduler
 import stages.features
 import stages.train
 import stages.weights
-from transfer.checkpoints import pretrained_classifier, read_pretrained_meta
-from transfer.data import EpochSampler, TrainImages, ValImages, image_folders, make_loader
+from transfer.checkpoints import PretrainedMeta, pretrained_classifier, read_start
+from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
 from transfer.errors import run_stage
 from transfer.features import head_inputs
 from transfer.models import freeze_backbone
@@ -35,7 +35,8 @@ from transfer.params import load_params
 from transfer.preprocess import ModelInput, resolve_preprocess
 from transfer.reproducibility import seed_everything
 from transfer.runtime import configure_threads
-from transfer.training import train_model
+from transfer.strategies import WarmUp
+from transfer.training import make_loader, train_model
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-5
@@ -60,23 +61,23 @@ def uncached(params_path: Path, data: Path, weights: Path) -> tuple[dict[str, to
     """The tutorial's way: the whole model (frozen backbone) over the images every epoch,
     with the same seeded order and views; the best state and the history."""
     params = load_params(params_path)
-    recipe = params.train.feature_extract
+    recipe = params.train.recipe("feature_extract")
     update = recipe.batchnorm == "update"
     configure_threads(params.runtime.threads)
     seed_everything(params.seed)
-    pretrained = read_pretrained_meta(weights, params.model)
-    pre = resolve_preprocess(params.preprocess, pretrained["preprocess"])
+    pretrained = read_start(weights, PretrainedMeta, params.model)
+    pre = resolve_preprocess(params.preprocess, pretrained.preprocess)
     split = image_folders(data)
     model, head = pretrained_classifier(weights, pretrained, len(split["train"].classes), pre.crop)
     trained = freeze_backbone(model, head)
     model = model.to(memory_format=torch.channels_last)
-    views = recipe.view_count()
+    views = recipe.epochs if recipe.views == "auto" else recipe.views
     train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=2**30, augment=views > 0)
     val = ValImages(split["val"], pre, cache_bytes=2**30)
     loaders = {
         "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True,
                                                  cycle=None if update else max(views, 1)),
-                             batch_size=params.train.batch_size, workers=0, device=CPU),
+                             batch_size=params.train.batch_size, workers=0, device=CPU, drop_single=True),
         "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=1),
                            batch_size=params.train.batch_size, workers=0, device=CPU),
     }
@@ -84,7 +85,7 @@ def uncached(params_path: Path, data: Path, weights: Path) -> tuple[dict[str, to
     scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
     result = train_model(model, loaders, nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler, recipe.epochs, CPU,
                          prepare=ModelInput(pre, CPU),
-                         train_only=None if update else model.get_submodule(head.name), log=False)
+                         warmup=None if update else WarmUp(recipe.epochs, model.get_submodule(head.name), []))
     return result.best_state, [r.as_row() for r in result.history]
 
 
@@ -135,8 +136,8 @@ def test_stored_features_are_the_backbone_outputs_of_each_view(tmp_path: Path, d
 
     params = load_params(params_path)
     seed_everything(params.seed)
-    pretrained = read_pretrained_meta(weights, params.model)
-    pre = resolve_preprocess(params.preprocess, pretrained["preprocess"])
+    pretrained = read_start(weights, PretrainedMeta, params.model)
+    pre = resolve_preprocess(params.preprocess, pretrained.preprocess)
     split = image_folders(data)
     model, head = pretrained_classifier(weights, pretrained, 2, pre.crop)
     model = model.eval().to(memory_format=torch.channels_last)

@@ -55,12 +55,15 @@ def test_committed_params_reproduce_the_tutorial() -> None:
     assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert pre["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert p.train.batch_size == 4
-    for mode in (p.train.finetune, p.train.feature_extract):
+    for mode in (p.train.recipe("finetune"), p.train.recipe("feature_extract")):
         assert mode.epochs == 25
         assert mode.lr == pytest.approx(0.001)
         assert mode.momentum == pytest.approx(0.9)
         assert mode.step_size == 7
         assert mode.gamma == pytest.approx(0.1)
+    finetune = p.train.recipe("finetune")
+    assert (finetune.backbone_lr_scale, finetune.freeze_epochs) == (1, 0)  # one lr for all, no warm-up
+    assert p.data.test_fraction == 0 and p.data.val_fraction == 0  # the data set's own split
 
 
 @pytest.mark.parametrize(
@@ -98,6 +101,28 @@ def test_committed_params_reproduce_the_tutorial() -> None:
                      id="sha256-too-short"),
         pytest.param({"data.sha256": "g" * 64}, ["data.sha256", "64 hex digits"],
                      id="sha256-not-hex"),
+        # Numbers YAML takes that the libraries do not: numpy's seeds are 32-bit, torch's counts C ints.
+        pytest.param({"seed": 2**32}, ["seed", "<= 4,294,967,295", "got 4294967296"], id="seed-beyond-numpy"),
+        pytest.param({"runtime.threads": 2**40}, ["runtime.threads", "<= 2,147,483,647"], id="threads-beyond-c-int"),
+        pytest.param({"runtime.download_timeout": 1e12}, ["runtime.download_timeout", "<= 1,000,000,000"],
+                     id="timeout-beyond-sockets"),
+        # Not a number at all: every float must be finite.
+        pytest.param({"train.finetune.lr": float("inf")}, ["train.finetune.lr", "a finite number > 0", "Infinity"],
+                     id="infinite-lr"),
+        pytest.param({"train.lp_ft.gamma": float("nan")}, ["train.lp_ft.gamma", "finite", "NaN"], id="nan-gamma"),
+        pytest.param({"preprocess.mean": [0.5, float("nan"), 0.5]}, ["preprocess.mean", "finite"], id="nan-mean"),
+        pytest.param({"preprocess.std": [1, 1, float("inf")]}, ["preprocess.std", "finite"], id="infinite-std"),
+        # Preprocessing that cannot be right, and params that only make sense together.
+        pytest.param({"preprocess.resize": 200, "preprocess.crop": 224},
+                     ["preprocess.crop is 224, larger than preprocess.resize (200)", "pad"], id="crop-over-resize"),
+        pytest.param({"train.finetune.freeze_epochs": 25}, ["train.finetune.freeze_epochs", "less than epochs (25)"],
+                     id="warm-up-to-the-end"),
+        pytest.param({"train.lp_ft.backbone_lr_scale": 2}, ["train.lp_ft.backbone_lr_scale", "<= 1"],
+                     id="lr-scale-over-one"),
+        pytest.param({"train.feature_extract.batchnorm": "update", "train.feature_extract.views": 2},
+                     ["train.feature_extract.views must be auto with batchnorm: update"], id="views-with-update"),
+        pytest.param({"train.lp_ft": DELETE}, ["missing key train.lp_ft"], id="a-strategy-missing"),
+        pytest.param({"train.lp_ft.views": 2}, ["unknown key train.lp_ft.views"], id="another-strategy's-key"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path: Path, changes: dict[str, Any], expected: list[str]) -> None:
@@ -138,9 +163,41 @@ def test_valid_sha256_pins_are_accepted(tmp_path: Path, digest: str) -> None:
 
 
 def test_numbers_are_normalised(tmp_path: Path) -> None:
-    """An integer where a float is expected is accepted and stored as a float."""
+    """An integer where a float is expected is accepted and stored as a float; so is a float
+    written without a dot (``1e-3``), which YAML 1.1 reads as a string but people write."""
     params = load_params(write_params(tmp_path / "params.yaml", {"runtime.download_timeout": 5}))
     assert params.runtime.download_timeout == 5.0 and isinstance(params.runtime.download_timeout, float)
+    path = write_params(tmp_path / "typed.yaml")
+    path.write_text(path.read_text().replace("lr: 0.001", "lr: 1e-3", 1), encoding="utf-8")
+    assert load_params(path).train.recipe("finetune").lr == 0.001
+    path.write_text(path.read_text().replace("lr: 1e-3", "lr: 1e-3x", 1), encoding="utf-8")
+    assert "train.finetune.lr must be a finite number > 0, got '1e-3x'" in load_error(path)
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, n in zip("abcdefgh", "bcdefghi", strict=True)) + "seed: 1\n", id="billion-laughs"),
+    pytest.param("a: &a [*a]\nseed: 1\n", id="recursive-alias"),
+])
+def test_params_that_expand_are_refused_before_they_are_built(tmp_path: Path, text: str) -> None:
+    """A few lines whose aliases expand to a billion values (or never end) are refused in
+    bounded time and memory, before anything is built from them."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    message = load_error(path)
+    assert message in (f"{path}: its YAML aliases expand to more than 10,000 values (a \"billion laughs\" file?); "
+                       "refused before building it", f"{path} is not valid YAML: " + message.split(": ", 2)[-1])
+    assert "aliases" in message or "recursive" in message
+
+
+def test_params_too_large_or_too_deep_are_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("seed: 1\n" + "#" * (1 << 20), encoding="utf-8")
+    assert load_error(big) == f"{big} is larger than 1 MiB, which no params file needs; refused"
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 50_000 + "]" * 50_000 + "\n", encoding="utf-8")
+    assert load_error(deep) == f"{deep} nests deeper than a params file can; refused"
 
 
 def test_digest_covers_the_selected_params_only(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def test_repro_with_mobilenet_on_a_local_three_class_folder(tmp_path: Path) -> N
 
     query = tmp_path / "query.png"
     query.write_bytes(make_image(CLASS_COLOURS[1], 48, "query"))
-    predicted = subprocess.run([sys.executable, "-m", "stages.predict", "--mode", "feature_extract", str(query)],
+    predicted = subprocess.run([sys.executable, "-m", "stages.predict", "--strategy", "feature_extract", str(query)],
                                cwd=root, env=dvc_repo.env, capture_output=True, text=True, timeout=120, check=False)
     assert predicted.returncode == 0, predicted.stderr
     path, label, confidence = predicted.stdout.strip().split("\t")

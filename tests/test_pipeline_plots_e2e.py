@@ -49,7 +49,7 @@ from dvc_pipeline import (
 from PIL import Image
 
 #: What metrics/<mode>.json holds: the numbers people compare across runs, nothing else.
-METRIC_KEYS = {"accuracy", "ci95_low", "ci95_high", "loss", "macro_f1", "best_epoch", "images"}
+METRIC_KEYS = {"accuracy", "ci95_low", "ci95_high", "loss", "macro_f1", "best_epoch", "images", "split", "held_out"}
 
 
 def test_repro_builds_every_output(pipeline: Pipeline) -> None:
@@ -180,7 +180,7 @@ def test_changed_param_reruns_its_stages_and_shows_in_diffs(experiments: Experim
     repo.set_params({"train.finetune.lr": EXPERIMENT_LR})
     rerun = repo.dvc("repro")
     assert ran_stages(rerun.stdout) == [], rerun.stdout
-    assert cached_stages(rerun.stdout) == ["train@finetune", "evaluate@finetune"], rerun.stdout
+    assert cached_stages(rerun.stdout) == ["train@finetune", "evaluate@finetune", "compare"], rerun.stdout
     ran = json.loads(repo.git("show", f"{experiments.rev('finetune-lr')}:metrics/finetune.json"))
     assert json.loads((repo.root / "metrics" / "finetune.json").read_text()) == ran
 

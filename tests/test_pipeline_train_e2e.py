@@ -29,6 +29,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import yaml
 from conftest import find_metrics, leftovers
 from dvc_pipeline import (
     MODES,
@@ -43,14 +44,14 @@ from dvc_pipeline import (
 from imagefolders import RESULTS, assert_close_outputs
 
 import stages.train
-from transfer.checkpoints import load_trained_model, pretrained_classifier
+from transfer.checkpoints import PretrainedMeta, load_trained_model, pretrained_classifier, read_meta
 from transfer.reproducibility import seed_everything
 
 #: history.csv's columns: the per-epoch numbers and nothing that differs between identical runs.
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
 
-def test_repro_trains_both_modes(pipeline: Pipeline) -> None:
+def test_repro_trains_every_strategy(pipeline: Pipeline) -> None:
     """(What a change reruns: tests/test_caching_e2e.py.)"""
     root = pipeline.repo.root
     shown = dvc_json(pipeline.repo, "metrics", "show")
@@ -61,7 +62,7 @@ def test_repro_trains_both_modes(pipeline: Pipeline) -> None:
     with torch.random.fork_rng():
         seed_everything(PIPELINE_PARAMS["seed"])
         start, _ = pretrained_classifier(root / "models" / "pretrained.pt",
-                                         json.loads((root / "models" / "pretrained.json").read_text()), 2, 32)
+                                         read_meta(root / "models" / "pretrained.pt", PretrainedMeta), 2, 32)
     random.setstate(states[0])
     np.random.set_state(states[1])
     pretrained = start.state_dict()
@@ -99,8 +100,13 @@ def test_repro_trains_both_modes(pipeline: Pipeline) -> None:
     backbone = [k for k in pretrained if not k.startswith("fc.")]
     assert all(torch.equal(head_only[k], pretrained[k]) for k in backbone), "feature_extract changed the backbone"
     assert not torch.equal(head_only["fc.weight"], pretrained["fc.weight"]), "feature_extract left the head"
-    finetuned = torch.load(root / "models" / "finetune.pt", map_location="cpu", weights_only=True)
-    assert not torch.equal(finetuned["conv1.weight"], pretrained["conv1.weight"]), "finetune left the backbone"
+    for name in ("finetune", "lp_ft"):
+        finetuned = torch.load(root / "models" / f"{name}.pt", map_location="cpu", weights_only=True)
+        assert not torch.equal(finetuned["conv1.weight"], pretrained["conv1.weight"]), f"{name} left the backbone"
+    # lp_ft started from feature_extract's trained head, which the lock records as its input.
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train@lp_ft"]
+    assert {"models/feature_extract.pt", "models/feature_extract.json"} <= {dep["path"] for dep in lock["deps"]}
+    assert "Running stage 'train@lp_ft'" in pipeline.first_run.stdout.split("Running stage 'train@feature_extract'")[1]
     features = json.loads((root / "data" / "features" / "features.json").read_text())
     assert features["views"] == 2 and features["classes"] == ["ants", "bees"]  # views: auto = one per epoch
     assert len(features["samples"]["train"]) == 8 and len(features["samples"]["val"]) == 6
@@ -195,7 +201,7 @@ def test_ctrl_c_in_dvc_repro_resumes_to_the_same_results(pipeline: Pipeline, tmp
     # The same stage, uninterrupted, here (a third start-up of dvc and torch would cost more).
     straight = tmp_path / "straight"
     stages.train.main([
-        "--mode", "finetune", "--params", str(repo.root / "params.yaml"),
+        "--strategy", "finetune", "--params", str(repo.root / "params.yaml"),
         "--inputs", str(repo.root / "data" / "hymenoptera_data"), "--weights", str(models / "pretrained.pt"),
         "--model-out", str(straight / TRAIN_OUTPUTS[0]), "--history", str(straight / TRAIN_OUTPUTS[2]),
         "--record", str(straight / "train.json"),

@@ -75,7 +75,7 @@ def test_command_line_reports_bad_inputs_and_predicts_the_rest(trained: Trained,
     single = trained.data / "val" / "bees" / "bees_val_0.png"
     env = {**stage_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.predict", "--mode", "finetune", "--json", "--device", "cpu",
+        [sys.executable, "-m", "stages.predict", "--strategy", "finetune", "--json", "--device", "cpu",
          "--model", str(trained.oracle), "--params", str(trained.params),
          str(trained.data / "val" / "ants"), str(missing), str(fake), str(single)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -101,7 +101,7 @@ def test_text_output_and_exit_code_zero(trained: Trained, tmp_path: Path, capsys
     exit code 0; and the confidence is the one evaluation computed for the same file, since
     both preprocess exactly as validation does."""
     assert exit_code(evaluate_stage.main, [
-        "--mode", "finetune", "--params", str(trained.params), "--data", str(trained.data),
+        "--strategy", "finetune", "--params", str(trained.params), "--data", str(trained.data),
         "--model", str(trained.oracle), "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path),
         "--record", str(tmp_path / "record.json")]) == 0
     evaluated = {line.split(",")[0]: line.split(",") for line in
@@ -169,13 +169,13 @@ def test_default_model_and_device_override(trained: Trained, tmp_path: Path, mon
     image = trained.data / "val" / "bees" / "bees_val_1.png"
     monkeypatch.chdir(tmp_path)
 
-    assert exit_code(predict_stage.main, ["--mode", "feature_extract", "--device", "cpu", str(image)]) == 0
+    assert exit_code(predict_stage.main, ["--strategy", "feature_extract", "--device", "cpu", str(image)]) == 0
     assert capsys.readouterr().out.split("\t")[:2] == [str(image), "bees"]
 
-    assert exit_code(predict_stage.main, ["--mode", "feature_extract", str(image)]) == 1
+    assert exit_code(predict_stage.main, ["--strategy", "feature_extract", str(image)]) == 1
     assert "cuda:99" in error_line(capsys.readouterr().err)
 
-    assert exit_code(predict_stage.main, ["--mode", "finetune", "--device", "cpu", str(image)]) == 1
+    assert exit_code(predict_stage.main, ["--strategy", "finetune", "--device", "cpu", str(image)]) == 1
     captured = capsys.readouterr()
     assert "finetune" in error_line(captured.err) and captured.out == ""
     assert sorted(os.listdir(models)) == ["feature_extract.json", "feature_extract.pt"], "predict writes nothing"

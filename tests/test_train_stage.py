@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+import yaml
+from conftest import REPO_ROOT
 from imagefolders import (
     assert_same_run,
     checkpoint,
@@ -27,8 +29,9 @@ from imagefolders import (
 
 import stages.train
 import stages.weights
-from transfer.checkpoints import load_trained_model, read_meta
+from transfer.checkpoints import CheckpointMeta, PretrainedMeta, load_trained_model, read_meta
 from transfer.errors import UserError
+from transfer.strategies import STRATEGIES, FinetuneRecipe, Strategy
 
 RESNET18_TENSORS = 62  # parameter tensors in resnet18
 RESNET18_PARAMS_2_CLASSES = 11_689_512 - 512 * 1000 - 1000 + 512 * 2 + 2
@@ -53,22 +56,30 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 
 class RecordingSGD(torch.optim.SGD):
-    """torch's SGD, remembering the parameters each instance was given (and their values then)."""
+    """torch's SGD, remembering the parameters each instance was given (and their values then),
+    and at each step, each parameter group's lr and which of its parameters have a gradient."""
 
     made: ClassVar[list[list[torch.Tensor]]] = []
     initial: ClassVar[list[list[torch.Tensor]]] = []
+    steps: ClassVar[list[list[tuple[float, list[bool]]]]] = []
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
-        params = list(params)
-        RecordingSGD.made.append(params)
-        RecordingSGD.initial.append([p.detach().clone() for p in params])
-        super().__init__(params, **kwargs)
+        groups = list(params)
+        flat = [p for group in groups for p in (group["params"] if isinstance(group, dict) else [group])]
+        RecordingSGD.made.append(flat)
+        RecordingSGD.initial.append([p.detach().clone() for p in flat])
+        super().__init__(groups, **kwargs)
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        RecordingSGD.steps.append([(group["lr"], [p.grad is not None for p in group["params"]])
+                                   for group in self.param_groups])
+        return super().step(*args, **kwargs)
 
 
 @pytest.fixture
 def sgd_spy(monkeypatch: pytest.MonkeyPatch) -> type[RecordingSGD]:
     """Spies on the SGD optimizers the stage builds (torch's SGD, doing its usual work)."""
-    RecordingSGD.made, RecordingSGD.initial = [], []
+    RecordingSGD.made, RecordingSGD.initial, RecordingSGD.steps = [], [], []
     monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
     return RecordingSGD
 
@@ -83,7 +94,7 @@ def train(tmp_path: Path, mode: str, data: Path, weights: Path, changes: dict[st
 
 def with_weights(weights: Path) -> dict[str, Any]:
     """The params that match ``weights`` (the train stage checks its sidecar against them)."""
-    return {"model.weights": read_meta(weights)["weights"]}
+    return {"model.weights": read_meta(weights, PretrainedMeta).weights}
 
 
 def is_bn_buffer(key: str) -> bool:
@@ -155,10 +166,10 @@ def test_outputs(tmp_path: Path, data: Path, pretrained: tuple[Path, dict[str, t
 
     state = checkpoint(out, "finetune")
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    meta = read_meta(out / "finetune.pt")
-    assert meta["mode"] == "finetune" and meta["arch"] == "resnet18" and meta["head"] == "fc"
-    assert meta["classes"] == ["ants", "bees"]
-    assert meta["preprocess"]["resize"] == 40 and meta["preprocess"]["crop"] == 32
+    meta = read_meta(out / "finetune.pt", CheckpointMeta)
+    assert meta.mode == "finetune" and meta.arch == "resnet18" and meta.head == "fc"
+    assert meta.classes == ["ants", "bees"]
+    assert meta.preprocess.resize == 40 and meta.preprocess.crop == 32
 
     with (out / "finetune" / "history.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -168,8 +179,8 @@ def test_outputs(tmp_path: Path, data: Path, pretrained: tuple[Path, dict[str, t
     best = accs.index(max(accs)) + 1
 
     metrics = json.loads((out / "finetune" / "train.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["best_epoch"] == best == meta["epoch"]
-    assert metrics["best_val_acc"] == pytest.approx(max(accs), abs=1e-6) == meta["val_acc"]
+    assert metrics["epochs"] == 2 and metrics["best_epoch"] == best == meta.epoch
+    assert metrics["best_val_acc"] == pytest.approx(max(accs), abs=1e-6) == meta.val_acc
     assert metrics["device"] == "cpu"
 
     model, loaded_meta = load_trained_model(out / "finetune.pt", torch.device("cpu"))
@@ -209,7 +220,7 @@ def test_three_classes_without_code_changes(tmp_path: Path) -> None:
     weights = tmp_path / "models" / "pretrained.pt"
     stages.weights.main(["--params", str(params), "--out", str(weights)])
     out = run_training("finetune", params, three, weights, tmp_path / "out")
-    assert read_meta(out / "finetune.pt")["classes"] == ["ants", "bees", "wasps"]
+    assert read_meta(out / "finetune.pt", CheckpointMeta).classes == ["ants", "bees", "wasps"]
     assert checkpoint(out, "finetune")["fc.weight"].shape == (3, 512)
     model, _ = load_trained_model(out / "finetune.pt", torch.device("cpu"))
     with torch.no_grad():
@@ -280,3 +291,89 @@ def test_not_an_image_folder(tmp_path: Path, pretrained: tuple[Path, dict[str, t
     (empty / "train" / "ants").mkdir(parents=True)
     with pytest.raises(UserError, match=r"is not an image-folder data set: no val/ split"):
         train(tmp_path, "finetune", empty, weights, with_weights(weights))
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def test_warm_up_trains_the_head_alone_then_the_backbone_at_its_scale(
+        tmp_path: Path, data: Path, sgd_spy: type[RecordingSGD],
+        pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """``freeze_epochs: 1``, ``backbone_lr_scale: 0.1``: in epoch 1 only the head's parameters
+    have gradients (the backbone's none); from epoch 2 all do. The head trains at ``lr`` and
+    the backbone at a tenth of it, and the schedule scales both. The backbone's BatchNorm
+    statistics stay the pretrained ones while it is frozen (eval mode)."""
+    weights, state = pretrained
+    changes = {**with_weights(weights), "train.finetune.epochs": 3, "train.finetune.freeze_epochs": 1,
+               "train.finetune.backbone_lr_scale": 0.1, "train.finetune.step_size": 2, "train.finetune.gamma": 0.5}
+    out = train(tmp_path, "finetune", data, weights, changes)
+    steps = sgd_spy.steps
+    assert len(steps) == 9  # 3 epochs of 12 images in steps of 4
+    for number, ((head_lr, head_grads), (backbone_lr, backbone_grads)) in enumerate(steps, start=1):
+        epoch = (number - 1) // 3 + 1
+        expected_lr = 0.001 * (0.5 if epoch == 3 else 1)
+        assert head_lr == pytest.approx(expected_lr) and backbone_lr == pytest.approx(expected_lr * 0.1)
+        assert head_grads == [True, True]  # fc.weight, fc.bias
+        assert len(backbone_grads) == RESNET18_TENSORS - 2
+        assert backbone_grads == [epoch > 1] * len(backbone_grads), f"epoch {epoch}"
+    trained = checkpoint(out, "finetune")
+    assert not torch.equal(trained["conv1.weight"], state["conv1.weight"])  # the backbone did join
+
+
+def test_warm_up_keeps_the_backbone_as_it_was(tmp_path: Path, data: Path,
+                                              pretrained: tuple[Path, dict[str, torch.Tensor]],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after its warm-up epoch (by Ctrl-C in epoch 2's first step), the best-so-far
+    state saved for resuming holds the pretrained backbone bit for bit, BatchNorm included."""
+    weights, state = pretrained
+    changes = {**with_weights(weights), "train.finetune.epochs": 2, "train.finetune.freeze_epochs": 1}
+    original, calls = torch.optim.SGD.step, [0]
+
+    def stop_in_epoch_two(self: torch.optim.SGD, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "finetune", data, weights, changes)
+    (saved,) = (tmp_path / "out" / ".resume").iterdir()
+    model = torch.load(saved, weights_only=True)["model"]
+    for key, value in state.items():
+        if not key.startswith("fc."):
+            assert torch.equal(model[key], value), key
+
+
+def test_lp_ft_starts_from_the_linear_probe_and_trains_everything(
+        tmp_path: Path, data: Path, sgd_spy: type[RecordingSGD],
+        pretrained: tuple[Path, dict[str, torch.Tensor]], capsys: pytest.CaptureFixture[str]) -> None:
+    """``lp_ft`` starts from feature_extract's checkpoint: its trained head on the pretrained
+    backbone, and fine-tunes every parameter from there."""
+    weights, state = pretrained
+    out = train(tmp_path, "lp_ft", data, weights, with_weights(weights))
+    probe, (head_weight, head_bias, *backbone) = checkpoint(out, "feature_extract"), sgd_spy.initial[1]
+    assert torch.equal(head_weight, probe["fc.weight"]) and torch.equal(head_bias, probe["fc.bias"])
+    assert not torch.equal(probe["fc.weight"], sgd_spy.initial[0][0]), "the probe's head did train"
+    assert len(backbone) == RESNET18_TENSORS - 2 and torch.equal(backbone[0], state["conv1.weight"])
+    assert sum(p.numel() for p in sgd_spy.made[1]) == RESNET18_PARAMS_2_CLASSES
+    lp_ft = checkpoint(out, "lp_ft")
+    assert not torch.equal(lp_ft["conv1.weight"], state["conv1.weight"])
+    assert read_meta(out / "lp_ft.pt", CheckpointMeta).mode == "lp_ft"
+    assert f"train@lp_ft: resnet18 ({out / 'feature_extract.pt'})" in capsys.readouterr().out
+
+
+def test_a_new_strategy_is_a_record_and_its_params(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """A strategy added to the table, with its section in params.yaml, trains through the
+    unchanged stage code; params.yaml must then hold its section."""
+    weights, _ = pretrained
+    monkeypatch.setitem(STRATEGIES, "slow_body", Strategy(inputs="images", start=None, trains="all",
+                                                          recipe=FinetuneRecipe))
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["finetune"]
+    changes = {**with_weights(weights), "train.slow_body": {**raw, "epochs": 1, "backbone_lr_scale": 0.01}}
+    out = train(tmp_path, "slow_body", data, weights, changes)
+    assert read_meta(out / "slow_body.pt", CheckpointMeta).mode == "slow_body"
+    assert json.loads((out / "slow_body" / "train.json").read_text())["epochs"] == 1
+    with pytest.raises(UserError, match=r"missing key train\.slow_body"):
+        train(tmp_path, "slow_body", data, weights, with_weights(weights), name="without")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from imagefolders import Tensors, loader
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from transfer.training import TrainResult, set_train_mode, train_model
+from transfer.training import Progress, set_train_mode, train_model
 
 VAL_SIZE = 4
 
@@ -43,18 +44,17 @@ class Scripted(nn.Module):
 
 def loaders() -> dict[str, DataLoader]:
     """One training batch per epoch; validation samples are their own indices; all class 0."""
-    train = TensorDataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.int64))
-    val = TensorDataset(torch.arange(VAL_SIZE, dtype=torch.float32).unsqueeze(1),
-                        torch.zeros(VAL_SIZE, dtype=torch.int64))
-    return {"train": DataLoader(train, batch_size=2), "val": DataLoader(val, batch_size=2)}
+    train = Tensors(torch.zeros(2, 1), [0, 0])
+    val = Tensors(torch.arange(VAL_SIZE, dtype=torch.float32).unsqueeze(1), [0] * VAL_SIZE)
+    return {"train": loader(train, 2), "val": loader(val, 2)}
 
 
-def run(plan: list[int], step_size: int = 10, gamma: float = 0.1) -> tuple[Scripted, TrainResult]:
+def run(plan: list[int], step_size: int = 10, gamma: float = 0.1) -> tuple[Scripted, Progress]:
     model = Scripted(plan)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
     result = train_model(model, loaders(), nn.CrossEntropyLoss(reduction="sum"), optimizer, scheduler, len(plan),
-                         torch.device("cpu"), log=False)
+                         torch.device("cpu"))
     return model, result
 
 
@@ -100,7 +100,7 @@ def test_history_records_every_epoch_and_the_learning_rate_schedule() -> None:
     assert list(first) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
     assert first["train_loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item())  # zero bias
     assert first["train_acc"] == 1.0  # ties -> class 0
-    assert len(result.epoch_seconds) == 3 and result.train_images_per_second > 0
+    assert len(result.epoch_seconds) == 3 and result.train_seconds > 0
 
 
 def test_frozen_backbone_stays_in_eval_mode_while_the_head_trains() -> None:

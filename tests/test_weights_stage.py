@@ -29,7 +29,7 @@ from imagefolders import (
 
 import stages.train
 import stages.weights
-from transfer.checkpoints import read_meta
+from transfer.checkpoints import CheckpointMeta, PretrainedMeta, read_meta
 from transfer.download import sha256_of
 from transfer.errors import UserError, run_stage
 
@@ -89,9 +89,9 @@ def test_none_writes_an_empty_state(tmp_path: Path) -> None:
     """Random initialisation happens in the train stage, from ``seed``; nothing to store."""
     out = run_weights(tmp_path, "none")
     assert torch.load(out, weights_only=True) == {}
-    meta = read_meta(out)
-    assert meta["arch"] == "resnet18" and meta["weights"] == "none"
-    assert meta["source"].startswith("none") and meta.get("sha256") is None
+    meta = read_meta(out, PretrainedMeta)
+    assert meta.arch == "resnet18" and meta.weights == "none" and not meta.pretrained
+    assert meta.source.startswith("none") and meta.sha256 is None
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -105,9 +105,9 @@ def test_local_file_reaches_the_trained_backbone(tmp_path: Path, suffix: str,
     stored = torch.load(out, map_location="cpu", weights_only=True)
     assert stored.keys() == resnet_state.keys()
     assert all(torch.equal(stored[k], resnet_state[k]) for k in resnet_state)
-    meta = read_meta(out)
-    assert {k: meta.get(k) for k in ("arch", "weights", "source", "sha256")} == {
-        "arch": "resnet18", "weights": str(source), "source": str(source), "sha256": sha256_of(source)}
+    meta = read_meta(out, PretrainedMeta)
+    assert (meta.arch, meta.weights, meta.source, meta.sha256) == ("resnet18", str(source), str(source),
+                                                                   sha256_of(source))
 
     data = make_image_folders(tmp_path / "data", n_train=2, n_val=1)
     params = tmp_path / "params.yaml"
@@ -118,7 +118,7 @@ def test_local_file_reaches_the_trained_backbone(tmp_path: Path, suffix: str,
     for key in backbone:
         assert torch.equal(trained[key], resnet_state[key]), key
     assert trained["fc.weight"].shape == (2, 512)
-    assert read_meta(tmp_path / "trained" / "feature_extract.pt")["weights_sha256"] == sha256_of(source)
+    assert read_meta(tmp_path / "trained" / "feature_extract.pt", CheckpointMeta).weights_sha256 == sha256_of(source)
 
 
 def test_weights_for_another_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,8 +215,8 @@ def test_torchvision_weights_are_downloaded_once_into_torch_cache(
     assert http_server.hits(name) == 1
     stored = torch.load(out, map_location="cpu", weights_only=True)
     assert all(torch.equal(stored[k], state[k]) for k in state) and stored.keys() == state.keys()
-    meta = read_meta(out)
-    assert meta["source"] == url and meta["sha256"] == hashlib.sha256(body).hexdigest()
+    meta = read_meta(out, PretrainedMeta)
+    assert meta.source == url and meta.sha256 == hashlib.sha256(body).hexdigest()
 
     out.unlink()
     run_weights(tmp_path, "IMAGENET1K_V1", **arch)

@@ -29,8 +29,7 @@ from imagefolders import make_image_folders, tiny_params
 
 from stages import train as train_stage
 from stages import weights as weights_stage
-from transfer.checkpoints import load_trained_model, preprocess_of, save_checkpoint
-from transfer.checkpoints import read_meta as read_sidecar
+from transfer.checkpoints import load_trained_model, save_checkpoint
 from transfer.data import image_folders
 from transfer.errors import run_stage
 from transfer.images import decode
@@ -126,13 +125,13 @@ def write_oracle(checkpoint: Path, data: Path, dest: Path, margin: float = 4.0) 
     """
     device = torch.device("cpu")
     model, meta = load_trained_model(checkpoint, device)
-    head_name = meta["head"]
+    head_name = meta.head
     parent_name, _, attr = head_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     head = getattr(parent, attr)
     setattr(parent, attr, torch.nn.Identity())
     train = image_folders(data)["train"]
-    transform = eval_transform(preprocess_of(meta))
+    transform = eval_transform(meta.preprocess)
     features = torch.stack([model(transform(decode(path)).unsqueeze(0))[0] for path in train.paths])
     labels = torch.tensor(train.labels)
     means = torch.stack([features[labels == k].mean(dim=0) for k in range(len(train.classes))])
@@ -141,7 +140,7 @@ def write_oracle(checkpoint: Path, data: Path, dest: Path, margin: float = 4.0) 
     head.weight.copy_(scale * means)
     head.bias.copy_(-scale * means.pow(2).sum(dim=1) / 2)
     setattr(parent, attr, head)
-    save_checkpoint(dest, model.state_dict(), {**read_sidecar(checkpoint), "oracle": True})
+    save_checkpoint(dest, model.state_dict(), meta)
 
 
 def build(root: Path, modes: tuple[str, ...] = ("finetune",)) -> Trained:
@@ -153,7 +152,7 @@ def build(root: Path, modes: tuple[str, ...] = ("finetune",)) -> Trained:
     run_ok(weights_stage.main, ["--params", str(params), "--out", str(models / "pretrained.pt")])
     for mode in modes:
         run_ok(train_stage.main, [
-            "--mode", mode, "--params", str(params), "--inputs", str(data),
+            "--strategy", mode, "--params", str(params), "--inputs", str(data),
             "--weights", str(models / "pretrained.pt"), "--model-out", str(models / f"{mode}.pt"),
             "--history", str(root / "plots" / mode / "history.csv"),
             "--record", str(root / "reports" / mode / "train.json"),

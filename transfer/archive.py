@@ -9,6 +9,7 @@ time is reported now, by name, instead of crashing epoch 3.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import stat
 import zipfile
@@ -33,6 +34,16 @@ class ExtractReport:
     skipped: dict[str, str] = field(default_factory=dict)
     ignored: int = 0
     val_from_train: float = 0.0
+    test_from_val: float = 0.0
+    digests: dict[str, str] = field(default_factory=dict)  #: image -> sha256 of its bytes
+
+    def duplicates(self) -> list[list[str]]:
+        """Images whose bytes are equal and that are in different splits: a leak, which makes
+        validation and test scores optimistic (the same image trained on and scored)."""
+        by_digest: dict[str, list[str]] = {}
+        for name, digest in sorted(self.digests.items()):
+            by_digest.setdefault(digest, []).append(name)
+        return [names for names in by_digest.values() if len({PurePosixPath(n).parts[0] for n in names}) > 1]
 
     def as_metrics(self) -> dict[str, object]:
         splits = {
@@ -44,8 +55,10 @@ class ExtractReport:
             **splits,
             "skipped_count": len(self.skipped),
             "skipped": dict(sorted(self.skipped.items())),
+            "duplicates_across_splits": self.duplicates(),
             "ignored_entries": self.ignored,
             "val_split_from_train": self.val_from_train,
+            "test_split_from_val": self.test_from_val,
         }
 
 
@@ -74,34 +87,40 @@ def _data_root(names: list[PurePosixPath]) -> PurePosixPath:
     )
 
 
-def split_off_val(files: list[PurePosixPath], fraction: float, seed: int) -> dict[PurePosixPath, PurePosixPath]:
-    """Map a seeded, stratified ``fraction`` of each class's train images to ``val/``.
+def split_off(files: list[PurePosixPath], fraction: float, seed: int, source: str = "train",
+              target: str = "val") -> dict[PurePosixPath, PurePosixPath]:
+    """Map a seeded, stratified ``fraction`` of each class's ``source`` images to ``target``.
 
-    Each class keeps at least one training image and, when it has two or more, gives at
-    least one to validation, so the layout check passes for every class.
+    Each class keeps at least one image and gives at least one, so the layout check passes
+    for every class; a class of a single image cannot be split, and is refused by name.
     """
     by_class: dict[str, list[PurePosixPath]] = {}
     for rel in files:
-        if rel.parts[0] == "train" and len(rel.parts) >= 3 and is_image_name(rel.name):
+        if rel.parts[0] == source and len(rel.parts) >= 3 and is_image_name(rel.name):
             by_class.setdefault(rel.parts[1], []).append(rel)
     moved = {}
     rng = random.Random(seed)
+    key = "data.val_fraction" if target == "val" else "data.test_fraction"
     for label in sorted(by_class):
         members = sorted(by_class[label])
+        if len(members) < 2:
+            raise UserError(f"{key}: class {label} has {len(members)} image in {source}/, which cannot be split into "
+                            f"{source}/ and {target}/; add images or set {key}: 0")
         count = min(max(round(len(members) * fraction), 1), len(members) - 1)
         for rel in rng.sample(members, count):
-            moved[rel] = PurePosixPath("val", *rel.parts[1:])
+            moved[rel] = PurePosixPath(target, *rel.parts[1:])
     return moved
 
 
 def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val_fraction: float = 0.0,
-                         seed: int = 0) -> ExtractReport:
+                         test_fraction: float = 0.0, seed: int = 0) -> ExtractReport:
     """Extract ``archive``'s splits into the empty folder ``dest``; return what was kept.
 
     The images to extract must unpack to at most ``max_unpacked_mb`` MB, together (and so
     each), or nothing is extracted (see :func:`check_sizes`). Without a ``val/`` split in
-    the archive, ``val_fraction`` > 0 moves that fraction of ``train/`` there (see
-    :func:`split_off_val`).
+    the archive, ``val_fraction`` > 0 moves that fraction of ``train/`` there; without a
+    ``test/`` split, ``test_fraction`` > 0 moves that fraction of ``val/`` there (see
+    :func:`split_off`).
     """
     try:
         zf = zipfile.ZipFile(archive)
@@ -137,13 +156,7 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
             else:
                 files.append((rel, info))
 
-        has_val = any(rel.parts[0] == "val" for rel, _ in files) or "val" in report.counts
-        moved = {}
-        if val_fraction > 0 and not has_val:
-            moved = split_off_val([rel for rel, _ in files], val_fraction, seed)
-            report.val_from_train = val_fraction
-            for rel in moved.values():
-                report.counts.setdefault("val", {}).setdefault(rel.parts[1], 0)
+        moved = split_splits([rel for rel, _ in files], report, val_fraction, test_fraction, seed)
 
         images = _images_to_extract(files, moved, report)
         check_sizes(archive, [info for _, info in images], max_unpacked_mb)
@@ -151,18 +164,37 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
         for rel, info in tqdm(images, desc="unzip", unit="image", disable=None, leave=False):
             target = dest.joinpath(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            budget -= copy_member(zf, info, target, budget, archive=archive, max_unpacked_mb=max_unpacked_mb)
+            size, digest = copy_member(zf, info, target, budget, archive=archive, max_unpacked_mb=max_unpacked_mb)
+            budget -= size
             problem = decode_problem(target)
             if problem:
                 _remove(target, up_to=dest)
-                report.skipped[str(rel)] = problem
+                report.skipped[str(rel)] = problem.replace(str(target), str(rel))  # not the temporary folder's name
             else:
                 report.counts[rel.parts[0]][rel.parts[1]] += 1
+                report.digests[str(rel)] = digest
 
     problem = layout_problem(report.counts)
     if problem:
         raise UserError(f"{archive} is not an image-folder data set: {problem}")
     return report
+
+
+def split_splits(files: list[PurePosixPath], report: ExtractReport, val_fraction: float, test_fraction: float,
+                 seed: int) -> dict[PurePosixPath, PurePosixPath]:
+    """Where each file goes: a val/ split off train/ and a test/ split off val/, where the
+    fractions ask for them and the archive has none."""
+    moved: dict[PurePosixPath, PurePosixPath] = {}
+    for source, target, fraction in (("train", "val", val_fraction), ("val", "test", test_fraction)):
+        present = {rel.parts[0] for rel in (moved.get(f, f) for f in files)} | set(report.counts)
+        if fraction <= 0 or target in present:
+            continue
+        now = {moved.get(f, f): f for f in files}
+        for rel, new in split_off(list(now), fraction, seed, source, target).items():
+            moved[now[rel]] = new
+            report.counts.setdefault(target, {}).setdefault(new.parts[1], 0)
+        setattr(report, f"{target}_from_{source}", fraction)
+    return moved
 
 
 def _images_to_extract(files: list[tuple[PurePosixPath, zipfile.ZipInfo]],
@@ -221,18 +253,19 @@ def check_sizes(archive: Path, infos: list[zipfile.ZipInfo], max_unpacked_mb: in
 
 
 def copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int, *,
-                archive: Path, max_unpacked_mb: int) -> int:
-    """Copy member ``info`` to ``target`` in pieces and return its size; refuse it as soon
-    as more than ``budget`` bytes (what is left of the cap) come out of it.
+                archive: Path, max_unpacked_mb: int) -> tuple[int, str]:
+    """Copy member ``info`` to ``target`` in pieces and return its size and sha256; refuse it
+    as soon as more than ``budget`` bytes (what is left of the cap) come out of it.
 
     :func:`check_sizes` has already held the declared sizes to the cap; counting what
     really comes out keeps the cap whatever the headers claim.
     """
-    written = 0
+    written, digest = 0, hashlib.sha256()
     try:
         with zf.open(info) as member, target.open("wb") as out:
             while chunk := member.read(CHUNK_BYTES):
                 written += len(chunk)
+                digest.update(chunk)
                 if written > budget:
                     raise UserError(
                         f"{archive}: {info.filename} unpacks to more than its header says, past "
@@ -241,7 +274,7 @@ def copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget
                 out.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise UserError(f"{archive} is corrupt at {info.filename}: {exc}; fetch it again") from None
-    return written
+    return written, digest.hexdigest()
 
 
 def decode_problem(source: str | Path | IO[bytes]) -> str | None:

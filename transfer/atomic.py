@@ -55,23 +55,26 @@ def is_write_failure(exc: OSError, dest: Path) -> bool:
 
 
 @contextlib.contextmanager
-def explain_write_failures(dest: Path) -> Iterator[None]:
-    """Turn a failure to write ``dest`` (:func:`is_write_failure`) into one clear line."""
+def explain_write_failures(dest: Path, size: int | None = None) -> Iterator[None]:
+    """Turn a failure to write ``dest`` (:func:`is_write_failure`) into one clear line, which
+    says how large the file is where that is known (``size`` bytes)."""
     try:
         yield
     except OSError as exc:
         if exc.errno is None or not is_write_failure(exc, dest):
             raise
         what, todo = WRITE_FAILURES[exc.errno]
-        raise UserError(f"cannot write {dest} ({errno.errorcode[exc.errno]}: {what}); "
+        large = f" ({size / 2**20:,.1f} MB)" if size is not None else ""
+        raise UserError(f"cannot write {dest}{large} ({errno.errorcode[exc.errno]}: {what}); "
                         f"it is left as it was. {todo}") from None
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path to write to; on success it replaces ``dest``."""
+def atomic_path(dest: str | os.PathLike[str], size: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write to; on success it replaces ``dest`` (``size``: its
+    bytes, where known, for the message of a failure)."""
     dest = Path(dest)
-    with explain_write_failures(dest):
+    with explain_write_failures(dest, size):
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         os.close(fd)
@@ -116,10 +119,11 @@ def write_text(dest: str | os.PathLike[str], text: str) -> None:
 
 
 def write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, len(data)) as tmp:
         tmp.write_bytes(data)
 
 
 def write_json(dest: str | os.PathLike[str], data: Any) -> None:
-    """Write indented JSON with sorted keys, so reruns give byte-identical files."""
-    write_text(dest, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write indented JSON with sorted keys, so reruns give byte-identical files; a
+    non-finite number (invalid JSON for strict readers) is a bug, never written."""
+    write_text(dest, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")

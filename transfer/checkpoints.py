@@ -1,16 +1,18 @@
-"""Checkpoints: a plain state_dict (``.pt``) with its metadata in a JSON file beside it.
+"""Checkpoints: a plain state_dict (``.pt``) with its metadata in a JSON sidecar beside it.
 
 A plain state_dict loads with ``torch.load(..., weights_only=True)``, which executes no
-pickled code, on any device via ``map_location``. The JSON sidecar says what is needed to
-rebuild the model and preprocess images exactly as training did.
+pickled code. The sidecar says what rebuilds the model and preprocesses images exactly as
+training did; it is validated like params.yaml, so a damaged one is named, not trusted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -18,8 +20,44 @@ from torch import nn
 from transfer.atomic import write_bytes, write_json
 from transfer.errors import ParamError, UserError
 from transfer.models import Head, check_input_size, create_backbone, load_backbone_state, replace_head
-from transfer.params import ModelParams
+from transfer.params import ModelParams, parse
 from transfer.preprocess import Preprocess
+
+M = TypeVar("M", "PretrainedMeta", "CheckpointMeta")
+
+
+@dataclass(frozen=True)
+class PretrainedMeta:
+    """``models/pretrained.json``: the backbone's starting weights, and what they expect."""
+
+    arch: str
+    weights: str
+    pretrained: bool  #: False: torch's random initialisation from the seed (``weights: none``)
+    source: str
+    sha256: str | None
+    preprocess: Preprocess | None  #: from the weights' metadata, where they have any
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``models/<strategy>.json``: a trained classifier's best epoch and how it was made."""
+
+    mode: str  #: the strategy that trained it
+    arch: str
+    classes: list[str]
+    head: str
+    epoch: int
+    val_acc: float
+    weights: str
+    weights_source: str
+    weights_sha256: str | None
+    preprocess: Preprocess
+    params_digest: str
+
+    def check(self) -> tuple[str, str] | None:
+        if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
+            return "classes", f"must be 2 or more different names, got {self.classes}"
+        return None
 
 
 def sidecar_path(checkpoint: Path) -> Path:
@@ -35,62 +73,67 @@ def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: PretrainedMeta | CheckpointMeta) -> None:
     """Write the state_dict and then its sidecar, each atomically and byte-reproducibly."""
     save_tensors(path, state)
-    write_json(sidecar_path(path), meta)
+    write_json(sidecar_path(path), dataclasses.asdict(meta))
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path, schema: type[M]) -> M:
+    """The sidecar of ``path``, validated against ``schema``; errors name the sidecar."""
     meta_path = sidecar_path(path)
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{meta_path} does not exist: run the stage that writes {path} first") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
+    return parse(schema, raw, source=str(meta_path))
 
 
-def read_pretrained_meta(path: Path, model: ModelParams) -> dict[str, Any]:
-    """The weights stage's sidecar, checked to describe the weights the params ask for."""
-    meta = read_meta(path)
-    if meta["arch"] != model.arch or meta["weights"] != model.weights:
-        raise UserError(f"{path} holds {meta['arch']} weights {meta['weights']!r}, not those in "
-                        f"{ParamError.source}: run `dvc repro` (the weights stage) first")
+def read_start(path: Path, schema: type[M], model: ModelParams) -> M:
+    """The sidecar of what a stage starts from, checked to describe the weights the params ask for."""
+    meta = read_meta(path, schema)
+    if meta.arch != model.arch or meta.weights != model.weights:
+        raise UserError(f"{path} holds {meta.arch} weights {meta.weights!r}, not those in {ParamError.source}: run "
+                        "`dvc repro` first")
     return meta
 
 
-def pretrained_classifier(path: Path, meta: dict[str, Any], num_classes: int, crop: int) -> tuple[nn.Module, Head]:
+def backbone(path: Path, arch: str) -> nn.Module:
+    """A randomly initialised ``arch`` for the checkpoint ``path``, whose sidecar names it."""
+    return create_backbone(arch, source=str(sidecar_path(path)), key="arch")
+
+
+def pretrained_classifier(path: Path, meta: PretrainedMeta, num_classes: int, crop: int) -> tuple[nn.Module, Head]:
     """The backbone with the weights stage's weights (or, for ``none``, torch's seeded random
     initialisation) and a new head for ``num_classes``; it must take ``crop``-pixel images.
 
     Every stage that builds the classifier calls this after seeding, so the new head starts
     from the same random weights in each of them.
     """
-    model = create_backbone(meta["arch"])
-    if meta["pretrained"]:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        load_backbone_state(model, state, str(path))
+    model = backbone(path, meta.arch)
+    if meta.pretrained:
+        load_backbone_state(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
     head = replace_head(model, num_classes)
     check_input_size(model, crop)
     return model, head
 
 
-def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained classifier from ``path`` and its sidecar, on ``device``, in eval mode."""
-    meta = read_meta(path)
+def trained_classifier(path: Path, meta: CheckpointMeta, device: torch.device) -> nn.Module:
+    """The classifier ``path`` holds, on ``device``, in eval mode."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: run `dvc repro` to train it")
-    model = create_backbone(meta["arch"])
-    replace_head(model, len(meta["classes"]))
+    model = backbone(path, meta.arch)
+    replace_head(model, len(meta.classes))
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        model.load_state_dict(state)
-    except Exception as exc:  # any failure here means the file is not the checkpoint described
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except Exception as exc:  # any failure here means the file is not the checkpoint its sidecar describes
         raise UserError(f"cannot load checkpoint {path}: {' '.join(str(exc).split())[:200]}") from None
-    return model.to(device).eval(), meta
+    return model.to(device).eval()
 
 
-def preprocess_of(meta: dict[str, Any]) -> Preprocess:
-    """The preprocessing a checkpoint was trained with, as recorded in its sidecar."""
-    return Preprocess(**meta["preprocess"])
+def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild a trained classifier from ``path`` and its sidecar, on ``device``, in eval mode."""
+    meta = read_meta(path, CheckpointMeta)
+    return trained_classifier(path, meta, device), meta

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import datasets
 
 from transfer.augment import augmented_view
-from transfer.distributed import IGNORE, World
 from transfer.errors import UserError
 from transfer.images import ImageCache
 from transfer.interrupts import quiet_loader_worker
@@ -35,6 +34,8 @@ from transfer.preprocess import Preprocess, to_uint8_tensor, val_crop
 #: (macOS, Windows) Python's default, spawn: the datasets are pickled to each worker, which
 #: decodes and caches images itself.
 WORKER_START = "fork" if sys.platform == "linux" else None
+
+Pair = tuple[int, int]  #: (view, index)
 
 
 @dataclass(frozen=True)
@@ -58,20 +59,25 @@ class Split:
 
 
 def image_folders(root: Path) -> dict[str, Split]:
-    """``train`` and ``val`` of ``root``; classes are the sorted folder names of train/."""
-    counts = {
-        split: {
-            folder.name: sum(1 for f in folder.rglob("*") if f.is_file() and is_image_name(f.name))
-            for folder in (root / split).iterdir() if folder.is_dir()
-        }
-        for split in SPLITS
-        if (root / split).is_dir()
-    }
-    problem = layout_problem(counts)
+    """``train``, ``val`` and, where there is one, ``test`` of ``root``, with the classes of
+    train/. Only regular files with an image's extension count (a named pipe would hang the
+    decoder), walked in ``ImageFolder``'s order."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for split in SPLITS:
+        if (root / split).is_dir():
+            found[split] = {folder.name: _images(folder) for folder in sorted((root / split).iterdir())
+                            if folder.is_dir()}
+    problem = layout_problem({split: {c: len(files) for c, files in found[split].items()} for split in found})
     if problem:
         raise UserError(f"{root} is not an image-folder data set: {problem}")
-    folders = {split: datasets.ImageFolder(str(root / split)) for split in SPLITS}
-    return {split: Split(folder.classes, list(folder.samples)) for split, folder in folders.items()}
+    classes = sorted(found["train"])
+    return {split: Split(classes, [(path, label) for label, name in enumerate(classes) for path in folders[name]])
+            for split, folders in found.items()}
+
+
+def _images(folder: Path) -> list[str]:
+    return [os.path.join(top, name) for top, _, names in sorted(os.walk(folder, followlinks=True))
+            for name in sorted(names) if is_image_name(name) and os.path.isfile(os.path.join(top, name))]
 
 
 def derived_seed(*parts: object) -> int:
@@ -80,7 +86,7 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
+class EpochSampler(Sampler[Pair]):
     """Yields ``(view, index)`` for every sample of one epoch; call :meth:`set_epoch` first.
 
     ``shuffle``: a permutation seeded by ``(seed, epoch)``, so epoch ``e`` has the same order
@@ -95,70 +101,17 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    @property
-    def view(self) -> int:
-        return self.epoch - 1 if self.cycle is None else (self.epoch - 1) % self.cycle
-
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[Pair]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(derived_seed("shuffle", self.seed, self.epoch))
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = range(self.size)
-        view = self.view
+        view = self.epoch - 1 if self.cycle is None else (self.epoch - 1) % self.cycle
         return iter([(view, index) for index in order])
-
-
-class ShardedBatches(Sampler[list[tuple[tuple[int, int], bool]]]):
-    """This process's share of each batch of ``sampler``'s epoch, for several processes
-    training as one: global batch ``s`` holds the pairs a single process would batch
-    together, split in contiguous shares (see :mod:`transfer.distributed`).
-
-    Yields ``(pair, real)`` lists for :class:`Shard`. A process whose share of a step is empty
-    gets the step's first pair with ``real`` False, so that it takes part in every step.
-    """
-
-    def __init__(self, sampler: EpochSampler, batch_size: int, world: World) -> None:
-        self.sampler, self.batch_size, self.world = sampler, batch_size, world
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[tuple[tuple[int, int], bool]]]:
-        pairs = list(self.sampler)
-        for start in range(0, len(pairs), self.batch_size):
-            step = pairs[start:start + self.batch_size]
-            share = self.world.share(step)
-            yield [(pair, True) for pair in share] if share else [(step[0], False)]
-
-
-class Shard(Dataset[tuple[torch.Tensor, int]]):
-    """``(pair, real)`` -> the item of ``dataset``, labelled :data:`IGNORE` where not ``real``."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[tuple[int, int], bool]) -> tuple[torch.Tensor, int]:
-        pair, real = key
-        data, label = self.dataset[pair]
-        return data, label if real else IGNORE
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell ``loader``'s sampler (or batch sampler) which epoch comes: it decides order and views."""
-    for sampler in (loader.batch_sampler, loader.sampler):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-            return
 
 
 class TrainImages(Dataset[tuple[torch.Tensor, int]]):
@@ -173,7 +126,7 @@ class TrainImages(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: Pair) -> tuple[torch.Tensor, int]:
         view, index = key
         image = self.images.image(index)
         out = augmented_view(image, self.pre, self.seed, view, index) if self.augment else val_crop(image, self.pre)
@@ -194,7 +147,7 @@ class ValImages(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: Pair) -> tuple[torch.Tensor, int]:
         _, index = key
         return torch.from_numpy(self.images.get(index)).permute(2, 0, 1), self.labels[index]
 
@@ -212,20 +165,20 @@ class FeatureViews(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: Pair) -> tuple[torch.Tensor, int]:
         view, index = key
         return torch.from_numpy(np.array(self.features[view, index])), self.labels[index]
 
 
-def make_loader(dataset: Dataset, sampler: EpochSampler, *, batch_size: int, workers: int,
-                device: torch.device, world: World | None = None) -> DataLoader:
-    """A DataLoader over ``sampler``'s pairs in batches of ``batch_size``: with several processes
-    (``world``), this process's share of each (:class:`ShardedBatches`). Pinned memory for
-    non-blocking copies to CUDA. Its workers end quietly on Ctrl-C and SIGTERM, leaving the
-    message to the main process."""
-    options = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-               "worker_init_fn": quiet_loader_worker if workers else None,
-               "multiprocessing_context": WORKER_START if workers else None}
-    if world is not None and world.size > 1:
-        return DataLoader(Shard(dataset), batch_sampler=ShardedBatches(sampler, batch_size, world), **options)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
+def loader_options(workers: int, device: torch.device) -> dict[str, object]:
+    """Pinned memory for non-blocking copies to CUDA; workers that end quietly on Ctrl-C and
+    SIGTERM (leaving the message to the main process), started as :data:`WORKER_START` says."""
+    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+            "worker_init_fn": quiet_loader_worker if workers else None,
+            "multiprocessing_context": WORKER_START if workers else None}
+
+
+def ordered_loader(dataset: Dataset[tuple[torch.Tensor, int]], pairs: Sequence[Pair], *, batch_size: int,
+                   workers: int, device: torch.device) -> DataLoader:
+    """A loader over ``pairs`` in their order, for passes that only predict."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=pairs, **loader_options(workers, device))  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -45,6 +46,14 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
     """The dtype of a loop's running sums: float64 (sums of hundreds of losses keep their last
     digits), but float32 on MPS, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Mixed precision: float16 on CUDA, bfloat16 elsewhere; a no-op when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,12 +23,13 @@ class UserError(Exception):
 class ParamError(UserError):
     """A bad value of one param, found after the params file loaded (an architecture that
     does not exist, a device this machine lacks). The message starts with the file the
-    stage read, which :func:`transfer.params.load_params` records in :attr:`source`."""
+    value came from: ``source``, by default the params file the stage read, which
+    :func:`transfer.params.load_params` records in :attr:`source`."""
 
     source = "params.yaml"
 
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{ParamError.source}: {key} {problem}")
+    def __init__(self, key: str, problem: str, source: str | None = None) -> None:
+        super().__init__(f"{source or ParamError.source}: {key} {problem}")
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +54,15 @@ def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, num_classes:
     return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def classification_report(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> dict[str, object]:
+@dataclass(frozen=True)
+class Report:
+    accuracy: float
+    images: int
+    per_class: dict[str, dict[str, float]]  #: class -> precision, recall, f1, support
+    macro: dict[str, float]  #: the averages of precision, recall and f1 over the classes
+
+
+def classification_report(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> Report:
     """Accuracy, per-class precision/recall/F1/support and their macro averages.
 
     A ratio with a zero denominator (a class never predicted, say) counts as 0, as
@@ -75,22 +82,5 @@ def classification_report(labels: torch.Tensor, predicted: torch.Tensor, classes
         for i, name in enumerate(classes)
     }
     total = int(matrix.sum().item())
-    return {
-        "accuracy": true_pos.sum().item() / total if total else 0.0,
-        "images": total,
-        "per_class": per_class,
-        "macro": {"precision": precision.mean().item(), "recall": recall.mean().item(), "f1": f1.mean().item()},
-    }
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of an accuracy of ``correct`` out of ``total`` (95% for the
-    default ``z``). Unlike the normal approximation it stays within [0, 1] and is sound for
-    accuracies near 0 or 1 and for small validation sets."""
-    if total == 0:
-        return 0.0, 1.0
-    p = correct / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return Report(true_pos.sum().item() / total if total else 0.0, total, per_class,
+                  {"precision": precision.mean().item(), "recall": recall.mean().item(), "f1": f1.mean().item()})

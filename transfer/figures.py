@@ -61,3 +61,19 @@ def save_image_grid(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
     plt.close(fig)
+
+
+def save_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> None:
+    """Save a table of text as a picture (for ``dvc plots show``, which shows images as they are)."""
+    fig, ax = plt.subplots(figsize=(2.2 * len(header), 0.45 * (len(rows) + 2) + 0.4))
+    ax.axis("off")
+    table = ax.table(cellText=[list(r) for r in rows] or [[""] * len(header)], colLabels=list(header), loc="center",
+                     cellLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.auto_set_column_width(list(range(len(header))))
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)

@@ -1,8 +1,8 @@
 """What an image-folder data set looks like: ``<split>/<class>/<image>``.
 
 The rules match torchvision's ``ImageFolder`` (the same accepted extensions, classes are the
-sorted folder names), plus the checks a pipeline needs before training: both splits present,
-the same classes in each, and no class left empty.
+sorted folder names), plus the checks a pipeline needs before training: train/ and val/ present
+(test/ where the data set has one), the same classes in each, no class left empty.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import PurePosixPath
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+REQUIRED = ("train", "val")
 # The extensions torchvision.datasets.folder.IMG_EXTENSIONS accepts.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Operating-system and notebook litter that is never data.
@@ -32,15 +33,16 @@ def layout_problem(counts: Mapping[str, Mapping[str, int]]) -> str | None:
         f"{split}: " + (", ".join(f"{c} ({n})" for c, n in sorted(classes.items())) or "no classes")
         for split, classes in sorted(counts.items())
     ) or "nothing"
-    missing = [s for s in SPLITS if s not in counts]
+    missing = [s for s in REQUIRED if s not in counts]
     if missing:
         return f"no {' or '.join(m + '/' for m in missing)} split (found {found})"
-    names = {split: set(counts[split]) for split in SPLITS}
+    names = {split: set(classes) for split, classes in counts.items()}
     if not names["train"]:
         return f"train/ holds no class folders (found {found})"
-    if names["train"] != names["val"]:
-        return f"train/ and val/ have different class folders (found {found})"
-    empty = sorted(f"{s}/{c}" for s in SPLITS for c, n in counts[s].items() if n == 0)
+    for split in sorted(names.keys() - {"train"}, key=SPLITS.index):
+        if names[split] != names["train"]:
+            return f"train/ and {split}/ have different class folders (found {found})"
+    empty = sorted(f"{s}/{c}" for s, classes in counts.items() for c, n in classes.items() if n == 0)
     if empty:
         return f"class folders without images: {', '.join(empty)} (found {found})"
     if len(names["train"]) < 2:

@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from transfer.errors import ParamError, UserError
+from transfer.preprocess import Preprocess
 
 STATE_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -45,32 +46,30 @@ def _timm() -> types.ModuleType:
     return timm
 
 
-def create_backbone(arch: str) -> nn.Module:
+def create_backbone(arch: str, source: str | None = None, key: str = "model.arch") -> nn.Module:
     """A randomly initialised classifier with its original head.
 
     ``arch`` is a torchvision classification model name (``resnet18``, ``vit_b_16``) or a timm
-    model name behind ``timm/`` (``timm/convnext_tiny``).
+    model name behind ``timm/`` (``timm/convnext_tiny``); an unknown one is blamed on ``key``
+    of ``source`` (the params file, or a checkpoint's sidecar).
     """
     if arch.startswith(TIMM_PREFIX):
         timm, name = _timm(), arch[len(TIMM_PREFIX):]
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:6]
             hint = f" (close: {', '.join(close)})" if close else ""
-            raise ParamError("model.arch", f"{arch!r} is not a timm model{hint}")
+            raise ParamError(key, f"{arch!r} is not a timm model{hint}", source)
         base, _, tag = name.partition(".")
         if tag and not timm.list_pretrained(name):  # is_model accepts any tag; create_model would not
             tags = ", ".join(k.split(".", 1)[1] for k in timm.list_pretrained(f"{base}.*")[:8]) or "none"
-            raise ParamError("model.arch", f"{arch!r}: {tag!r} is not a pretrained tag of {base} "
-                            f"(tags: {tags})")
+            raise ParamError(key, f"{arch!r}: {tag!r} is not a pretrained tag of {base} (tags: {tags})", source)
         return timm.create_model(name, pretrained=False)
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
         close = [n for n in names if n.startswith(arch[:4])][:6]
         hint = f" (close: {', '.join(close)})" if close else ""
-        raise ParamError(
-            "model.arch", f"{arch!r} is not a torchvision classification model{hint}; "
-            f"timm models are written {TIMM_PREFIX}NAME"
-        )
+        raise ParamError(key, f"{arch!r} is not a torchvision classification model{hint}; timm models are "
+                         f"written {TIMM_PREFIX}NAME", source)
     model = torchvision.models.get_model(arch, weights=None)
     # GoogLeNet and Inception v3 come with auxiliary classifiers, which make a training forward
     # pass return a tuple (and need 299-pixel inputs). Drop them and convert the ImageNet-
@@ -130,7 +129,7 @@ def replace_head(model: nn.Module, num_classes: int) -> Head:
     return head
 
 
-def pretrained_preprocess(arch: str, weights: str, model: nn.Module) -> dict[str, Any] | None:
+def pretrained_preprocess(arch: str, weights: str, model: nn.Module) -> Preprocess | None:
     """The preprocessing the weights were trained with, from their metadata, if they have any.
 
     torchvision: ``weights.transforms()``; timm: ``resolve_data_config`` of the model's
@@ -140,23 +139,14 @@ def pretrained_preprocess(arch: str, weights: str, model: nn.Module) -> dict[str
         config = _timm().data.resolve_data_config({}, model=model)
         crop = int(config["input_size"][-1])
         interpolation = config.get("interpolation", "bilinear")
-        return {
-            "resize": math.floor(crop / config.get("crop_pct", 0.875)),
-            "crop": crop,
-            "interpolation": interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
-            "mean": [float(v) for v in config["mean"]],
-            "std": [float(v) for v in config["std"]],
-        }
+        return Preprocess(math.floor(crop / config.get("crop_pct", 0.875)), crop,
+                          interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
+                          [float(v) for v in config["mean"]], [float(v) for v in config["std"]])
     if weights.lower() == "none" or weights.endswith(STATE_SUFFIXES):
         return None
     preset = torchvision_weights(arch, weights).transforms()
-    return {
-        "resize": int(preset.resize_size[0]),
-        "crop": int(preset.crop_size[0]),
-        "interpolation": preset.interpolation.value,
-        "mean": [float(v) for v in preset.mean],
-        "std": [float(v) for v in preset.std],
-    }
+    return Preprocess(int(preset.resize_size[0]), int(preset.crop_size[0]), preset.interpolation.value,
+                      [float(v) for v in preset.mean], [float(v) for v in preset.std])
 
 
 def freeze_backbone(model: nn.Module, head: Head) -> list[nn.Parameter]:

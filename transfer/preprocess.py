@@ -10,15 +10,16 @@ pipeline, used to predict single images.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
-from transfer.params import PreprocessParams
+from transfer.errors import ParamError
+from transfer.params import PreprocessParams, crop_problem
 
 INTERPOLATIONS = {
     "nearest": transforms.InterpolationMode.NEAREST,
@@ -31,24 +32,31 @@ INTERPOLATIONS = {
 class Preprocess:
     """Concrete preprocessing: what training used, recorded so evaluation and prediction match."""
 
-    resize: int
-    crop: int
-    interpolation: str
-    mean: list[float]
-    std: list[float]
+    resize: int = field(metadata={"gt": 0})
+    crop: int = field(metadata={"gt": 0})
+    interpolation: Literal["nearest", "bilinear", "bicubic"]
+    mean: list[float] = field(metadata={"length": 3})
+    std: list[float] = field(metadata={"length": 3, "gt": 0})
+
+    def check(self) -> tuple[str, str] | None:
+        return ("crop", crop_problem(self.crop, self.resize)) if self.crop > self.resize else None
 
 
 # What the tutorial uses, and what ImageNet-trained weights without metadata expect.
 IMAGENET = Preprocess(256, 224, "bilinear", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
-def resolve_preprocess(params: PreprocessParams, pretrained: dict[str, Any] | None) -> Preprocess:
-    """Each ``auto`` param is taken from the weights' metadata, or else from :data:`IMAGENET`."""
-    defaults = Preprocess(**pretrained) if pretrained else IMAGENET
-    return Preprocess(**{
+def resolve_preprocess(params: PreprocessParams, pretrained: Preprocess | None) -> Preprocess:
+    """Each ``auto`` param is taken from the weights' metadata, or else from :data:`IMAGENET`;
+    a crop larger than the resize is refused once both are known."""
+    defaults = pretrained or IMAGENET
+    pre = Preprocess(**{
         name: getattr(defaults, name) if value == "auto" else value
         for name, value in asdict(params).items()
     })
+    if pre.crop > pre.resize:
+        raise ParamError("preprocess.crop", crop_problem(pre.crop, pre.resize))
+    return pre
 
 
 def val_crop(image: Image.Image, pre: Preprocess) -> Image.Image:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transfer.atomic import atomic_path
+from transfer.checkpoints import save_tensors
 from transfer.params import Params
 from transfer.training import EpochRecord, Progress
 
@@ -159,9 +159,7 @@ class ResumeState:
             | {"history": [record.as_row() for record in progress.history]},
             "rng": rngs,
         }
-        # Straight to the temporary file: unlike a checkpoint, nobody compares this file's bytes.
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        save_tensors(self.path, state)  # through memory: a full disk is then an OSError, said in one line
         for other in self.others():
             other.unlink(missing_ok=True)
 

@@ -1,14 +1,13 @@
 """The training loop of PyTorch's transfer-learning tutorial (``train_model``), kept recognisable.
 
 Each epoch has a training and a validation phase; the model with the best validation
-accuracy is kept. Improvements over the tutorial: a progress bar per phase; batches arrive as
-uint8 pixels (or stored features) and are prepared on the device; each epoch's order and
-augmentation follow the seed and the epoch (the loaders' :class:`~transfer.data.EpochSampler`);
-validation runs under ``torch.inference_mode()``; losses are summed on the device (no host
-sync per batch); optional mixed precision; a history row per epoch, handed to ``on_epoch``
-with the rest of the loop's :class:`Progress` as soon as the epoch ends, and a run can
-``start`` from such a progress to resume (see :mod:`transfer.resume`); ties in accuracy go to
-the earlier epoch; and a frozen backbone can keep its BatchNorm statistics fixed.
+accuracy is kept. What differs from the tutorial, and why, is in docs/training.md: batches
+arrive as uint8 pixels (or stored features) and are prepared on the device; each epoch's
+order and augmentation follow the seed and the epoch; losses are summed on the device, so
+no batch waits for the host; validation runs under ``torch.inference_mode()``; ties in
+accuracy go to the earlier epoch; a strategy may train the head alone for its first epochs
+(:class:`~transfer.strategies.WarmUp`); a run can start from an interrupted run's progress
+(see :mod:`transfer.resume`).
 
 The same loop trains a whole network on images and a lone head on the frozen backbone's
 precomputed outputs: only the model and what ``prepare`` does to a batch differ.
@@ -16,20 +15,87 @@ precomputed outputs: only the model and what ``prepare`` does to a batch differ.
 
 from __future__ import annotations
 
-import contextlib
+import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from transfer.data import set_epoch
-from transfer.devices import accumulator_dtype, synchronize
+from transfer.data import EpochSampler, Pair, loader_options
+from transfer.devices import accumulator_dtype, autocast, synchronize
 from transfer.distributed import IGNORE, World
+from transfer.errors import UserError
+from transfer.strategies import WarmUp
+
+
+class Steps(Sampler[list[tuple[Pair, bool]]]):
+    """The optimisation steps of ``sampler``'s epoch, ``batch_size`` pairs each, and this
+    process's share of each (all of it in one process; see :mod:`transfer.distributed`).
+
+    Yields ``(pair, real)`` lists for :class:`Shard`: a process whose share of a step is empty
+    gets the step's first pair with ``real`` False, so that it takes part in every step.
+    ``drop_single``: leave out a last step of a single image, on which BatchNorm cannot train.
+    """
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, world: World, drop_single: bool = False) -> None:
+        self.sampler, self.batch_size, self.world = sampler, batch_size, world
+        self.drop_single = drop_single
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def sizes(self) -> list[int]:
+        """The images of each step, over all processes (known without looking at a batch)."""
+        full, last = divmod(len(self.sampler), self.batch_size)
+        return [self.batch_size] * full + ([last] if last > (1 if self.drop_single else 0) else [])
+
+    def __len__(self) -> int:
+        return len(self.sizes())
+
+    def __iter__(self) -> Iterator[list[tuple[Pair, bool]]]:
+        pairs = list(self.sampler)
+        for start, size in zip(range(0, len(pairs), self.batch_size), self.sizes(), strict=False):
+            step = pairs[start:start + size]
+            share = self.world.share(step)
+            yield [(pair, True) for pair in share] if share else [(step[0], False)]
+
+
+class Shard(Dataset[tuple[torch.Tensor, int]]):
+    """``(pair, real)`` -> the item of ``dataset``, labelled :data:`IGNORE` where not ``real``."""
+
+    def __init__(self, dataset: Dataset[tuple[torch.Tensor, int]]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[Pair, bool]) -> tuple[torch.Tensor, int]:
+        pair, real = key
+        data, label = self.dataset[pair]
+        return data, label if real else IGNORE
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell ``loader``'s steps which epoch comes: it decides order and views."""
+    loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+
+
+def step_sizes(loader: DataLoader) -> list[int]:
+    """The images of each of ``loader``'s steps, over all processes."""
+    return loader.batch_sampler.sizes()  # type: ignore[union-attr]
+
+
+
+def make_loader(dataset: Dataset[tuple[torch.Tensor, int]], sampler: EpochSampler, *, batch_size: int, workers: int,
+                device: torch.device, world: World | None = None, drop_single: bool = False) -> DataLoader:
+    """The training loop's loader: :class:`Steps` of ``sampler``'s pairs, this process's share."""
+    steps = Steps(sampler, batch_size, world or World(), drop_single)
+    return DataLoader(Shard(dataset), batch_sampler=steps, **loader_options(workers, device))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -51,45 +117,83 @@ class Progress:
     scheduler's state (and the random generators'), all a run needs to carry on from there
     exactly as if it had never stopped."""
 
-    epoch: int
-    best_acc: float
-    best_epoch: int
-    best_state: dict[str, torch.Tensor]
-    history: list[EpochRecord]
-    epoch_seconds: list[float]
-    train_seconds: float
-    scaler: dict[str, Any]  # the AMP GradScaler's state_dict (empty when it is disabled)
+    epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[EpochRecord] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    scaler: dict[str, Any] = field(default_factory=dict)  # the AMP GradScaler's state_dict (empty when disabled)
 
 
-@dataclass
-class TrainResult:
-    best_state: dict[str, torch.Tensor]
-    best_epoch: int
-    best_acc: float
-    history: list[EpochRecord]
-    epoch_seconds: list[float]
-    train_images_per_second: float
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """Mixed precision: float16 on CUDA, bfloat16 elsewhere; a no-op when disabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+class Diverged(Exception):
+    """The loss of an epoch is not a finite number: training cannot recover from that."""
 
 
 def set_train_mode(model: nn.Module, training: bool, only: nn.Module | None = None) -> None:
-    """``model.train()`` or ``model.eval()``; with ``only``, train mode reaches just that part.
-
-    For a frozen backbone, ``only`` is the new head: the backbone stays in eval mode, so its
-    BatchNorm running statistics stay those of the pretrained weights and its features are a
-    fixed function of the image, which is what a "fixed feature extractor" means. The
-    tutorial calls ``model.train()`` on the whole model and lets those statistics drift.
-    """
+    """``model.train()`` or ``model.eval()``; with ``only``, train mode reaches just that part:
+    a frozen backbone stays in eval mode, so its BatchNorm statistics stay the pretrained ones."""
     model.train(training and only is None)
     if training and only is not None:
         only.train()
+
+
+@dataclass
+class Loop:
+    """What the phases of an epoch share."""
+
+    net: nn.Module
+    criterion: nn.Module
+    device: torch.device
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    amp: bool
+    world: World
+
+    def phase(self, loader: DataLoader, desc: str, optimizer: torch.optim.Optimizer | None = None,
+              scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+        """One pass over ``loader``, training with ``optimizer`` or validating without one;
+        mean loss and accuracy over the phase's images (all processes'). A step's summed
+        loss is scaled by ``processes / images in the step``, so that DDP's average of the
+        gradients over processes is the mean over the step's images, the tutorial's loss."""
+        sizes = step_sizes(loader)
+        dtype = accumulator_dtype(self.device)
+        loss_sum = torch.zeros((), device=self.device, dtype=dtype)
+        corrects = torch.zeros((), device=self.device, dtype=torch.int64)
+        counted = torch.zeros((), device=self.device, dtype=torch.int64)
+        bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if self.world.main else True)
+        for step, (inputs, labels) in enumerate(bar):
+            inputs, labels = self.prepare(inputs), labels.to(self.device, non_blocking=True)
+            grad_mode = torch.enable_grad() if optimizer else torch.inference_mode()
+            with grad_mode, autocast(self.device, self.amp):
+                outputs = batchnorm_checked(self.net, inputs)
+                _, preds = torch.max(outputs, 1)
+                loss = self.criterion(outputs, labels)  # summed over this process's images
+            if optimizer is not None and scaler is not None:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss * self.world.size / sizes[step]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            loss_sum += loss.detach().to(dtype)
+            corrects += torch.sum(preds == labels)
+            counted += torch.sum(labels != IGNORE)
+        loss_sum, corrects, counted = self.world.sum(loss_sum, corrects, counted)
+        total = sum(sizes)
+        assert counted.item() == total, f"{desc}: {counted.item()} of {total} images counted"
+        return loss_sum.item() / total, corrects.item() / total
+
+
+def batchnorm_checked(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``net(inputs)``, with BatchNorm's refusal of a single value per channel (one image
+    at a small crop, in training) said in a user's terms."""
+    try:
+        return net(inputs)
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise UserError(f"a training step of {len(inputs)} image(s) per process leaves BatchNorm one value per "
+                        "channel at this crop size: raise train.batch_size (to 2 or more per process) or "
+                        "preprocess.crop") from None
 
 
 def train_model(
@@ -102,112 +206,74 @@ def train_model(
     device: torch.device,
     *,
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    train_only: nn.Module | None = None,
     amp: bool = False,
+    warmup: WarmUp | None = None,
     start: Progress | None = None,
     on_epoch: Callable[[Progress], None] | None = None,
-    log: bool = True,
     world: World | None = None,
-) -> TrainResult:
-    """Train for ``num_epochs``; return the best epoch's weights (on the CPU) and the history.
-
-    ``prepare`` turns a loader's batch into the model's input on ``device`` (default: move
-    it there). ``train_only``: the submodule put in training mode during the training phase,
-    the rest staying in eval mode (see :func:`set_train_mode`); None trains the whole
-    model's modes. ``on_epoch`` gets the progress after every epoch (to write the history
-    out and save what resuming needs). ``start``: the progress of an interrupted run, whose
-    model, optimizer, scheduler and random generators the caller has restored; training
-    goes on with the epoch after ``start.epoch``.
-
-    ``criterion`` sums over a batch (``reduction="sum"``): each step's gradient is that sum
-    divided by the step's number of images, the tutorial's mean loss. ``world``: several
-    processes training as one (see :mod:`transfer.distributed`); each gets its share of
-    every batch from its loaders, and the sums and counts cover all of them.
-    """
+) -> Progress:
+    """Train for ``num_epochs``; return the progress: the best epoch's weights (on the CPU) and
+    the history. ``prepare`` turns a loader's batch into the model's input on ``device``
+    (default: move it there); ``criterion`` sums over a batch; ``warmup``: the first epochs
+    train the head alone; ``start``: the progress of an interrupted run, whose model,
+    optimizer, scheduler and random generators the caller has restored; ``on_epoch`` gets the
+    progress after every epoch; ``world``: several processes training as one (see
+    :mod:`transfer.distributed`). Raises :class:`Diverged` for a non-finite loss."""
     world = world or World()
-    prepare = prepare or (lambda batch: batch.to(device, non_blocking=True))
-    net = world.wrap(model, device)  # DistributedDataParallel across processes; the model itself in one
-    dataset_sizes = {phase: len(loader.dataset) for phase, loader in loaders.items()}  # type: ignore[arg-type]
-    batch_size = loaders["train"].batch_sampler.batch_size  # type: ignore[union-attr]  # images per step, all processes
-    total = accumulator_dtype(device)
+    progress = start or Progress(best_state=_cpu_copy(model))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    best_state = _cpu_copy(model)
-    best_acc, best_epoch = -1.0, 0
-    history: list[EpochRecord] = []
-    epoch_seconds: list[float] = []
-    train_seconds = 0.0
-    done = 0
-    if start is not None:  # resuming: carry on where the interrupted run's last epoch ended
-        done, best_acc, best_epoch, best_state = start.epoch, start.best_acc, start.best_epoch, start.best_state
-        history, epoch_seconds, train_seconds = list(start.history), list(start.epoch_seconds), start.train_seconds
-        if start.scaler:
-            scaler.load_state_dict(start.scaler)
-
-    for epoch in range(done + 1, num_epochs + 1):
+    if progress.scaler:
+        scaler.load_state_dict(progress.scaler)
+    prepare = prepare or (lambda batch: batch.to(device, non_blocking=True))
+    net, frozen = None, None
+    for epoch in range(progress.epoch + 1, num_epochs + 1):
         started = time.perf_counter()
+        if net is None or frozen != (warmup is not None and warmup.frozen(epoch)):
+            frozen = warmup is not None and warmup.frozen(epoch)
+            if warmup is not None:
+                warmup.apply(epoch)
+            net = world.wrap(model, device)  # DistributedDataParallel over what trains now; the model itself in one
         lr = optimizer.param_groups[0]["lr"]
-        stats: dict[str, tuple[float, float]] = {}
+        loop, stats = Loop(net, criterion, device, prepare, amp, world), {}
         for phase in ["train", "val"]:
             training = phase == "train"
-            set_train_mode(model, training, train_only)
+            set_train_mode(model, training, warmup.head if frozen and warmup else None)
             set_epoch(loaders[phase], epoch)
-            phase_start = time.perf_counter()
-            running_loss = torch.zeros((), device=device, dtype=total)
-            running_corrects = torch.zeros((), device=device, dtype=torch.int64)
-            running_images = torch.zeros((), device=device, dtype=torch.int64)
-
-            bar = tqdm(loaders[phase], desc=f"epoch {epoch}/{num_epochs} {phase}", unit="batch",
-                       leave=False, disable=None if world.main else True)
-            for step, (inputs, labels) in enumerate(bar):
-                inputs = prepare(inputs)
-                labels = labels.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-
-                grad_mode = torch.enable_grad() if training else torch.inference_mode()
-                with grad_mode, autocast(device, amp):
-                    outputs = net(inputs)
-                    _, preds = torch.max(outputs, 1)
-                    loss = criterion(outputs, labels)  # summed over this process's images
-
-                if training:  # the mean over the step's images (DDP averages over processes)
-                    step_images = min(batch_size, dataset_sizes[phase] - step * batch_size)
-                    scaler.scale(loss * world.size / step_images).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-
-                running_loss += loss.detach().to(total)
-                running_corrects += torch.sum(preds == labels)
-                running_images += torch.sum(labels != IGNORE)
+            desc = f"epoch {epoch}/{num_epochs} {phase}"
+            stats[phase] = loop.phase(loaders[phase], desc, optimizer, scaler) if training else loop.phase(
+                loaders[phase], desc)
             if training:
                 scheduler.step()
                 world.broadcast_buffers(model)  # every process validates process 0's model
                 synchronize(device)
-                train_seconds += time.perf_counter() - phase_start
-
-            running_loss, running_corrects, running_images = world.sum(running_loss, running_corrects,
-                                                                       running_images)
-            size = dataset_sizes[phase]
-            assert running_images.item() == size, f"{phase}: {running_images.item()} of {size} images counted"
-            stats[phase] = (running_loss.item() / size, running_corrects.item() / size)
-
-        (train_loss, train_acc), (val_loss, val_acc) = stats["train"], stats["val"]
-        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr)
-        history.append(record)
-        epoch_seconds.append(time.perf_counter() - started)
-        if val_acc > best_acc:  # strictly better: ties keep the earlier epoch
-            best_acc, best_epoch = val_acc, epoch
-            best_state = _cpu_copy(model)
+                progress.train_seconds += time.perf_counter() - started
+        record = EpochRecord(epoch, *stats["train"], *stats["val"], lr)
+        if not all(map(math.isfinite, (record.train_loss, record.val_loss))):
+            raise Diverged(f"the loss became {record.train_loss:g} (validation: {record.val_loss:g}) in epoch {epoch}")
+        _end_epoch(progress, model, record, time.perf_counter() - started, scaler)
         if on_epoch is not None:
-            on_epoch(Progress(epoch, best_acc, best_epoch, best_state, list(history), list(epoch_seconds),
-                              train_seconds, scaler.state_dict()))
-        if log and world.main:
-            tqdm.write(
-                f"Epoch {epoch}/{num_epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2g}  {epoch_seconds[-1]:.1f}s"
-                + ("  *best" if best_epoch == epoch else "")
-            )
-    images_per_second = dataset_sizes["train"] * len(history) / train_seconds if train_seconds else 0.0
-    return TrainResult(best_state, best_epoch, best_acc, history, epoch_seconds, images_per_second)
+            on_epoch(progress)
+        if world.main:
+            tqdm.write(f"Epoch {epoch}/{num_epochs}  train loss {record.train_loss:.4f} acc {record.train_acc:.4f}  "
+                       f"val loss {record.val_loss:.4f} acc {record.val_acc:.4f}  lr {lr:.2g}  "
+                       f"{progress.epoch_seconds[-1]:.1f}s" + ("  *best" if progress.best_epoch == epoch else ""))
+    return progress
+
+
+def _end_epoch(progress: Progress, model: nn.Module, record: EpochRecord, seconds: float,
+               scaler: torch.amp.GradScaler) -> None:
+    progress.epoch = record.epoch
+    progress.history.append(record)
+    progress.epoch_seconds.append(seconds)
+    progress.scaler = scaler.state_dict()
+    if record.val_acc > progress.best_acc:  # strictly better: ties keep the earlier epoch
+        progress.best_acc, progress.best_epoch = record.val_acc, record.epoch
+        progress.best_state = _cpu_copy(model)
+
+
+def images_per_second(progress: Progress, loader: DataLoader) -> float:
+    """Training images per second of training-phase time, over the epochs this run trained."""
+    return sum(step_sizes(loader)) * len(progress.history) / progress.train_seconds if progress.train_seconds else 0.0
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:

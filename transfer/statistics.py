@@ -1,0 +1,71 @@
+"""How sure a comparison of accuracies is: each run's interval, and the paired test of two
+classifiers scored on the same images (docs/comparing.md says how to read them).
+
+Plain Python: the compare stage and command use it without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+#: Below this p-value a difference is called shown, at the 5% level.
+LEVEL = 0.05
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``correct`` out of ``total`` (95% for the
+    default ``z``). Unlike the normal approximation it stays within [0, 1] and is sound for
+    accuracies near 0 or 1 and for small validation sets."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar(a_only: int, b_only: int) -> float:
+    """The exact McNemar test's two-sided p-value: with ``a_only`` images that A gets right
+    and B wrong, and ``b_only`` the other way round, the chance of a split at least this
+    uneven if each such image were a fair coin (the images both get right or both wrong say
+    nothing about which is better)."""
+    n, k = a_only + b_only, min(a_only, b_only)
+    tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2**n)
+    return float(min(Fraction(1), 2 * tail))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two classifiers' answers on the same images, and what they say of each other."""
+
+    a: str
+    b: str
+    images: int
+    a_correct: int
+    b_correct: int
+    a_only: int  #: images A gets right and B wrong
+    b_only: int
+
+    @property
+    def p_value(self) -> float:
+        return mcnemar(self.a_only, self.b_only)
+
+    @property
+    def verdict(self) -> str:
+        if self.p_value >= LEVEL:
+            return f"not shown to differ at the {LEVEL:.0%} level"
+        better = self.a if self.a_only > self.b_only else self.b
+        return f"{better} is better at the {LEVEL:.0%} level"
+
+
+def pair(a: str, b: str, right_a: dict[str, bool], right_b: dict[str, bool]) -> Paired:
+    """Compare A's and B's answers (image -> right or not); they must have scored the same images."""
+    if right_a.keys() != right_b.keys():
+        only = sorted(right_a.keys() ^ right_b.keys())
+        raise ValueError(f"{a} and {b} were scored on different images ({len(only)} not in both, such as {only[0]})")
+    a_only = sum(right_a[k] and not right_b[k] for k in right_a)
+    b_only = sum(right_b[k] and not right_a[k] for k in right_a)
+    return Paired(a, b, len(right_a), sum(right_a.values()), sum(right_b.values()), a_only, b_only)
