@@ -127,9 +127,13 @@ def trained_classifier(path: Path, meta: CheckpointMeta, device: torch.device) -
     model = backbone(path, meta.arch)
     replace_head(model, len(meta.classes))
     try:
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        state = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(state)
     except Exception as exc:  # any failure here means the file is not the checkpoint its sidecar describes
         raise UserError(f"cannot load checkpoint {path}: {' '.join(str(exc).split())[:200]}") from None
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise UserError(f"checkpoint {path} holds weights that are not finite numbers (NaN or infinity), whose "
+                        "predictions mean nothing: train it again (`dvc repro --force`)")
     return model.to(device).eval()
 
 

@@ -15,6 +15,7 @@ import http.client
 import os
 import socket
 import ssl
+import stat
 import sys
 import time
 import urllib.error
@@ -23,13 +24,14 @@ import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from tqdm import tqdm
 
 from transfer.atomic import atomic_path
 from transfer.errors import UserError
+from transfer.layout import SPLITS, is_image_name, is_litter, layout_problem
 
 CHUNK = 1 << 20
 USER_AGENT = "transfer-pipeline/1.0 (+https://dvc.org)"
@@ -109,6 +111,8 @@ def _copy(url: str, out: BinaryIO, timeout: float) -> Fetched:
     if path is None:
         return _copy_http(url, out, timeout)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a named pipe or device would block or never end
+            raise UserError(f"{path} is not a regular file")
         with path.open("rb") as src:
             return _stream(src, out, path.stat().st_size, path.name)
     except FileNotFoundError:
@@ -171,17 +175,37 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
 
 
 def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
-    """Store the folder ``src`` as a zip at ``dest``, byte-identical for identical contents.
+    """Store the image-folder data set in the folder ``src`` (or in its one subfolder) as a zip
+    at ``dest``, byte-identical for identical contents.
 
-    Members are sorted and carry a fixed timestamp, so the zip's sha256 changes exactly when
-    a file's name or content does; a pinned ``sha256`` that does not match leaves ``dest`` as
-    it was. Images are already compressed: they are stored, not deflated.
+    Only what the data set can use goes in: regular image files in ``<split>/<class>/``
+    folders, no hidden files or litter; and a folder that is not such a data set is refused
+    before anything is written, so that a folder named by mistake never reaches DVC's cache
+    (or a remote). Members are sorted and carry a fixed timestamp, so the zip's sha256 changes
+    exactly when an image's name or content does; a pinned ``sha256`` that does not match
+    leaves ``dest`` as it was. Images are already compressed: they are stored, not deflated.
     """
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    def folders(parent: Path) -> list[Path]:
+        return sorted(p for p in parent.glob("*") if p.is_dir() and not is_litter(PurePosixPath(p.name)))
+
+    subfolders = folders(src)
+    root = subfolders[0] if not (src / "train").is_dir() and len(subfolders) == 1 else src
+    counts: dict[str, dict[str, int]] = {}
+    files: list[Path] = []
+    for split in SPLITS:
+        for folder in folders(root / split):
+            images = sorted(p for p in folder.rglob("*") if is_image_name(p.name) and p.is_file() and not p.is_symlink()
+                            and not is_litter(PurePosixPath(p.relative_to(folder).as_posix())))
+            counts.setdefault(split, {})[folder.name] = len(images)
+            files.extend(images)
+    problem = layout_problem(counts)
+    if problem:
+        raise UserError(f"{src} is not an image-folder data set: {problem}; nothing was packed (data.url must name "
+                        "a folder of train/ and val/ class folders, or a zip)")
     with atomic_path(dest) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             for path in tqdm(files, desc=f"zip {src.name}", unit="file", disable=None, leave=False):
-                info = zipfile.ZipInfo(path.relative_to(src).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, path.read_bytes())
         packed = Fetched(sha256_of(tmp), tmp.stat().st_size)

@@ -178,9 +178,14 @@ def check_input_size(model: nn.Module, crop: int) -> None:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a plain state_dict from ``.pth``/``.pt`` (weights_only) or ``.safetensors``."""
     if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
+        raise UserError(f"weights file {path} does not exist or is not a regular file")
     if path.suffix not in STATE_SUFFIXES:
         raise UserError(f"weights file {path} must end in {', '.join(STATE_SUFFIXES)}")
+    with path.open("rb") as file:
+        head = file.read(8)
+    if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip, or pickle
+        raise UserError(f"weights file {path} is not a PyTorch weights file (it starts with {head!r}): save a "
+                        "state_dict with torch.save, or use .safetensors")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -189,7 +194,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and safetensors errors all mean "not loadable"
-        raise UserError(f"cannot read weights file {path}: {' '.join(str(exc).split())[:200]}") from None
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
+        if unsafe:
+            raise UserError(f"weights file {path} holds pickled Python objects beyond tensors ({unsafe.group(1)}), "
+                            "which loading could run as code: refused. Save a plain state_dict "
+                            "(torch.save(model.state_dict(), path)), or use .safetensors") from None
+        raise UserError(f"cannot read weights file {path} ({exc.__class__.__name__}: "
+                        f"{' '.join(str(exc).split())[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"weights file {path} is not a plain state_dict (a mapping of names to tensors)")
     return state
