@@ -13,11 +13,13 @@ devices do not (the GPU check, ``benchmarks/gpu_check.py``, runs the rest on a G
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from imagefolders import make_image_folders
 from torch import nn
 from torch.utils.data import DataLoader
@@ -113,3 +115,21 @@ def test_resume_keeps_the_generator_of_the_gpu_the_process_uses(monkeypatch: pyt
     assert calls == [("get", torch.device("cuda", 1))] and torch.equal(states["device"], torch.ones(3))
     set_rng_states(states, torch.device("cuda", 0))
     assert calls[1:] == [("set", torch.device("cuda", 0))]
+
+
+def test_the_gpu_check_runs_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/gpu_check.py's smoke mode runs every code path of the GPU check that a CPU can
+    (both strategies, amp off and on), so the script works the day a GPU machine is at hand,
+    and says which checks need a GPU."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import gpu_check
+
+    gpu_check.main(["--smoke", "--out", str(tmp_path / "results.json")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    for amp in ("amp=False", "amp=True"):
+        assert set(results[amp]) == {"features", "finetune", "feature_extract"}
+        assert results[amp]["finetune"]["train_images_per_second"] > 0
+        assert results[amp]["features"]["images_per_second"] > 0
+    if not torch.cuda.is_available():  # the GPU's own checks say that they need one
+        assert results["sync_debug"] == {"skipped": "no CUDA"}
+        assert results["contexts"] == {"skipped": "0 GPU(s): another GPU is needed to see a stray context"}

@@ -110,5 +110,7 @@ def run_record(device: torch.device, threads: int, workers: int, **details: Any)
         "threads": threads,
         "loader_workers": workers,
         "peak_memory_mib": peak_memory_mib(),
+        **({"peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+           if device.type == "cuda" else {}),
         **details,
     }
