@@ -1,15 +1,8 @@
 """Stage ``compare``, and a command: are two classifiers' accuracies on the same images shown
-to differ? (docs/comparing.md)
-
-- The stage pairs every two strategies of one run on the images evaluate scored them on
-  (their ``predictions.csv``): how many images each gets right that the other gets wrong, the
-  exact McNemar p-value and a verdict; printed, drawn as a table (``--table``, which
-  ``dvc plots show`` shows) and written as JSON (``--report``).
-- ``python -m stages.compare --revs A B`` compares each strategy between two git revisions or
-  experiments (``dvc exp show`` names them), reading their predictions through ``dvc.api``.
-- ``python -m stages.compare --experiments``: one line per experiment, each strategy's
-  accuracy and the params it changed (``dvc exp show`` has a column per strategy and per
-  param, too many for a terminal).
+to differ? (docs/comparing.md). The stage pairs every two strategies of one run (the exact
+McNemar test on the images one gets right and the other wrong); ``--revs A B`` pairs each
+strategy's runs in two revisions or experiments; ``--experiments`` lists each experiment's
+accuracies and changed params on one line (``dvc exp show``'s columns are too wide for that).
 """
 
 from __future__ import annotations
@@ -18,6 +11,7 @@ import argparse
 import csv
 import io
 import itertools
+import re
 from pathlib import Path
 
 from transfer.atomic import write_json
@@ -93,12 +87,14 @@ def across_revs(revs: list[str], strategies: list[str]) -> None:
 NOT_PARAMS = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
 
 
-def experiments(strategies: list[str]) -> None:
+def experiments(strategies: list[str] | None) -> None:
     """The workspace, its commit and each experiment: accuracies, and params not as committed."""
     import dvc.api
 
     rows = dvc.api.exp_show()
     params = [k for k in rows[0] if k not in NOT_PARAMS and ":" not in k and "/" not in k]
+    found = [m.group(1) for k in rows[0] if (m := re.fullmatch(r"metrics/(.+)\.json:accuracy", k))]
+    strategies = strategies or found
     baseline = next((r for r in rows if r.get("typ") == "baseline"), rows[0])
     table = [("experiment", *strategies, "params changed from the commit")]
     for r in rows:
@@ -122,13 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, help="the stage: the pairs as JSON")
     parser.add_argument("--revs", nargs=2, metavar=("A", "B"), help="compare two git revisions or experiments")
     parser.add_argument("--experiments", action="store_true", help="each experiment's accuracies and params")
-    parser.add_argument("--strategy", nargs="+", default=["finetune", "feature_extract", "lp_ft"],
-                        help="with --revs or --experiments: the strategies to show (default: all three)")
+    parser.add_argument("--strategy", nargs="+", help="with --revs or --experiments: the strategies to show "
+                        "(default: each one evaluated in the workspace)")
     args = parser.parse_args(argv)
     if args.experiments:
         experiments(args.strategy)
     elif args.revs:
-        across_revs(args.revs, args.strategy)
+        across_revs(args.revs, args.strategy or sorted(p.parent.name for p in Path("plots").glob("*/predictions.csv")))
     elif len(args.predictions) >= 2 and args.table and args.report:
         within_run(args.predictions, args.table, args.report)
     else:

@@ -1,11 +1,7 @@
-"""Stage ``evaluate@<strategy>``: score the best checkpoint and plot it.
-
-Scores the data set's test split where it has one, else the validation split (which chose the
-checkpoint's epoch, so its score is optimistic: ``held_out`` in the metrics says which), in a
-fixed order, with the preprocessing its sidecar records. Writes ``--metrics`` (the numbers
-people compare, docs/comparing.md), and in ``--plots`` the predictions (the confusion matrix's
-data, and what ``stages.compare`` pairs), the scores per class, a seeded sample of images
-(mistakes in red: the tutorial's ``visualize_model``) and the most confident mistakes.
+"""Stage ``evaluate@<strategy>``: score the best checkpoint on the test split where the data set
+has one, else on the validation split (which chose the checkpoint's epoch, so its score is
+optimistic), with the preprocessing its sidecar records; metrics, predictions and pictures
+(docs/comparing.md).
 """
 
 from __future__ import annotations
@@ -61,7 +57,6 @@ def main(argv: list[str] | None = None) -> None:
                         "predictions.png and mistakes.png")
     parser.add_argument("--record", type=Path, required=True, help="run record (timings, versions, device)")
     args = parser.parse_args(argv)
-    name: str = args.strategy
 
     started = time.perf_counter()
     params = load_params(args.params)
@@ -69,7 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     threads = configure_threads(params.runtime.threads)
     workers = resolve_workers(params.runtime.num_workers, device)
     model, meta = load_trained_model(args.model, device)
-    model = model.to(memory_format=torch.channels_last)
     folders = image_folders(args.data)
     scored = "test" if "test" in folders else "val"
     split = folders[scored]
@@ -79,45 +73,48 @@ def main(argv: list[str] | None = None) -> None:
     dataset = ValImages(split, meta.preprocess, cache_bytes=params.runtime.image_cache_mb * 2**20)
     loader = ordered_loader(dataset, [(0, i) for i in range(len(dataset))],
                             batch_size=params.runtime.inference_batch_size, workers=workers, device=device)
-    preds = predict(model, loader, device, ModelInput(meta.preprocess, device), desc=f"evaluate@{name}")
-    classes = meta.classes
-
+    preds = predict(model.to(memory_format=torch.channels_last), loader, device, ModelInput(meta.preprocess, device),
+                    desc=f"evaluate@{args.strategy}")
     if not math.isfinite(preds.mean_loss):
         raise UserError(f"{args.model} gives a loss of {preds.mean_loss} on {args.data}/{scored}: its weights are "
-                        f"damaged; retrain it (`dvc repro --force train@{name}`)")
-    report = classification_report(preds.labels, preds.predicted, classes)
-    correct = int((preds.predicted == preds.labels).sum())
-    low, high = wilson_interval(correct, len(split))
-    write_json(args.metrics, {
-        "accuracy": report.accuracy, "ci95_low": low, "ci95_high": high, "loss": preds.mean_loss,
-        "macro_f1": report.macro["f1"], "best_epoch": meta.epoch, "images": report.images,
-        "split": scored, "held_out": scored == "test",
-    })
-    paths = [Path(p).relative_to(args.data).as_posix() for p in split.paths]
-    write_text(args.plots / "predictions.csv", predictions_csv(paths, preds, classes))
-    write_text(args.plots / "classes.csv", classes_csv(report.per_class))
-
-    wrong = (preds.predicted != preds.labels).tolist()
-    count = min(params.evaluate.grid_images, len(dataset))
-    sample = sorted(random.Random(params.seed).sample(range(len(dataset)), count))
-    confident_mistakes = sorted((i for i in range(len(dataset)) if wrong[i]),
-                                key=lambda i: -preds.confidence[i].item())[:params.evaluate.grid_images]
-
-    def grid(indices: list[int], file: str, title: str) -> None:
-        save_image_grid(
-            args.plots / file, [dataset[(0, i)][0] for i in indices],
-            [f"predicted: {classes[preds.predicted[i]]} ({preds.confidence[i]:.0%})\n"
-             f"actual: {classes[preds.labels[i]]}" for i in indices],
-            mistakes=[wrong[i] for i in indices], suptitle=title,
-        )
-
-    grid(sample, "predictions.png", f"{name}: {'validation' if scored == 'val' else scored} predictions (mistakes "
-         "in red)")
-    grid(confident_mistakes, "mistakes.png", f"{name}: most confident mistakes ({sum(wrong)} of {len(dataset)} wrong)")
+                        f"damaged; retrain it (`dvc repro --force train@{args.strategy}`)")
+    write_scores(args, preds, meta.classes, meta.epoch, scored, [Path(p).relative_to(args.data) for p in split.paths])
+    draw(args.plots, args.strategy, dataset, preds, meta.classes, params.evaluate.grid_images, params.seed, scored)
     write_json(args.record, run_record(device, threads, workers, wall_seconds=round(time.perf_counter() - started, 2),
                                        images=len(dataset)))
-    print(f"evaluate@{name}: accuracy {report.accuracy:.4f} (95% CI {low:.4f}-{high:.4f}) on {report.images} {scored} "
-          f"images, loss {preds.mean_loss:.4f}, macro F1 {report.macro['f1']:.4f}")
+
+
+def write_scores(args: argparse.Namespace, preds: Predictions, classes: list[str], epoch: int, scored: str,
+                 paths: list[Path]) -> None:
+    """The metrics (``held_out``: scored on images that neither trained nor chose the epoch),
+    each image's prediction and the scores per class; and the line that sums them up."""
+    report = classification_report(preds.labels, preds.predicted, classes)
+    low, high = wilson_interval(int((preds.predicted == preds.labels).sum()), report.images)
+    write_json(args.metrics, {
+        "accuracy": report.accuracy, "ci95_low": low, "ci95_high": high, "loss": preds.mean_loss,
+        "macro_f1": report.macro["f1"], "best_epoch": epoch, "images": report.images,
+        "split": scored, "held_out": scored == "test",
+    })
+    write_text(args.plots / "predictions.csv", predictions_csv([p.as_posix() for p in paths], preds, classes))
+    write_text(args.plots / "classes.csv", classes_csv(report.per_class))
+    print(f"evaluate@{args.strategy}: accuracy {report.accuracy:.4f} (95% CI {low:.4f}-{high:.4f}) on "
+          f"{report.images} {scored} images, loss {preds.mean_loss:.4f}, macro F1 {report.macro['f1']:.4f}")
+
+
+def draw(folder: Path, name: str, dataset: ValImages, preds: Predictions, classes: list[str], count: int, seed: int,
+         scored: str) -> None:
+    """A seeded sample of images with their predictions (the tutorial's ``visualize_model``),
+    and the most confident mistakes, where users learn most."""
+    wrong = (preds.predicted != preds.labels).tolist()
+    sample = sorted(random.Random(seed).sample(range(len(dataset)), min(count, len(dataset))))
+    mistakes = sorted((i for i in range(len(dataset)) if wrong[i]), key=lambda i: -preds.confidence[i].item())[:count]
+    for indices, file, title in (
+            (sample, "predictions.png", f"{'validation' if scored == 'val' else scored} predictions (mistakes in red)"),
+            (mistakes, "mistakes.png", f"most confident mistakes ({sum(wrong)} of {len(dataset)} wrong)")):
+        save_image_grid(folder / file, [dataset[(0, i)][0] for i in indices],
+                        [f"predicted: {classes[preds.predicted[i]]} ({preds.confidence[i]:.0%})\n"
+                         f"actual: {classes[preds.labels[i]]}" for i in indices],
+                        mistakes=[wrong[i] for i in indices], suptitle=f"{name}: {title}")
 
 
 if __name__ == "__main__":

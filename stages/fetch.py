@@ -1,11 +1,6 @@
-"""Stage ``fetch``: download the data set's zip (``data.url``) to ``data/``.
-
-``data.url`` may be an http(s):// URL, a file:// URL or a local path, so offline users can
-point it at a mirror; a local folder (holding ``train/`` and ``val/``) is packed into the zip.
-The URL, sha256 and size of what arrived go to ``reports/fetch.json`` (and the zip's hash to
-dvc.lock), so a change of the upstream file shows; pin ``data.sha256`` to turn such a change
-into an error. The network knobs (``runtime.download_*``) cannot change what arrives, so the
-stage does not declare them to DVC.
+"""Stage ``fetch``: the data set's zip from ``data.url`` (an http(s) or file URL, a path, or a
+local image folder, which is packed), with the URL, sha256 and size of what arrived in the
+report, so that a change upstream shows (``data.sha256`` pins it).
 """
 
 from __future__ import annotations

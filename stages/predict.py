@@ -1,11 +1,8 @@
-"""Classify new images with a trained model: ``python -m stages.predict --mode finetune IMG_OR_DIR...``.
+"""Classify new images with a trained model: ``python -m stages.predict --strategy lp_ft IMG_OR_DIR...``.
 
-Not a pipeline stage but its consumer: it loads ``models/<mode>.pt`` and preprocesses each
-image exactly as validation did (from the checkpoint's sidecar), decoded as every stage
-decodes (upright by EXIF orientation, transparency on white, 16-bit scaled). Folders are
-searched recursively for images. A path that does not exist, is not an image or has more
-pixels than Pillow's decompression-bomb check allows gets one ``error:`` line on stderr and
-the rest are still predicted; the exit code is 1 if any failed.
+Not a stage but the pipeline's consumer: each image is decoded as every stage decodes and
+preprocessed as validation was (from the checkpoint's sidecar). A path it cannot predict gets
+one ``error:`` line and the rest are still predicted; the exit status is 1 if any failed.
 """
 
 from __future__ import annotations

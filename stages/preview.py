@@ -1,8 +1,5 @@
-"""Stage ``preview``: the first augmented training batch with its class names (``plots/train_batch.png``).
-
-The tutorial shows this picture before training, to check that the data and the
-augmentations look right. It is exactly the first batch fine-tuning trains on (epoch 1's
-seeded order and views), so reruns give the same picture.
+"""Stage ``preview``: the first augmented training batch with its classes, the picture the
+tutorial shows before training; it is exactly the first batch fine-tuning trains on.
 """
 
 from __future__ import annotations

@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     recipe, settings = params.train.recipe(args.strategy), params.train.distributed
     asked = resolve_device(params.device)
-    distributed.check(settings, asked, sync_batchnorm=getattr(recipe, "sync_batchnorm", False))
+    sync = f"train.{args.strategy}.sync_batchnorm" if getattr(recipe, "sync_batchnorm", False) else None
+    distributed.check(settings, asked, sync_batchnorm=sync)
     threads = configure_threads(params.runtime.threads, processes=settings.nproc_per_node)
     distributed.run_processes(settings, asked, "stages.train", argv, threads=threads,
                               run=distributed.run_id(args.strategy, params.digest(tracked_params(args.strategy))),

@@ -1,13 +1,6 @@
-"""Stage ``unzip``: extract the data set's zip into ``data/<name>/{train,val}/<class>/``.
-
-Unsafe archives, and archives whose images would unpack to more than
-``runtime.max_unpacked_mb``, are refused before anything is written; files that are not
-accepted images (or that trip Pillow's decompression-bomb check) are left out and listed;
-the result is checked to be a usable image-folder data set. The extraction happens in a
-temporary folder that replaces the output only when all is well.
-A data report (images per split and class, what was skipped and why) goes to ``reports/``.
-A data set without ``val/`` or ``test/`` can have them split off ``train/`` and ``val/``
-(``data.val_fraction``, ``data.test_fraction``).
+"""Stage ``unzip``: the data set's zip, safely, into ``<out>/{train,val[,test]}/<class>/`` (see
+:mod:`transfer.archive`), with a report of what it holds, what was left out and why, and
+images found in two splits.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""Stage ``weights``: put the backbone's starting weights in a file that DVC tracks.
-
-``model.weights`` is a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``), a timm
-pretrained tag for ``timm/`` models, ``none`` (random initialisation, done by the train stage
-from ``seed``), or a local ``.pth``/``.pt``/``.safetensors`` state_dict. Torchvision files
-are downloaded into torch's hub cache (or taken from it when already there, so this works
-offline) and checked against the sha256 prefix in their file name, as torchvision does.
-Whatever the source, the keys are checked against ``model.arch`` before the plain state_dict
-is written to ``--out``; a JSON sidecar records where it came from and the preprocessing
-the weights expect (from their metadata).
+"""Stage ``weights``: the backbone's starting weights (``model.weights``: torchvision's, timm's,
+``none`` or a local file; docs/data-and-models.md) in a file DVC tracks, so that training never
+touches the network. The keys are checked against ``model.arch``; the sidecar records where
+the weights came from and the preprocessing they expect.
 """
 
 from __future__ import annotations

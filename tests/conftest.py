@@ -42,6 +42,19 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
               "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
 
+#: The session-scoped fixtures whose tests must share a worker, so that what they build is built once.
+SHARED_BUILDS = ("pipeline", "experiments", "trained")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """xdist groups (``--dist loadgroup``): the tests of a shared build on one worker, every
+    other test file on one worker."""
+    for item in items:
+        shared = [name for name in SHARED_BUILDS if name in getattr(item, "fixturenames", ())]
+        group = "pipeline" if {"pipeline", "experiments"} & set(shared) else (shared or [item.module.__name__])[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loopback and '.invalid' requests must never be routed through a proxy of the host."""

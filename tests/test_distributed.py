@@ -79,13 +79,13 @@ def test_torchrun_command_lines() -> None:
 
 
 @pytest.mark.parametrize(("changes", "sync", "message"), [
-    ({"nnodes": 2}, False, "train.distributed.rdzv_endpoint must be host:port, reachable from every node, when "
+    ({"nnodes": 2}, None, "train.distributed.rdzv_endpoint must be host:port, reachable from every node, when "
                            "nnodes is 2, got null"),
-    ({"backend": "nccl"}, False, "train.distributed.backend nccl needs CUDA; use gloo (or auto) on the CPU"),
-    ({}, True, "train.finetune.sync_batchnorm needs CUDA: torch's SyncBatchNorm does not run on the CPU "
-               "(set it to false)"),
+    ({"backend": "nccl"}, None, "train.distributed.backend nccl needs CUDA; use gloo (or auto) on the CPU"),
+    ({}, "train.lp_ft.sync_batchnorm", "train.lp_ft.sync_batchnorm needs CUDA: torch's SyncBatchNorm does not run "
+                                       "on the CPU (set it to false)"),
 ])
-def test_settings_this_machine_cannot_run_fail_at_start_up(changes: dict, sync: bool, message: str) -> None:
+def test_settings_this_machine_cannot_run_fail_at_start_up(changes: dict, sync: str | None, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message) + "$"):
         distributed.check(settings(**changes), CPU, sync_batchnorm=sync)
     distributed.check(settings(nproc_per_node=1), CPU, sync_batchnorm=sync)  # one process: nothing to check

@@ -1,10 +1,7 @@
-"""Safe extraction of an image-folder zip.
-
-Every member name is checked before anything is written (no absolute paths, no ``..``, no
-symlinks), and so is the size the members will unpack to (``runtime.max_unpacked_mb``: a
-zip bomb is refused before a byte of it is read). Every image is decoded once on its way
-out, with the decoder every later stage uses, so a file that will not load at training
-time is reported now, by name, instead of crashing epoch 3.
+"""Safe extraction of an image-folder zip: member names and unpacked sizes are checked before
+anything is written (no absolute paths, ``..`` or symlinks; ``runtime.max_unpacked_mb`` refuses a
+zip bomb from its headers), and every image is decoded on its way out, with the decoder every
+later stage uses, so a file that would not load in training is reported now, by name.
 """
 
 from __future__ import annotations
@@ -114,14 +111,9 @@ def split_off(files: list[PurePosixPath], fraction: float, seed: int, source: st
 
 def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val_fraction: float = 0.0,
                          test_fraction: float = 0.0, seed: int = 0) -> ExtractReport:
-    """Extract ``archive``'s splits into the empty folder ``dest``; return what was kept.
-
-    The images to extract must unpack to at most ``max_unpacked_mb`` MB, together (and so
-    each), or nothing is extracted (see :func:`check_sizes`). Without a ``val/`` split in
-    the archive, ``val_fraction`` > 0 moves that fraction of ``train/`` there; without a
-    ``test/`` split, ``test_fraction`` > 0 moves that fraction of ``val/`` there (see
-    :func:`split_off`).
-    """
+    """Extract ``archive``'s splits into the empty folder ``dest``; return what was kept. A
+    val/ or test/ split the archive lacks is split off train/ or val/ where the fractions ask
+    (:func:`split_off`)."""
     try:
         zf = zipfile.ZipFile(archive)
     except FileNotFoundError:
@@ -129,43 +121,19 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
     except zipfile.BadZipFile:
         raise UserError(f"{archive} is not a zip archive") from None
     with zf:
-        infos = zf.infolist()
-        unsafe = [f"{i.filename} ({r})" for i in infos if (r := unsafe_reason(i))]
+        unsafe = [f"{i.filename} ({r})" for i in zf.infolist() if (r := unsafe_reason(i))]
         if unsafe:
             more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
             raise UserError(f"{archive} has unsafe members, nothing extracted: {', '.join(unsafe[:5])}{more}")
-
         report = ExtractReport()
-        members = []
-        for info in infos:
-            path = PurePosixPath(info.filename)
-            if is_litter(path):
-                report.ignored += not info.is_dir()
-            else:
-                members.append((path, info))
-        root = _data_root([p for p, i in members if not i.is_dir()])
-
-        files = []
-        for path, info in members:
-            rel = path.relative_to(root) if path.is_relative_to(root) else None
-            if rel is None or not rel.parts or rel.parts[0] not in SPLITS:
-                report.ignored += not info.is_dir()
-            elif info.is_dir():  # class folders count even while empty, so the layout check sees them
-                if len(rel.parts) == 2:
-                    report.counts.setdefault(rel.parts[0], {}).setdefault(rel.parts[1], 0)
-            else:
-                files.append((rel, info))
-
+        files = _split_files(zf.infolist(), report)
         moved = split_splits([rel for rel, _ in files], report, val_fraction, test_fraction, seed)
-
         images = _images_to_extract(files, moved, report)
         check_sizes(archive, [info for _, info in images], max_unpacked_mb)
-        budget = max_unpacked_mb * 2**20
         for rel, info in tqdm(images, desc="unzip", unit="image", disable=None, leave=False):
             target = dest.joinpath(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            size, digest = copy_member(zf, info, target, budget, archive=archive, max_unpacked_mb=max_unpacked_mb)
-            budget -= size
+            digest = copy_member(zf, info, target, archive)
             problem = decode_problem(target)
             if problem:
                 _remove(target, up_to=dest)
@@ -173,11 +141,34 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
             else:
                 report.counts[rel.parts[0]][rel.parts[1]] += 1
                 report.digests[str(rel)] = digest
-
     problem = layout_problem(report.counts)
     if problem:
         raise UserError(f"{archive} is not an image-folder data set: {problem}")
     return report
+
+
+def _split_files(infos: list[zipfile.ZipInfo], report: ExtractReport) -> list[tuple[PurePosixPath, zipfile.ZipInfo]]:
+    """The files inside the archive's splits, by path relative to the folder holding them;
+    class folders are counted even while empty, so that the layout check sees them."""
+    members = []
+    for info in infos:
+        path = PurePosixPath(info.filename)
+        if is_litter(path):
+            report.ignored += not info.is_dir()
+        else:
+            members.append((path, info))
+    root = _data_root([p for p, i in members if not i.is_dir()])
+    files = []
+    for path, info in members:
+        rel = path.relative_to(root) if path.is_relative_to(root) else None
+        if rel is None or not rel.parts or rel.parts[0] not in SPLITS:
+            report.ignored += not info.is_dir()
+        elif info.is_dir():
+            if len(rel.parts) == 2:
+                report.counts.setdefault(rel.parts[0], {}).setdefault(rel.parts[1], 0)
+        else:
+            files.append((rel, info))
+    return files
 
 
 def split_splits(files: list[PurePosixPath], report: ExtractReport, val_fraction: float, test_fraction: float,
@@ -233,12 +224,8 @@ def _megabytes(size: int) -> str:
 
 def check_sizes(archive: Path, infos: list[zipfile.ZipInfo], max_unpacked_mb: int) -> None:
     """Refuse, before reading any member, members whose declared sizes add up to more than
-    ``max_unpacked_mb``; the largest one is named when it alone is over the cap.
-
-    The declared sizes are the central directory's, which ``zipfile`` also obeys when
-    reading: it stops at a member's declared size, so a header that understates it yields a
-    corrupt member (bad CRC), never more data (:func:`copy_member` counts bytes too).
-    """
+    ``max_unpacked_mb`` (naming the largest where it alone is over). ``zipfile`` stops at a
+    member's declared size, so a header that understates it gives a bad CRC, not more data."""
     cap = max_unpacked_mb * 2**20
     largest = max(infos, key=lambda info: info.file_size, default=None)
     hint = ("nothing extracted (a zip bomb? if the data set really is that large, raise "
@@ -252,29 +239,17 @@ def check_sizes(archive: Path, infos: list[zipfile.ZipInfo], max_unpacked_mb: in
                         f"runtime.max_unpacked_mb ({max_unpacked_mb} MB); {hint}")
 
 
-def copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int, *,
-                archive: Path, max_unpacked_mb: int) -> tuple[int, str]:
-    """Copy member ``info`` to ``target`` in pieces and return its size and sha256; refuse it
-    as soon as more than ``budget`` bytes (what is left of the cap) come out of it.
-
-    :func:`check_sizes` has already held the declared sizes to the cap; counting what
-    really comes out keeps the cap whatever the headers claim.
-    """
-    written, digest = 0, hashlib.sha256()
+def copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, archive: Path) -> str:
+    """Copy member ``info`` to ``target`` in pieces, never whole in memory; return its sha256."""
+    digest = hashlib.sha256()
     try:
         with zf.open(info) as member, target.open("wb") as out:
             while chunk := member.read(CHUNK_BYTES):
-                written += len(chunk)
                 digest.update(chunk)
-                if written > budget:
-                    raise UserError(
-                        f"{archive}: {info.filename} unpacks to more than its header says, past "
-                        f"runtime.max_unpacked_mb ({max_unpacked_mb} MB) with the images before it; "
-                        "nothing extracted (a zip bomb?)")
                 out.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise UserError(f"{archive} is corrupt at {info.filename}: {exc}; fetch it again") from None
-    return written, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def decode_problem(source: str | Path | IO[bytes]) -> str | None:

@@ -1,13 +1,8 @@
-"""Atomic writes: a reader (or DVC) sees either the previous file or the whole new one.
+"""Atomic writes: a reader (or DVC) sees the previous file or the whole new one, never half.
 
-Everything is first written to a temporary sibling of the destination, on the same file
-system, and then moved into place with ``os.replace``. If the writer fails or is
-interrupted, the temporary file is removed and the destination is left as it was.
-
-A write that fails because of where it goes (a full disk, a quota, a file-size limit, a
-read-only or forbidden folder) is a problem the user fixes outside the project, so it
-becomes a :class:`~transfer.errors.UserError` naming the output, the cause and what to do,
-instead of a traceback.
+Everything goes to a temporary sibling first and is then renamed into place; a failure removes
+it. A write that fails because of where it goes (a full disk, a quota, a read-only folder) is
+for the user to fix outside the project, so it is one line naming the output and what to do.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """The tutorial's training augmentation, ``RandomResizedCrop`` + ``RandomHorizontalFlip``, with
-its randomness drawn from ``(seed, view, image)`` instead of a process's global generator.
-
-torchvision's transforms draw from torch's global generator, so which crop an image gets
-depends on which DataLoader worker happens to load it, and so on the number of workers and
-the machine's core count. Here view ``v`` of image ``i`` is the same crop and flip in any
-process, with any worker count, in any order. Epoch ``e`` of fine-tuning trains on view
-``e - 1`` of every image (a fresh view each epoch, as in the tutorial); the features stage
-computes the frozen backbone's output for the same views once.
-
-The distribution is torchvision's: a crop of 8% to 100% of the image's area with an aspect
-ratio between 3/4 and 4/3 (log-uniform), ten tries, then a centre crop of the closest valid
-ratio; resized to ``crop`` pixels; flipped with probability 1/2.
+torchvision's distribution but its randomness drawn from ``(seed, view, image)``: torchvision
+draws from the global generator, so a crop would depend on which loader worker loaded the
+image. Here view ``v`` of image ``i`` is the same in any process, so the features stage can
+compute the frozen backbone's output of the very views fine-tuning trains on.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""Image-folder data sets and their loaders, with randomness that follows the seed, the epoch
-and the image, never the process that happens to do the work.
-
-Every data set here is indexed by ``(view, index)`` pairs, which :class:`EpochSampler`
-yields: the epoch decides the order (a seeded shuffle) and the view (a fresh augmentation
-per epoch, a cached view in turn, or always the same one). So the same seed gives the same
-batches with any number of DataLoader workers, and training on precomputed features sees
-exactly the batches that training on images would.
+"""Image-folder data sets, indexed by ``(view, index)`` pairs whose order and view follow the
+seed and the epoch (:class:`EpochSampler`), never the process that happens to load them: the
+same seed gives the same batches with any number of loader workers, and training on the stored
+features sees exactly the batches training on the images would.
 """
 
 from __future__ import annotations
@@ -29,10 +25,9 @@ from transfer.interrupts import quiet_loader_worker
 from transfer.layout import SPLITS, is_image_name, layout_problem
 from transfer.preprocess import Preprocess, to_uint8_tensor, val_crop
 
-#: How loader workers start. Forked on Linux (on purpose, also from Python 3.14, whose default
-#: is forkserver): they then share the decoded images the main process cached. Elsewhere
-#: (macOS, Windows) Python's default, spawn: the datasets are pickled to each worker, which
-#: decodes and caches images itself.
+#: How loader workers start: forked on Linux, also from Python 3.14 (whose default is
+#: forkserver), to share the images the main process decoded; elsewhere Python's default,
+#: spawn, which pickles the data sets to each worker (docs/platforms.md).
 WORKER_START = "fork" if sys.platform == "linux" else None
 
 Pair = tuple[int, int]  #: (view, index)
@@ -40,8 +35,7 @@ Pair = tuple[int, int]  #: (view, index)
 
 @dataclass(frozen=True)
 class Split:
-    """One split of an image-folder data set: sorted class names and (path, label) samples,
-    in torchvision ``ImageFolder``'s order."""
+    """One split: sorted class names and (path, label) samples, in ``ImageFolder``'s order."""
 
     classes: list[str]
     samples: list[tuple[str, int]]
@@ -59,9 +53,8 @@ class Split:
 
 
 def image_folders(root: Path) -> dict[str, Split]:
-    """``train``, ``val`` and, where there is one, ``test`` of ``root``, with the classes of
-    train/. Only regular files with an image's extension count (a named pipe would hang the
-    decoder), walked in ``ImageFolder``'s order."""
+    """``train``, ``val`` and (where there is one) ``test`` of ``root``, with train/'s classes:
+    regular files with an image's extension (a named pipe would hang the decoder)."""
     found: dict[str, dict[str, list[str]]] = {}
     for split in SPLITS:
         if (root / split).is_dir():
@@ -87,12 +80,9 @@ def derived_seed(*parts: object) -> int:
 
 
 class EpochSampler(Sampler[Pair]):
-    """Yields ``(view, index)`` for every sample of one epoch; call :meth:`set_epoch` first.
-
-    ``shuffle``: a permutation seeded by ``(seed, epoch)``, so epoch ``e`` has the same order
-    in any run, resumed or not. ``cycle``: epoch ``e`` uses view ``(e - 1) % cycle``; None
-    gives a new view every epoch (``e - 1``), 1 always view 0.
-    """
+    """Yields ``(view, index)`` for every sample of one epoch (:meth:`set_epoch` first).
+    ``shuffle``: seeded by ``(seed, epoch)``, so a resumed run sees the same order; ``cycle``:
+    epoch ``e`` uses view ``(e - 1) % cycle``, None a new view every epoch."""
 
     def __init__(self, size: int, *, seed: int, shuffle: bool, cycle: int | None) -> None:
         self.size, self.seed, self.shuffle, self.cycle = size, seed, shuffle, cycle
@@ -134,11 +124,8 @@ class TrainImages(Dataset[tuple[torch.Tensor, int]]):
 
 
 class ValImages(Dataset[tuple[torch.Tensor, int]]):
-    """``(view, index)`` -> the validation crop of image ``index`` (uint8 CHW) and its label.
-
-    The crop is deterministic, so the cache holds it, already cropped, rather than the
-    decoded image: each image is decoded and resized once per run, not once per epoch.
-    """
+    """``(view, index)`` -> the validation crop of image ``index`` (uint8 CHW) and its label;
+    the crop is fixed, so the cache holds it rather than the whole image."""
 
     def __init__(self, split: Split, pre: Preprocess, *, cache_bytes: int) -> None:
         self.labels = split.labels
@@ -153,11 +140,8 @@ class ValImages(Dataset[tuple[torch.Tensor, int]]):
 
 
 class FeatureViews(Dataset[tuple[torch.Tensor, int]]):
-    """``(view, index)`` -> the stored backbone output of view ``view`` of sample ``index``.
-
-    ``features`` has shape (views, samples, ...); a memory-mapped ``.npy`` array is read
-    lazily, one batch at a time.
-    """
+    """``(view, index)`` -> the stored backbone output of view ``view`` of sample ``index``, from
+    an array (views, samples, ...), memory-mapped and read a batch at a time."""
 
     def __init__(self, features: np.ndarray, labels: list[int]) -> None:
         self.features, self.labels = features, labels

@@ -1,29 +1,9 @@
-"""Training on several processes, GPUs or machines: torch.distributed, started by torchrun.
+"""Several processes, GPUs or machines training as one: torch.distributed, started by torchrun
+(docs/distributed.md says what the processes share and what changes with their number).
 
-With ``train.distributed`` asking for one process (the default), nothing here does anything
-and a stage runs exactly as it always has. With more, :func:`run_processes` has the stage
-start itself again under torchrun (:func:`launch`: torch's own launcher, run in the stage's
-process), once per process; each of those joins the process group (:func:`process_group`)
-and learns its place in it (:class:`World`).
-
-What the processes share, and how:
-
-- **The global batch.** ``train.batch_size`` is the number of images per optimisation step,
-  whatever the number of processes: each step's images are those a single process would
-  use, split in contiguous shares (see :class:`transfer.data.ShardedBatches`). Where a step
-  has fewer images than processes (the last, short step of an epoch), a process without an
-  image gets a copy of one labelled :data:`IGNORE`, which the loss and the counts skip, so
-  that every process takes part in every step. DistributedDataParallel averages the
-  gradients over processes; weighting each process's summed loss by ``processes / images
-  in the step`` makes that average the mean over the step's images, as in one process.
-- **The numbers.** Losses, correct predictions and image counts are summed over processes
-  (:meth:`World.sum`), so every metric covers the whole data set, and every process reaches
-  the same best epoch.
-- **BatchNorm.** Each process normalises with its own share's statistics unless
-  ``train.finetune.sync_batchnorm`` is on (CUDA only: torch's SyncBatchNorm does not run on the CPU). The
-  running statistics that the model keeps are process 0's, given to the others after each
-  training phase (:meth:`World.broadcast_buffers`), so all of them validate the same model.
-- **The outputs.** Only process 0 (:attr:`World.main`) writes files or prints progress.
+With one process (the default) nothing here runs torch.distributed. With more,
+:func:`run_processes` has the stage start itself again under torchrun, and each of those
+processes joins the group and learns its place in it (:class:`World`).
 """
 
 from __future__ import annotations
@@ -45,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from transfer.errors import ParamError, UserError, say
 from transfer.params import DistributedParams
 
-#: The label of a place in a batch that holds no image of the step (see the module's doc);
-#: CrossEntropyLoss ignores it by default, and no prediction equals it.
+#: The label of a stand-in in a step that left a process no image (so that every process takes
+#: every step, as DDP needs); CrossEntropyLoss ignores it by default, and no prediction equals it.
 IGNORE = -100
 
 T = TypeVar("T")
@@ -79,12 +59,9 @@ class World:
         return items[start:start + base + (self.rank < extra)]
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """DistributedDataParallel around ``model`` where there are several processes.
-
-        Buffers (BatchNorm's running statistics) are synced when it is made, not before
-        every step: they only matter in evaluation, and :meth:`broadcast_buffers` aligns them
-        before that.
-        """
+        """DistributedDataParallel around ``model`` where there are several processes. Buffers
+        (BatchNorm's statistics) only matter in evaluation: :meth:`broadcast_buffers` aligns
+        them once before it, instead of before every step."""
         if self.size == 1:
             return model
         ids = [device.index] if device.type == "cuda" else None
@@ -92,13 +69,9 @@ class World:
 
     def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
         """Each tensor summed over all processes (itself in one process)."""
-        if self.size == 1:
-            return list(values)
-        summed = []
-        for value in values:
-            value = value.clone()
+        summed = [value.clone() if self.size > 1 else value for value in values]
+        for value in summed if self.size > 1 else ():
             dist.all_reduce(value)
-            summed.append(value)
         return summed
 
     def broadcast_buffers(self, model: nn.Module) -> None:
@@ -127,14 +100,7 @@ class World:
         """Every process's items on process 0, one from each process per round, for
         ``rounds`` rounds (a process with none left sends nothing); nothing elsewhere."""
         for _ in range(rounds):
-            item = next(mine, None)
-            if self.size == 1:
-                if item is not None:
-                    yield item
-                continue
-            received: list[T | None] | None = [None] * self.size if self.main else None
-            dist.gather_object(item, received, dst=0)
-            yield from (x for x in received or () if x is not None)
+            yield from (x for x in self.gather_object(next(mine, None)) or () if x is not None)
 
 
 def current() -> World:
@@ -152,8 +118,9 @@ def backend(setting: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def check(settings: DistributedParams, device: torch.device, *, sync_batchnorm: bool = False) -> None:
-    """Fail at start-up, with one line, on a distributed setting this machine cannot run."""
+def check(settings: DistributedParams, device: torch.device, *, sync_batchnorm: str | None = None) -> None:
+    """Fail at start-up, with one line, on a distributed setting this machine cannot run
+    (``sync_batchnorm``: the key of a true sync_batchnorm param, if any)."""
     if processes(settings) == 1:
         return
     if settings.nnodes > 1 and not settings.rdzv_endpoint:
@@ -172,7 +139,7 @@ def check(settings: DistributedParams, device: torch.device, *, sync_batchnorm: 
             raise ParamError("train.distributed.nproc_per_node", f"is {settings.nproc_per_node}, but this machine "
                              f"has {torch.cuda.device_count()} CUDA device(s): one process per GPU")
     if sync_batchnorm and device.type != "cuda":
-        raise ParamError("train.finetune.sync_batchnorm", "needs CUDA: torch's SyncBatchNorm does not run "
+        raise ParamError(sync_batchnorm, "needs CUDA: torch's SyncBatchNorm does not run "
                          "on the CPU (set it to false)")
 
 
@@ -182,13 +149,9 @@ def processes(settings: DistributedParams) -> int:
 
 
 def torchrun_args(settings: DistributedParams, module: str, argv: Sequence[str], run_id: str) -> list[str]:
-    """torchrun's command line for ``python -m module argv`` in every process.
-
-    One node: a rendezvous on a free local port (``--standalone``), so that runs side by side
-    (``dvc queue start -j 2``) never meet. Several: c10d rendezvous at ``rdzv_endpoint``, under
-    an id that every node derives from the same run, so that nodes started by hand or by a
-    scheduler find each other.
-    """
+    """torchrun's command line for ``python -m module argv`` in every process. One node: a free
+    local port (``--standalone``), so that runs side by side never meet; several: c10d at
+    ``rdzv_endpoint``, under an id every node derives from the same run."""
     where = (["--standalone"] if settings.nnodes == 1 else
              ["--rdzv-backend", "c10d", "--rdzv-endpoint", settings.rdzv_endpoint, "--rdzv-id", run_id])
     return ["--nnodes", str(settings.nnodes), "--nproc-per-node", str(settings.nproc_per_node), *where,
@@ -219,13 +182,10 @@ def run_processes(settings: DistributedParams, asked: torch.device, module: str,
 
 
 def launch(settings: DistributedParams, module: str, argv: Sequence[str], *, threads: int, run: str) -> None:
-    """Run ``python -m module argv`` in ``settings``' processes through torchrun, in this process,
-    and return once all have finished; raise SystemExit with their status if any failed.
-
-    The processes print their own lines (process 0 what a single process would); torchrun's
-    own log is kept to what it must say. ``threads``: torch threads per process, passed as
-    OMP_NUM_THREADS so that torchrun does not choose one.
-    """
+    """Run ``python -m module argv`` in ``settings``' processes through torchrun (in this
+    process), and return once all have finished; raise SystemExit with the status of the one
+    that failed by itself, if any. The processes print their own lines; torchrun's log is
+    silenced. ``threads`` goes to OMP_NUM_THREADS, so that torchrun does not choose one."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args

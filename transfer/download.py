@@ -1,11 +1,6 @@
-"""Fetching a file from http(s)://, file:// or a local path, atomically and verifiably, or
-packing a local folder into a reproducible zip.
-
-Used for the data set and for pretrained weights. The bytes stream into a temporary file
-beside the destination while their sha256 is computed; only a complete download whose digest
-matches (and that passes the caller's ``check``) is renamed into place. Transient network
-errors (time-outs, resets, refused connections, 5xx and 429 answers) are retried with
-exponential back-off; everything else fails at once with a :class:`UserError`.
+"""Fetching a file from http(s)://, file:// or a local path, atomically and verifiably (only a
+complete file whose sha256 matches is renamed into place; transient network errors are retried
+with exponential back-off), or packing a local image folder into a reproducible zip.
 """
 
 from __future__ import annotations
@@ -58,12 +53,9 @@ def fetch(
     check: Callable[[Path], str | None] | None = None,
     hint: str = "",
 ) -> Fetched:
-    """Copy ``url`` to ``dest``; verify ``sha256`` if given; return what was seen.
-
-    ``check`` gets the complete temporary file and returns an error message, or ``None`` if
-    the payload is acceptable. ``hint`` is appended to every error (how to get the file by
-    hand). On any failure nothing exists at ``dest`` that was not there before.
-    """
+    """Copy ``url`` to ``dest``; verify ``sha256`` if given; return what was seen. ``check``
+    gets the complete temporary file and returns a problem or None; ``hint`` (how to get the
+    file by hand) ends every error."""
     dest = Path(dest)
     suffix = f"; {hint}" if hint else ""
     for attempt in range(retries + 1):
@@ -175,16 +167,10 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
 
 
 def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
-    """Store the image-folder data set in the folder ``src`` (or in its one subfolder) as a zip
-    at ``dest``, byte-identical for identical contents.
-
-    Only what the data set can use goes in: regular image files in ``<split>/<class>/``
-    folders, no hidden files or litter; and a folder that is not such a data set is refused
-    before anything is written, so that a folder named by mistake never reaches DVC's cache
-    (or a remote). Members are sorted and carry a fixed timestamp, so the zip's sha256 changes
-    exactly when an image's name or content does; a pinned ``sha256`` that does not match
-    leaves ``dest`` as it was. Images are already compressed: they are stored, not deflated.
-    """
+    """Store the image-folder data set in the folder ``src`` (or its one subfolder) as a zip at
+    ``dest``: only its images, after checking the layout, so that a folder named by mistake
+    never reaches DVC's cache or a remote. Sorted members with a fixed timestamp give the same
+    bytes for the same images; they are stored, not deflated (images are compressed)."""
     def folders(parent: Path) -> list[Path]:
         return sorted(p for p in parent.glob("*") if p.is_dir() and not is_litter(PurePosixPath(p.name)))
 

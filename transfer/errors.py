@@ -1,10 +1,5 @@
-"""One exception type for problems a user can fix, and the wrapper that prints them.
-
-Stages raise :class:`UserError` for bad input (a wrong param, a missing file, a failed
-download). :func:`run_stage` turns it into one line on stderr and a non-zero exit code, so a
-user reads what went wrong and how to fix it instead of a traceback. Programming errors
-still raise normally: a traceback is the right report for a bug. Ctrl-C, SIGTERM and SIGHUP
-end a stage with one ``interrupted by ...`` line too (see :mod:`transfer.interrupts`).
+"""Problems a user can fix (:class:`UserError`) become one line on stderr and exit status 1;
+signals one ``interrupted by`` line. A bug still raises: its traceback is the right report.
 """
 
 from __future__ import annotations

@@ -1,28 +1,15 @@
-"""The frozen backbone's outputs, computed once by the ``features`` stage and read by
-``train@feature_extract``, which then trains the new head alone.
+"""The frozen backbone's outputs, computed once by the ``features`` stage for the strategies that
+train the head alone on them (docs/strategies.md): the tutorial runs every image through the
+frozen backbone again every epoch, although only the head changes.
 
-In the tutorial's feature_extract mode every epoch runs every training and validation
-image through the frozen backbone again, although only the head changes. Here the
-backbone runs once: for the validation images, and for ``views`` seeded augmentations
-(random crop + flip, see :mod:`transfer.augment`) of each training image. Epoch ``e``
-trains on view ``(e - 1) % views``, in the order and batches training on the images would
-use, so with one view per epoch the head sees exactly what it would have seen.
+Epoch ``e`` trains on view ``(e - 1) % views`` of each training image, in the batches training
+on the images would use; with ``batchnorm: update`` the statistics' trajectory follows those
+batches, not the head, so it is computed once too. What is stored is the head's input
+(captured by a hook), so any model whose head is its last layer works.
 
-With ``batchnorm: update`` (the tutorial's own behaviour) the backbone's BatchNorm
-statistics follow the training batches, so its outputs change every epoch; but the batches
-do not depend on the head, so the whole trajectory is computed once as well: each epoch's
-training outputs in its batches, validation outputs after it, and the statistics, of which
-the best epoch's go into the checkpoint.
-
-The stored tensor is the head's input (captured with a hook), so any model whose head is its
-last layer works; a model that computes more after its head (SqueezeNet) cannot be split
-there, and the stage says so.
-
-Layout of the output folder: ``train.npy`` (views, train images, *feature shape) and
-``val.npy`` (1 or epochs, val images, ...) as float32, memory-mapped when read;
-``batchnorm.pt`` (``update`` only) a plain state_dict of each epoch's statistics, keys
-``"<epoch>/<buffer name>"``; ``features.json`` what they were computed from and for which
-samples.
+The folder: ``train.npy`` (views, images, *feature shape) and ``val.npy`` (1 or epochs,
+images, ...) in float32; ``batchnorm.pt`` (``update`` only), each epoch's statistics keyed
+``"<epoch>/<buffer>"``; ``features.json``, what they were computed from.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Reading images: one decoder for every stage, and a memory-bounded cache of decoded images.
-
-:func:`decode` is the only place that opens an image file, so unzip's validity check,
-training, the features, evaluation's figures, the preview and ``stages.predict`` all see the
-same pixels, and they are the pixels an image viewer shows: upright (EXIF orientation),
-transparent areas on white, 16-bit images scaled rather than clipped.
-
-Decoding a JPEG costs more than cropping and resizing it, and the tutorial's loop decodes
-every image again every epoch. :class:`ImageCache` decodes each image once per run and keeps
-the pixels (uint8) in memory up to a budget (``runtime.image_cache_mb``); images past the
-budget are decoded again when needed, so memory stays bounded whatever the data set's size.
+"""Reading images: the one decoder every stage uses, so that all of them (and predict) see the
+pixels an image viewer shows (docs/data-and-models.md), and a memory-bounded cache of them:
+decoding costs more than cropping, and the tutorial decodes every image again every epoch.
 """
 
 from __future__ import annotations
@@ -23,33 +15,25 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-#: What transparent pixels are laid on: white, as browsers and image viewers show them on
-#: a page. Dropping the alpha channel instead shows whatever colour the transparent pixels
-#: happen to store, usually black.
+#: What transparent pixels are laid on, as viewers show them (dropping the alpha channel shows
+#: whatever colour they happen to store, usually black).
 BACKGROUND = (255, 255, 255)
 
-#: Modes whose pixels are integers beyond 8 bits: 16-bit greyscale PNG and TIFF (``I;16*``),
-#: and ``I``, which older Pillows and some TIFFs use for the same data.
+#: 16-bit greyscale PNG and TIFF (``I;16*``), and ``I``, which older Pillows and some TIFFs use.
 WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 class ImageTooLarge(Exception):
-    """The image has more pixels than Pillow's decompression-bomb limit; the message says
-    how many, and the limit."""
+    """More pixels than Pillow's decompression-bomb limit; the message says how many."""
 
 
 def decode(source: str | Path | IO[bytes]) -> Image.Image:
-    """The image in ``source`` as a viewer shows it, as RGB, fully loaded (a file opened
-    here is closed on return).
+    """The image in ``source`` as a viewer shows it, as RGB, fully loaded.
 
-    Raises :class:`ImageTooLarge` when the pixel count reaches Pillow's decompression-bomb
-    check, at its *warning* level (``Image.MAX_IMAGE_PIXELS``, about 89 million pixels) and
-    not only at its error level (twice that): every stage holds whole decoded images in
-    memory, 3 bytes a pixel (270 MB at the limit) for a network that looks at 224x224, so
-    such a file is far more likely a bomb or a mistake than a training image. Unzip and
-    predict apply the same rule because they call this same function, so an image that
-    unzip accepted never fails later in training. Any other decoding failure raises what
-    Pillow raises.
+    Raises :class:`ImageTooLarge` already at Pillow's *warning* level (about 89 million
+    pixels): every stage holds whole decoded images in memory (270 MB at the limit) for a
+    network that looks at 224x224, so such a file is likelier a bomb or a mistake than a
+    training image; unzip applies this same rule, so an image it kept never fails in training.
     """
     try:
         with warnings.catch_warnings():
@@ -71,15 +55,8 @@ def _too_large(exc: Exception) -> str:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` in RGB, converted as a viewer displays it.
-
-    - 16-bit (and 32-bit integer) greyscale: scaled to 8 bits (:func:`wide_grey_to_l`), where
-      Pillow's own conversion clips every value above 255 to white;
-    - anything with transparency (an alpha channel, or a palette or single colour marked
-      transparent): composited on :data:`BACKGROUND`;
-    - 1-bit: black and white, through greyscale;
-    - the rest (RGB, L, P, CMYK, YCbCr...): Pillow's conversion.
-    """
+    """``image`` in RGB as a viewer shows it, where Pillow's own conversion differs: 16-bit
+    greyscale scaled (Pillow clips it to white), transparency laid on white, 1-bit through L."""
     if image.mode in WIDE_GREY_MODES:
         image = wide_grey_to_l(image)
     if image.has_transparency_data:
@@ -90,17 +67,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def wide_grey_to_l(image: Image.Image) -> Image.Image:
-    """16-bit greyscale to 8 bits by the fixed full-range scale ``value / 257`` (65535 -> 255),
-    rounded; ``I`` values outside 0-65535 are clipped first.
-
-    Why the fixed scale rather than stretching each image's own minimum and maximum to
-    0-255: it is what image viewers do, so the model sees what the user sees; the same
-    16-bit value gives the same grey in every image, so brightness keeps its meaning across
-    a data set (a per-image stretch would make an under-exposed scan look like a normal
-    one); and a pixel's value does not depend on the rest of the image. Data that uses only
-    part of the range (12-bit scans stored in 16 bits) therefore comes out dark, as it does
-    in a viewer, but with its contrast: no two levels more than 257 apart merge.
-    """
+    """16-bit greyscale to 8 bits by the fixed scale ``value / 257``, rounded (``I`` clipped to
+    0-65535 first). Fixed, not each image's own range: it is what viewers do, and a grey then
+    means the same brightness in every image of a data set."""
     values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
     return Image.fromarray(((values + 128) // 257).astype(np.uint8))  # uint8, 2-D: mode L
 
@@ -113,12 +82,9 @@ def on_background(image: Image.Image) -> Image.Image:
 
 
 class ImageCache:
-    """``prepare(decode(paths[i]))`` as a uint8 HWC array, computed once per image while the
-    cached arrays fit in ``budget_bytes``; later images are prepared again on each access.
-
-    Fill it (:meth:`fill`) in the main process before DataLoader workers start: forked
-    workers then share the arrays instead of each decoding its own copy.
-    """
+    """``prepare(decode(paths[i]))`` as a uint8 HWC array, kept while the arrays fit in
+    ``budget_bytes`` (later images are prepared again on each access). Filled before loader
+    workers start, it is shared by forked workers instead of decoded by each."""
 
     def __init__(self, paths: Sequence[str], prepare: Callable[[Image.Image], Image.Image] | None,
                  budget_bytes: int) -> None:
@@ -133,10 +99,8 @@ class ImageCache:
         return len(self.paths)
 
     def __getstate__(self) -> dict[str, object]:
-        """What a loader worker started by spawn (macOS, Windows) receives: the paths and the
-        budget, not the decoded images, which it decodes and caches itself; copying the whole
-        cache through a pipe to every worker would cost more. Forked workers share the
-        parent's arrays instead (see :data:`transfer.data.WORKER_START`)."""
+        """What a worker started by spawn (macOS) receives: not the images, which it decodes and
+        caches itself, cheaper than copying the whole cache through a pipe to every worker."""
         return {**self.__dict__, "arrays": {}, "used": 0, "last": None}
 
     def load(self, index: int) -> np.ndarray:

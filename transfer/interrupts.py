@@ -1,14 +1,9 @@
-"""Ctrl-C, SIGTERM and SIGHUP, handled alike: one exception, raised where the signal arrives.
+"""Ctrl-C, SIGTERM and SIGHUP handled alike: one exception, raised where the signal arrives.
 
-A terminal's Ctrl-C sends SIGINT; ``kill``, systemd, Kubernetes and cloud pre-emption send
-SIGTERM, and a closed terminal or SSH session sends SIGHUP. The default action of the last
-two kills Python on the spot: no ``finally`` runs, so temporary files stay behind and
-nothing says what happened. :func:`interrupts_raise` makes all three raise
-:class:`Interrupted`, a ``KeyboardInterrupt``, so every path that already cleans up after
-Ctrl-C (atomic writes, DataLoader workers) does the same for the others, and the stage exits
-with the shell's code for the signal (130, 143, 129) after one line
-(:func:`transfer.errors.run_stage`). :func:`deferred_interrupts` holds them while a few
-files that must agree with each other are written.
+SIGTERM (kill, systemd, cloud pre-emption) and SIGHUP (a closed terminal) kill Python on the
+spot by default: no ``finally`` runs, temporary files stay, nothing says what happened. Raised
+as :class:`Interrupted`, a ``KeyboardInterrupt``, they take every path that already cleans up
+after Ctrl-C, and the stage exits with the shell's status for the signal after one line.
 """
 
 from __future__ import annotations
@@ -20,8 +15,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-#: The signals that stop a stage the way Ctrl-C does, and how the message names them
-#: (Windows has no SIGHUP).
+#: The signals that stop a stage, and how the message names them (Windows has no SIGHUP).
 NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 if hasattr(signal, "SIGHUP"):
     NAMES[signal.SIGHUP] = "SIGHUP (the terminal closed)"
@@ -29,8 +23,8 @@ SIGNALS = tuple(NAMES)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP arrived. ``detail`` says what the stage left behind and how to go
-    on; without one, :func:`transfer.errors.run_stage` says that nothing was written."""
+    """A signal arrived; ``detail`` says what the stage left and how to go on (default: nothing
+    was written)."""
 
     def __init__(self, signum: int = signal.SIGINT, detail: str | None = None) -> None:
         self.signum, self.detail = signum, detail
@@ -61,14 +55,9 @@ def _raise(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def interrupts_raise(exiting: bool = False) -> Iterator[None]:
-    """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`.
-
-    A signal that is ignored when the block starts stays ignored (a background job of a
-    non-interactive shell starts with SIGINT ignored, and ``nohup``-like launchers ignore
-    others on purpose). Once one has arrived, further ones are ignored while the clean-up
-    runs; ``exiting``: the process ends after the block, so they stay ignored after it too.
-    Outside the main thread, where Python cannot set handlers, nothing changes.
-    """
+    """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`; one ignored
+    when it starts stays ignored (``nohup``, a background job's SIGINT). ``exiting``: the
+    process ends after the block, so later signals stay ignored during its clean-up."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -92,14 +81,9 @@ def _restore(handlers: dict[int, Any]) -> None:
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP while the block runs; one that arrived meanwhile takes effect
-    (its handler runs, raising) as soon as the block is done.
-
-    For files that must agree with each other, such as the training history and the state a
-    run resumes from: a signal can end the run before them or after them, never between.
-    Only signals whose handler is Python code are held; ignored ones and the OS default
-    (which would end the process anyway) are left alone.
-    """
+    """Hold the signals whose handler is Python code while the block runs, and raise one that
+    arrived as soon as it is done: for files that must agree (the history and the resume
+    state), which a signal then ends the run before or after, never between."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -120,16 +104,9 @@ def deferred_interrupts() -> Iterator[None]:
 
 
 def quiet_loader_worker(worker_id: int) -> None:
-    """A DataLoader's ``worker_init_fn``: SIGTERM and SIGHUP end the worker quietly, as
-    Ctrl-C does.
-
-    A terminal, systemd and Kubernetes signal every process of a job, loader workers
-    included. Torch's workers then die of SIGTERM or SIGHUP, and torch raises "DataLoader
-    worker ... is killed by signal" in the main process in place of its clean interruption.
-    Raising :class:`Interrupted` instead, a worker leaves through torch's own handling of
-    Ctrl-C in workers (a quiet, successful exit), and the main process stops as usual. A
-    signal the stage was started with ignored stays ignored.
-    """
+    """A DataLoader's ``worker_init_fn``: SIGTERM and SIGHUP end the worker the quiet way torch
+    ends one on Ctrl-C. Signalled with the whole job (systemd, a terminal), a worker would
+    otherwise die of them, and torch's "worker killed by signal" would mask the interruption."""
     for signum in SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _raise)

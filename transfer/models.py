@@ -1,9 +1,6 @@
-"""Backbones, their pretrained weights, and the new classification head.
-
-The pretrained weights are a file the ``weights`` stage writes (``models/pretrained.pt``)
-and DVC tracks, so training never touches the network and a change of weights reruns it.
-The head is found generically, as the last linear (or 1x1 convolution) layer that produces
-the backbone's class scores, so any torchvision classifier works without a table of names.
+"""Backbones, their pretrained weights, and the new classification head, found generically (the
+last linear or 1x1 convolution layer, or timm's own), so any torchvision or timm classifier
+works without a table of names (docs/data-and-models.md).
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ TIMM_PREFIX = "timm/"
 
 
 def _timm() -> types.ModuleType:
-    """timm is an optional dependency, imported only when a ``timm/`` model is asked for."""
+    """timm, an optional dependency, imported only for a ``timm/`` model."""
     try:
         import timm
     except ImportError:
@@ -71,10 +68,8 @@ def create_backbone(arch: str, source: str | None = None, key: str = "model.arch
         raise ParamError(key, f"{arch!r} is not a torchvision classification model{hint}; timm models are "
                          f"written {TIMM_PREFIX}NAME", source)
     model = torchvision.models.get_model(arch, weights=None)
-    # GoogLeNet and Inception v3 come with auxiliary classifiers, which make a training forward
-    # pass return a tuple (and need 299-pixel inputs). Drop them and convert the ImageNet-
-    # normalised input to the scaling their weights expect, as torchvision does when it builds
-    # them pretrained; load_backbone_state skips the dropped modules' keys.
+    # GoogLeNet's and Inception v3's auxiliary classifiers make a training forward pass return a
+    # tuple: drop them, and scale the input as torchvision does when it builds them pretrained.
     if getattr(model, "aux_logits", False):
         model.aux_logits = False
         for name, child in list(model.named_children()):
@@ -86,12 +81,9 @@ def create_backbone(arch: str, source: str | None = None, key: str = "model.arch
 
 
 def find_head(model: nn.Module) -> Head:
-    """The layer that maps features to class scores.
-
-    timm models name it themselves (``get_classifier``). For torchvision models it is the
-    last ``nn.Linear`` in registration order (``fc``, ``classifier.1``, ``heads.head``, ...),
-    or for the few all-convolutional classifiers (SqueezeNet) the last 1x1 ``nn.Conv2d``.
-    """
+    """The layer that maps features to class scores: timm's ``get_classifier``, else the last
+    ``nn.Linear`` in registration order (``fc``, ``classifier.1``, ``heads.head``), else the last
+    1x1 ``nn.Conv2d`` (SqueezeNet)."""
     if hasattr(model, "get_classifier") and hasattr(model, "reset_classifier"):
         classifier = model.get_classifier()
         for name, module in model.named_modules():
@@ -130,11 +122,9 @@ def replace_head(model: nn.Module, num_classes: int) -> Head:
 
 
 def pretrained_preprocess(arch: str, weights: str, model: nn.Module) -> Preprocess | None:
-    """The preprocessing the weights were trained with, from their metadata, if they have any.
-
-    torchvision: ``weights.transforms()``; timm: ``resolve_data_config`` of the model's
-    pretrained config. Random or local weights of a torchvision model carry none.
-    """
+    """The preprocessing the weights were trained with, from their metadata (torchvision's
+    ``weights.transforms()``, timm's pretrained config); local or random torchvision weights
+    carry none."""
     if arch.startswith(TIMM_PREFIX):
         config = _timm().data.resolve_data_config({}, model=model)
         crop = int(config["input_size"][-1])
@@ -160,8 +150,8 @@ def freeze_backbone(model: nn.Module, head: Head) -> list[nn.Parameter]:
 
 
 def check_input_size(model: nn.Module, crop: int) -> None:
-    """Fail clearly if the backbone cannot take ``crop``-pixel images (ViTs want exactly their
-    training size, Inception at least 75 pixels), instead of with a traceback mid-epoch."""
+    """Fail now, clearly, if the backbone cannot take ``crop``-pixel images (ViTs want their
+    training size, Inception at least 75 pixels), not with a traceback mid-epoch."""
     was_training = model.training
     try:
         with torch.inference_mode():
@@ -207,11 +197,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, ignoring the head (it is replaced anyway).
-
-    Keys must otherwise match exactly; a mismatch lists the missing and unexpected keys, which
-    is what a user needs to see when the file was made for another architecture.
-    """
+    """Load ``state`` into ``model``, but for the head (replaced anyway); other keys must match
+    exactly, and a mismatch lists them, as a file made for another architecture needs."""
     head = find_head(model).name + "."
     body = {k: v for k, v in state.items() if not k.startswith(head) and not _dropped(model, k)}
     expected = {k for k in model.state_dict() if not k.startswith(head)}
@@ -229,8 +216,7 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
 
 
 def _dropped(model: nn.Module, key: str) -> bool:
-    """Whether ``key`` belongs to a submodule the model has set to None (an optional part it
-    does not use, such as the auxiliary classifiers :func:`create_backbone` drops)."""
+    """Whether ``key`` belongs to a submodule the model set to None (the dropped auxiliary heads)."""
     owner: Any = model
     for part in key.split(".")[:-1]:
         owner = getattr(owner, part, False)
@@ -260,11 +246,8 @@ def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
 
 
 def timm_pretrained(arch: str, tag: str) -> nn.Module:
-    """The timm model ``arch`` with its pretrained weights ``tag`` (``DEFAULT``: timm's default).
-
-    timm fetches them from the Hugging Face Hub into its own cache, so a second call works
-    offline (with ``HF_HUB_OFFLINE=1``).
-    """
+    """The timm model ``arch`` with its pretrained weights ``tag`` (``DEFAULT``: timm's default),
+    from the Hugging Face Hub or timm's cache (offline with ``HF_HUB_OFFLINE=1``)."""
     timm, name = _timm(), arch[len(TIMM_PREFIX):]
     base = name.split(".")[0]
     full = name if tag == "DEFAULT" else f"{base}.{tag}"

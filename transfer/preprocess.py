@@ -1,11 +1,7 @@
-"""The preprocessing recipe: sizes, interpolation and normalisation, and the exact steps
-that turn an image into the model's input.
-
-Geometry (resize, crop, flip) happens on PIL images, as in the tutorial, and yields uint8
-pixels; :class:`ModelInput` turns a batch of them into floats wherever the model runs (on the
-GPU, a quarter of the bytes cross the bus). Together they give bit for bit what the
-tutorial's ``ToTensor()`` + ``Normalize()`` give; :func:`eval_transform` is that reference
-pipeline, used to predict single images.
+"""The preprocessing recipe and the exact steps that turn an image into the model's input:
+geometry on PIL images as in the tutorial, giving uint8 pixels, then :class:`ModelInput`
+normalises a batch where the model runs (a quarter of the bytes cross to a GPU), bit for bit
+the tutorial's ``ToTensor()`` + ``Normalize()`` (:func:`eval_transform`, which predict uses).
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
-"""Resuming an interrupted training run where its last finished epoch left off.
+"""Resuming an interrupted training run after its last finished epoch (docs/troubleshooting.md).
 
-DVC 3 has no checkpoints of its own and leaves resuming to the training code. After every
-epoch the train stage saves the whole state of the run (model, optimizer, scheduler, AMP
-scaler, every random generator, the best epoch and its weights, the history), atomically,
-to ``<checkpoint's folder>/.resume/<mode>-<key>.pt``, and removes it once the stage has
-written its outputs. The file is none of the stage's declared outputs, so DVC neither
-deletes it before a run nor refuses its run-cache (DVC skips the run-cache for a stage with
-``persist: true`` outputs), and it is ignored by git and DVC.
-
-``key`` is a digest of everything that decides the run: the mode, the params the stage
-declares, the bytes of its input files (images or stored features, the pretrained weights),
-the project's code, torch's version and the device type. A run only ever resumes from a
-state with its own key, so different inputs, params or code never pick up another run's
-state. Shuffling and augmentation follow ``(seed, epoch, image)`` (see
-:mod:`transfer.data`), so the data needs nothing saved beyond the epoch; with the rest
-restored, the resumed run computes what the uninterrupted run would have, bit for bit on
-the CPU.
-
-The file holds only tensors and plain Python values, so it loads with
-``torch.load(..., weights_only=True)``, which runs no pickled code.
+After every epoch the train stage saves the run's whole state to
+``<checkpoint's folder>/.resume/<strategy>-<key>.pt``. ``key`` digests everything that decides
+the run, so a run resumes only from its own state; the data needs nothing saved, as its order
+and augmentation follow the seed and the epoch. The file is none of the stage's DVC outputs
+on purpose: DVC would delete it before a run, and a ``persist`` output would turn the
+run-cache off. It holds only tensors and plain values (``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -48,8 +35,8 @@ CODE = ("stages", "transfer")
 
 
 def tree_digests(root: Path) -> dict[str, str]:
-    """SHA-256 of the file ``root``, or of every file under the folder ``root``, by path
-    relative to it: what DVC would see change in an input (a second or two per GB)."""
+    """SHA-256 of the file ``root``, or of every file under the folder ``root``, by relative
+    path: what DVC would see change in an input (a second or two per GB)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     digests = {}
     for file in files:
@@ -67,12 +54,9 @@ def code_digests() -> dict[str, dict[str, str]]:
 
 def run_key(mode: str, params: Params, tracked: Iterable[str], inputs: Iterable[Path],
             device: torch.device) -> str:
-    """A digest of everything that decides a training run's results (see the module's doc):
-    ``tracked`` are the params the stage declares, ``inputs`` its input files and folders.
-
-    Inputs are named by their place relative to the path given for them, so the same data in
-    another copy of the project gives the same key.
-    """
+    """A digest of what decides a run's results: the strategy, the params the stage declares
+    (``tracked``), its inputs' bytes (by relative path, so the same data in another copy of
+    the project gives the same key), the code, torch's version and the device type."""
     run = {
         "format": FORMAT, "mode": mode, "params": params.select(tracked), "inputs": [tree_digests(p) for p in inputs],
         "code": code_digests(), "torch": torch.__version__, "device": device.type,
@@ -83,9 +67,8 @@ def run_key(mode: str, params: Params, tracked: Iterable[str], inputs: Iterable[
 # --------------------------------------------------------------------------- random generators
 
 def rng_states(device: torch.device) -> dict[str, Any]:
-    """The state of every random generator a run may draw from: torch's (and the device's),
-    Python's and NumPy's. Training itself draws from none of them for its data, but loaders
-    draw worker seeds from torch's and a model may use dropout; a resumed run continues each."""
+    """The state of every random generator this process may draw from (loaders draw worker
+    seeds from torch's, dropout from the device's): torch's, the device's, Python's, NumPy's."""
     keys, pos, has_gauss, cached = np.random.get_state()[1:]
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -118,8 +101,7 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class Training:
-    """What a run trains, whose state is saved and restored: the trained module, its
-    optimizer and scheduler, and the device (whose random generator is saved too)."""
+    """What a run trains, whose state is saved and restored."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -146,10 +128,9 @@ class ResumeState:
         return sorted(p for p in self.folder.glob(f"{self.mode}-*.pt") if p != self.path)
 
     def save(self, training: Training, progress: Progress, rngs: list[dict[str, Any]]) -> None:
-        """Write the whole state after ``progress.epoch``, with each training process's random
-        generators (``rngs``, by rank), atomically (a reader sees the previous epoch's file or
-        this one, never half of one); then remove other runs' states of this mode, so that at
-        most one is kept per mode."""
+        """Write the state after ``progress.epoch``, with each process's random generators
+        (``rngs``, by rank), atomically; then remove other runs' states of this strategy, so
+        that at most one is kept."""
         state = {
             "format": FORMAT, "key": self.key, "mode": self.mode,
             "model": training.model.state_dict(),
@@ -177,8 +158,8 @@ class ResumeState:
         return state
 
     def remove(self) -> None:
-        """Delete this run's state and other runs' states of this mode (they are stale once
-        the stage's outputs hold this run's results), and the folder once it is empty."""
+        """Delete this strategy's states (stale once the outputs hold this run's results), and
+        the folder once it is empty."""
         self.path.unlink(missing_ok=True)
         for other in self.others():
             other.unlink(missing_ok=True)

@@ -1,12 +1,6 @@
-"""How a stage runs: its threads and loader workers, and the record of what it ran on.
-
-These settings (``runtime.*`` in params.yaml) decide how fast a stage is, not what it
-computes, so no stage declares them to DVC. Two caveats are recorded instead of hidden: the
-number of torch threads can change the last bits of a training run's floating-point sums
-(parallel reductions add in another order), and bfloat16 autocast needs native CPU support
-to be fast. Every train, features and evaluate stage writes a run record (versions, device,
-threads, workers, timings, git commit) beside its outputs, kept apart from the metrics
-people compare, since timings differ on every run.
+"""How a stage runs (``runtime.*``: how fast, not what, so no stage declares them to DVC), and
+the run record of what it ran on, kept apart from the metrics since its timings differ on
+every run. The thread count can change a run's last bits (sums add in another order): recorded.
 """
 
 from __future__ import annotations

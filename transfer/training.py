@@ -1,16 +1,10 @@
-"""The training loop of PyTorch's transfer-learning tutorial (``train_model``), kept recognisable.
+"""The training loop of PyTorch's transfer-learning tutorial (``train_model``), kept recognisable:
+each epoch a training and a validation phase, the best validation accuracy's weights kept
+(docs/training.md says where it differs from the tutorial, and why).
 
-Each epoch has a training and a validation phase; the model with the best validation
-accuracy is kept. What differs from the tutorial, and why, is in docs/training.md: batches
-arrive as uint8 pixels (or stored features) and are prepared on the device; each epoch's
-order and augmentation follow the seed and the epoch; losses are summed on the device, so
-no batch waits for the host; validation runs under ``torch.inference_mode()``; ties in
-accuracy go to the earlier epoch; a strategy may train the head alone for its first epochs
-(:class:`~transfer.strategies.WarmUp`); a run can start from an interrupted run's progress
-(see :mod:`transfer.resume`).
-
-The same loop trains a whole network on images and a lone head on the frozen backbone's
-precomputed outputs: only the model and what ``prepare`` does to a batch differ.
+Beside it, what walks an epoch: :class:`Steps`, whose order and views follow the seed and the
+epoch, shared among processes. The loop sums losses on the device so that no batch waits for
+the host, and trains a whole network on images or a lone head on stored features alike.
 """
 
 from __future__ import annotations
@@ -34,13 +28,10 @@ from transfer.strategies import WarmUp
 
 
 class Steps(Sampler[list[tuple[Pair, bool]]]):
-    """The optimisation steps of ``sampler``'s epoch, ``batch_size`` pairs each, and this
-    process's share of each (all of it in one process; see :mod:`transfer.distributed`).
-
-    Yields ``(pair, real)`` lists for :class:`Shard`: a process whose share of a step is empty
-    gets the step's first pair with ``real`` False, so that it takes part in every step.
-    ``drop_single``: leave out a last step of a single image, on which BatchNorm cannot train.
-    """
+    """The optimisation steps of ``sampler``'s epoch, ``batch_size`` pairs each: this process's
+    share of each, as ``(pair, real)`` lists; a process left without an image gets a stand-in
+    (``real`` False), so that every process takes every step. ``drop_single``: leave out a
+    last step of a single image, on which BatchNorm cannot train."""
 
     def __init__(self, sampler: EpochSampler, batch_size: int, world: World, drop_single: bool = False) -> None:
         self.sampler, self.batch_size, self.world = sampler, batch_size, world
@@ -90,7 +81,6 @@ def step_sizes(loader: DataLoader) -> list[int]:
     return loader.batch_sampler.sizes()  # type: ignore[union-attr]
 
 
-
 def make_loader(dataset: Dataset[tuple[torch.Tensor, int]], sampler: EpochSampler, *, batch_size: int, workers: int,
                 device: torch.device, world: World | None = None, drop_single: bool = False) -> DataLoader:
     """The training loop's loader: :class:`Steps` of ``sampler``'s pairs, this process's share."""
@@ -113,9 +103,8 @@ class EpochRecord:
 
 @dataclass
 class Progress:
-    """The loop's own state after ``epoch``: with the model's, the optimizer's and the
-    scheduler's state (and the random generators'), all a run needs to carry on from there
-    exactly as if it had never stopped."""
+    """The loop's own state after ``epoch``: with the model's, optimizer's, scheduler's and random
+    generators' states, what a run needs to carry on as if it had never stopped."""
 
     epoch: int = 0
     best_acc: float = -1.0
@@ -149,9 +138,9 @@ class Loop:
     prepare: Callable[[torch.Tensor], torch.Tensor]
     amp: bool
     world: World
+    scaler: torch.amp.GradScaler
 
-    def phase(self, loader: DataLoader, desc: str, optimizer: torch.optim.Optimizer | None = None,
-              scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+    def phase(self, loader: DataLoader, desc: str, optimizer: torch.optim.Optimizer | None) -> tuple[float, float]:
         """One pass over ``loader``, training with ``optimizer`` or validating without one;
         mean loss and accuracy over the phase's images (all processes'). A step's summed
         loss is scaled by ``processes / images in the step``, so that DDP's average of the
@@ -169,11 +158,11 @@ class Loop:
                 outputs = batchnorm_checked(self.net, inputs)
                 _, preds = torch.max(outputs, 1)
                 loss = self.criterion(outputs, labels)  # summed over this process's images
-            if optimizer is not None and scaler is not None:
+            if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss * self.world.size / sizes[step]).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                self.scaler.scale(loss * self.world.size / sizes[step]).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
             loss_sum += loss.detach().to(dtype)
             corrects += torch.sum(preds == labels)
             counted += torch.sum(labels != IGNORE)
@@ -212,13 +201,11 @@ def train_model(
     on_epoch: Callable[[Progress], None] | None = None,
     world: World | None = None,
 ) -> Progress:
-    """Train for ``num_epochs``; return the progress: the best epoch's weights (on the CPU) and
-    the history. ``prepare`` turns a loader's batch into the model's input on ``device``
-    (default: move it there); ``criterion`` sums over a batch; ``warmup``: the first epochs
-    train the head alone; ``start``: the progress of an interrupted run, whose model,
-    optimizer, scheduler and random generators the caller has restored; ``on_epoch`` gets the
-    progress after every epoch; ``world``: several processes training as one (see
-    :mod:`transfer.distributed`). Raises :class:`Diverged` for a non-finite loss."""
+    """Train for ``num_epochs``; return the progress (the best epoch's weights on the CPU, the
+    history). ``prepare`` turns a batch into the model's input on ``device``; ``criterion``
+    sums over a batch; ``warmup``: epochs training the head alone; ``start``: an interrupted
+    run's progress (the caller restored the rest); ``on_epoch`` gets the progress after every
+    epoch. Raises :class:`Diverged` for a non-finite loss."""
     world = world or World()
     progress = start or Progress(best_state=_cpu_copy(model))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
@@ -234,14 +221,13 @@ def train_model(
                 warmup.apply(epoch)
             net = world.wrap(model, device)  # DistributedDataParallel over what trains now; the model itself in one
         lr = optimizer.param_groups[0]["lr"]
-        loop, stats = Loop(net, criterion, device, prepare, amp, world), {}
+        loop, stats = Loop(net, criterion, device, prepare, amp, world, scaler), {}
         for phase in ["train", "val"]:
             training = phase == "train"
             set_train_mode(model, training, warmup.head if frozen and warmup else None)
             set_epoch(loaders[phase], epoch)
-            desc = f"epoch {epoch}/{num_epochs} {phase}"
-            stats[phase] = loop.phase(loaders[phase], desc, optimizer, scaler) if training else loop.phase(
-                loaders[phase], desc)
+            stats[phase] = loop.phase(loaders[phase], f"epoch {epoch}/{num_epochs} {phase}",
+                                      optimizer if training else None)
             if training:
                 scheduler.step()
                 world.broadcast_buffers(model)  # every process validates process 0's model
