@@ -103,7 +103,8 @@ def test_committed_params_reproduce_the_tutorial() -> None:
                      id="sha256-not-hex"),
         # Numbers YAML takes that the libraries do not: numpy's seeds are 32-bit, torch's counts C ints.
         pytest.param({"seed": 2**32}, ["seed", "<= 4,294,967,295", "got 4294967296"], id="seed-beyond-numpy"),
-        pytest.param({"runtime.threads": 2**40}, ["runtime.threads", "<= 2,147,483,647"], id="threads-beyond-c-int"),
+        pytest.param({"runtime.threads": 2**40}, ["runtime.threads", "<= 1024"], id="threads-beyond-openmp"),
+        pytest.param({"train.batch_size": 2**31}, ["train.batch_size", "<= 2,147,483,647"], id="count-beyond-c-int"),
         pytest.param({"runtime.download_timeout": 1e12}, ["runtime.download_timeout", "<= 1,000,000,000"],
                      id="timeout-beyond-sockets"),
         # Not a number at all: every float must be finite.

@@ -76,7 +76,7 @@ def fetch(
             if attempt == retries:
                 tries = f" after {retries + 1} attempts" if retries else ""
                 raise UserError(f"could not download {url}{tries}: {exc}{suffix}") from None
-            wait = backoff * 2**attempt
+            wait = min(backoff * 2**attempt, 60.0)
             tqdm.write(f"warning: {exc}; retrying in {wait:g}s ({attempt + 1}/{retries})", file=sys.stderr)
             time.sleep(wait)
         except UserError as exc:

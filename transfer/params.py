@@ -107,11 +107,11 @@ class EvaluateParams:
 class RuntimeParams:
     """How the stages run, not what they compute: no stage declares these in dvc.yaml."""
 
-    threads: int | Auto = field(metadata=_gt(0))
-    num_workers: int | Auto = field(metadata={"ge": 0})
+    threads: int | Auto = field(metadata=_gt(0, le=1024))  # OpenMP allocates for them all at once
+    num_workers: int | Auto = field(metadata={"ge": 0, "le": 256})  # a process each
     inference_batch_size: int = field(metadata=_gt(0))
     image_cache_mb: int = field(metadata={"ge": 0})
-    download_retries: int = field(metadata={"ge": 0})
+    download_retries: int = field(metadata={"ge": 0, "le": 100})
     download_timeout: float = field(metadata=_gt(0, le=10**9))  # seconds; sockets take up to about 9e9
     max_unpacked_mb: int = field(metadata=_gt(0))
 
