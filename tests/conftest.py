@@ -48,11 +48,15 @@ SHARED_BUILDS = ("pipeline", "experiments", "trained")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """xdist groups (``--dist loadgroup``): the tests of a shared build on one worker, every
-    other test file on one worker."""
+    other test file on one worker. A test whose run starts beside the pipeline's build
+    (``dvc_pipeline.beside_pipeline``) joins the pipeline's worker, which starts it."""
+    from dvc_pipeline import _BESIDE
+
     for item in items:
         shared = [name for name in SHARED_BUILDS if name in getattr(item, "fixturenames", ())]
-        group = "pipeline" if {"pipeline", "experiments"} & set(shared) else (shared or [item.module.__name__])[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        if {"pipeline", "experiments"} & set(shared) or item.name in _BESIDE:
+            shared = ["pipeline"]
+        item.add_marker(pytest.mark.xdist_group((shared or [item.module.__name__])[0]))
 
 
 @pytest.fixture(autouse=True)
@@ -492,6 +496,20 @@ def dvc_repo(tmp_path: Path) -> DvcRepo:
     repo.git("add", "-A")
     repo.git("commit", "-q", "-m", "copy of the project")
     return repo
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The weights stage's ``models/pretrained.pt`` for ``model.weights: none``: the backbone is
+    torch's initialisation from the seed, as the train and features stages build it."""
+    from imagefolders import tiny_params
+
+    import stages.weights
+
+    root = tmp_path_factory.mktemp("weights")
+    out = root / "models" / "pretrained.pt"
+    stages.weights.main(["--params", str(tiny_params(root / "params.yaml")), "--out", str(out)])
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -48,15 +48,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folders(tmp_path_factory.mktemp("data") / "images", n_train=5, n_val=3)
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The weights stage's file for ``model.weights: none`` (the backbone's init is seeded)."""
-    root = tmp_path_factory.mktemp("weights")
-    out = root / "pretrained.pt"
-    stages.weights.main(["--params", str(tiny_params(root / "params.yaml")), "--out", str(out)])
-    return out
-
-
 def uncached(params_path: Path, data: Path, weights: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """The tutorial's way: the whole model (frozen backbone) over the images every epoch,
     with the same seeded order and views; the best state and the history."""

@@ -40,14 +40,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("weights")
-    out = root / "pretrained.pt"
-    stages.weights.main(["--params", str(tiny_params(root / "params.yaml")), "--out", str(out)])
-    return out
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, data: Path, weights: Path) -> Path:
     """A finetune checkpoint (and its sidecar) to damage in copies."""
     out = tmp_path_factory.mktemp("trained")

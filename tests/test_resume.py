@@ -35,7 +35,6 @@ from imagefolders import (
 )
 
 import stages.train
-import stages.weights
 from transfer.interrupts import Interrupted
 from transfer.params import load_params
 from transfer.resume import FOLDER, ResumeState, Training, restore, rng_states, run_key
@@ -51,15 +50,6 @@ STEPS_PER_EPOCH = 3  # 2 classes x 6 training images, batches of 4
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 classes x (6 train + 4 val) 32x32 images."""
     return make_image_folders(tmp_path_factory.mktemp("data") / "hymenoptera_data")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models/pretrained.pt for ``model.weights: none`` (random initialisation from the seed)."""
-    root = tmp_path_factory.mktemp("weights")
-    out = root / "models" / "pretrained.pt"
-    stages.weights.main(["--params", str(tiny_params(root / "params.yaml")), "--out", str(out)])
-    return out
 
 
 @pytest.fixture(scope="module")
