@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from transfer.atomic import write_json
-from transfer.download import fetch, local_path, zip_folder
-from transfer.errors import run_stage
+from tqdm import tqdm
+
+from transfer.atomic import atomic_path, write_json
+from transfer.download import Fetched, fetch, local_path, sha256_of
+from transfer.errors import UserError, run_stage
+from transfer.layout import SPLITS, is_image_name, is_litter, layout_problem
 from transfer.params import load_params
 
 
@@ -22,6 +25,41 @@ def _is_zip(path: Path) -> str | None:
         head = payload.read(256).lstrip().lower()
     kind = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not a zip archive"
     return f"the download is {kind} ({path.stat().st_size} bytes), not the data set's zip"
+
+
+def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
+    """Store the image-folder data set in the folder ``src`` (or its one subfolder) as a zip at
+    ``dest``: only its images, after checking the layout, so that a folder named by mistake
+    never reaches DVC's cache or a remote. Sorted members with a fixed timestamp give the same
+    bytes for the same images; they are stored, not deflated (images are compressed)."""
+    def folders(parent: Path) -> list[Path]:
+        return sorted(p for p in parent.glob("*") if p.is_dir() and not is_litter(PurePosixPath(p.name)))
+
+    subfolders = folders(src)
+    root = subfolders[0] if not (src / "train").is_dir() and len(subfolders) == 1 else src
+    counts: dict[str, dict[str, int]] = {}
+    files: list[Path] = []
+    for split in SPLITS:
+        for folder in folders(root / split):
+            images = sorted(p for p in folder.rglob("*") if is_image_name(p.name) and p.is_file() and not p.is_symlink()
+                            and not is_litter(PurePosixPath(p.relative_to(folder).as_posix())))
+            counts.setdefault(split, {})[folder.name] = len(images)
+            files.extend(images)
+    problem = layout_problem(counts, required=("train",))  # unzip may split val/ off train/
+    if problem:
+        raise UserError(f"{src} is not an image-folder data set: {problem}; nothing was packed (data.url must name "
+                        "a folder of train/ (and val/) class folders, or a zip)")
+    with atomic_path(dest) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for path in tqdm(files, desc=f"zip {src.name}", unit="file", disable=None, leave=False):
+                info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, path.read_bytes())
+        packed = Fetched(sha256_of(tmp), tmp.stat().st_size)
+        if sha256 and packed.sha256 != sha256.lower():
+            raise UserError(f"sha256 mismatch for the zip of {src}: expected {sha256.lower()}, got "
+                            f"{packed.sha256}; update data.sha256 if the folder changed on purpose")
+    return packed
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ the code under test. Nothing here touches the internet.
 
 from __future__ import annotations
 
+import ast
 import copy
 import io
 import os
@@ -42,21 +43,41 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
               "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
 
-#: The session-scoped fixtures whose tests must share a worker, so that what they build is built once.
-SHARED_BUILDS = ("pipeline", "experiments", "trained")
+#: Session-scoped builds whose tests must share a worker, so that each is built once: the
+#: scope their test files are sent to (the pipeline's experiments are a copy of it).
+SHARED_BUILDS = {"pipeline": "pipeline", "experiments": "pipeline", "beside_pipeline": "pipeline",
+                 "trained": "trained"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """xdist groups (``--dist loadgroup``): the tests of a shared build on one worker, every
-    other test file on one worker. A test whose run starts beside the pipeline's build
-    (``dvc_pipeline.beside_pipeline``) joins the pipeline's worker, which starts it."""
-    from dvc_pipeline import _BESIDE
+def shared_build_scopes(folder: Path = Path(__file__).parent) -> dict[str, str]:
+    """Test file -> the scope of the shared build its tests use, read from their source: a test
+    that takes one of :data:`SHARED_BUILDS` as a fixture, or starts beside the pipeline."""
+    scopes = {}
+    for path in sorted(folder.glob("test_*.py")):
+        functions = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)]
+        names = {arg.arg for f in functions for arg in f.args.args} | {
+            node.id for f in functions for decorator in f.decorator_list for node in ast.walk(decorator)
+            if isinstance(node, ast.Name)}
+        found = [SHARED_BUILDS[name] for name in SHARED_BUILDS if name in names]
+        if found:
+            scopes[f"{folder.name}/{path.name}"] = found[0]
+    return scopes
 
-    for item in items:
-        shared = [name for name in SHARED_BUILDS if name in getattr(item, "fixturenames", ())]
-        if {"pipeline", "experiments"} & set(shared) or item.name in _BESIDE:
-            shared = ["pipeline"]
-        item.add_marker(pytest.mark.xdist_group((shared or [item.module.__name__])[0]))
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scheduling (tests on both cores): each test file on one worker, so that its module
+    fixtures are made once, and the files of a shared build on one worker, so that it is
+    built once (``--dist loadgroup`` would do it, but its groups are lost on pytest 9.2)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    scopes = shared_build_scopes()
+
+    class OneWorkerPerBuild(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return scopes.get(file, file)
+
+    return OneWorkerPerBuild(config, log)
 
 
 @pytest.fixture(autouse=True)
@@ -408,7 +429,6 @@ def stage_env() -> dict[str, str]:
     """Environment for subprocesses: no proxies, the venv's bin first on PATH."""
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 

@@ -2,9 +2,12 @@
 the end-to-end tests and the rendering test, and helpers to read what dvc.yaml declares.
 
 A throw-away git copy of the project (as ``conftest.dvc_repo`` makes one, but built once,
-since ``dvc repro`` of every stage is the slowest thing the tests do) fetches a tiny
-generated zip from a local path, trains both modes for two epochs on 32-pixel images from
-random weights, evaluates them and draws every plot. The first run's results are committed,
+since ``dvc repro`` of every stage is the slowest thing the tests do) configured only in
+params.yaml, with what the code was not written for: a local folder of three generated
+classes with ``train/`` only (validation split off by ``data.val_fraction``), and
+torchvision's MobileNetV3-Small started from a local ``.pth`` (random, with randomised
+BatchNorm statistics). It trains every strategy for two epochs on 32-pixel images,
+evaluates and compares them, and draws every plot. The first run's results are committed,
 so ``HEAD`` holds the metrics and plots (they are ``cache: false`` and belong in git) and
 the diff commands have something to compare with. Tests that change the repository work
 on a copy (:func:`copy_repo`); copies are cheap (a few hundred MB of files, no training).
@@ -35,12 +38,15 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, DvcRepo, copy_project, dvc_env, make_dataset_zip
-from imagefolders import TINY_TRAIN
+from conftest import REPO_ROOT, DvcRepo, copy_project, dvc_env
+from imagefolders import TINY_TRAIN, make_image_folders, random_state_dict, save_state_dict
 
 from transfer.strategies import STRATEGIES
 
 MODES = tuple(STRATEGIES)
+CLASSES = ("cats", "dogs", "owls")  #: names the code has never seen
+ARCH, HEAD = "mobilenet_v3_small", "classifier.3"
+WEIGHTS_SEED = 3
 #: Two epochs, so the history charts draw lines and not single points.
 PIPELINE_PARAMS: dict[str, Any] = {
     **TINY_TRAIN,
@@ -58,6 +64,7 @@ EXPERIMENT_LR = 0.01
 class Pipeline:
     repo: DvcRepo
     first_run: subprocess.CompletedProcess[str]   # the `dvc repro` that built everything
+    weights: Path                                 # the local state_dict model.weights names
 
 
 @dataclass(frozen=True)
@@ -366,23 +373,35 @@ def workspace_lock(repo: DvcRepo) -> dict[str, str]:
     return lock_hashes((repo.root / "dvc.lock").read_text(encoding="utf-8"))
 
 
+def queue_status(repo: DvcRepo, names: list[str]) -> dict[str, str]:
+    """name -> status in ``dvc queue status`` (Queued, Running, Success, Failed...)."""
+    status = {}
+    for line in repo.dvc("queue", "status").stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1] in names:
+            status[fields[1]] = fields[-1]
+    return status
+
+
 def wait_for_queue(repo: DvcRepo, names: list[str], timeout: float = 300) -> dict[str, str]:
-    """Poll ``dvc queue status`` until every task in ``names`` has finished (or fail after
-    ``timeout`` seconds, showing the queue and its logs); name -> final status."""
+    """Wait until every task in ``names`` has finished (or fail after ``timeout`` seconds,
+    showing the queue and its logs); name -> final status. A finished experiment leaves a git
+    ref, which costs nothing to look for; ``dvc queue status`` (a second of CPU each time,
+    which the running experiments need) is asked when they are all there, or every 20 s, for
+    a task that failed and left none."""
     deadline = time.monotonic() + timeout
+    asked = time.monotonic()
     while True:
-        table = repo.dvc("queue", "status").stdout
-        status = {}
-        for line in table.splitlines():
-            fields = line.split()
-            if len(fields) >= 2 and fields[1] in names:
-                status[fields[1]] = fields[-1]
-        if len(status) == len(names) and all(s not in ("Queued", "Running") for s in status.values()):
-            return status
+        refs = repo.git("for-each-ref", "--format=%(refname)", "refs/exps").split()
+        all_there = all(any(ref.endswith("/" + name) for ref in refs) for name in names)
+        if all_there or time.monotonic() - asked > 20:
+            status, asked = queue_status(repo, names), time.monotonic()
+            if len(status) == len(names) and all(s not in ("Queued", "Running") for s in status.values()):
+                return status
         if time.monotonic() > deadline:
             logs = "\n".join(repo.dvc("queue", "logs", name, check=False).stdout[-3000:] for name in names)
-            pytest.fail(f"the queue did not finish in {timeout:.0f}s:\n{table}\n{logs}")
-        time.sleep(3)
+            pytest.fail(f"the queue did not finish in {timeout:.0f}s:\n{queue_status(repo, names)}\n{logs}")
+        time.sleep(1 if all_there else 0.5)
 
 
 # --------------------------------------------------------------------------- DVC's cache
@@ -494,14 +513,22 @@ def new_repo(base: Path, changes: dict[str, Any]) -> DvcRepo:
     return repo
 
 
+def pipeline_weights(base: Path) -> Path:
+    """The local weights file the pipeline starts from (outside the repository, as a user's)."""
+    return base / "weights" / f"{ARCH}.pth"
+
+
 def build_pipeline(base: Path) -> Pipeline:
     """Copy the project into ``base/repo``, commit, ``dvc repro`` it all, commit the results."""
-    archive = make_dataset_zip(base / "src" / "hymenoptera_data.zip", n_train=4, n_val=3)
-    repo = new_repo(base, {**PIPELINE_PARAMS, "data.url": str(archive), "data.sha256": None})
+    folder = make_image_folders(base / "my-images", classes=CLASSES, n_train=6, n_val=0)
+    shutil.rmtree(folder / "val")  # train/ only: unzip splits val/ off it
+    weights = save_state_dict(random_state_dict(ARCH, seed=WEIGHTS_SEED), pipeline_weights(base))
+    repo = new_repo(base, {**PIPELINE_PARAMS, "data.url": str(folder), "data.sha256": None,
+                           "data.val_fraction": 0.34, "model.arch": ARCH, "model.weights": str(weights)})
     first = repo.dvc("repro", timeout=600)
     repo.git("add", "-A")
     repo.git("commit", "-q", "-m", "first run")
-    return Pipeline(repo, first)
+    return Pipeline(repo, first, weights)
 
 
 def shared_pipeline(factory: pytest.TempPathFactory, request: pytest.FixtureRequest | None = None) -> Pipeline:

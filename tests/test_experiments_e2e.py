@@ -76,11 +76,12 @@ def test_queued_experiments_run_in_temporary_copies(experiments: Experiments, tm
 
     shown = experiments_of(dvc_json(repo, "exp", "show"))
     assert set(shown) == set(EXPERIMENTS), shown
+    committed_params = yaml.safe_load(repo.git("show", "HEAD:params.yaml"))["train"]
     for name, key in EXPERIMENTS.items():
         data = shown[name]
         for mode in MODES:
             lr = param(data, f"train.{mode}.lr")
-            assert lr == (EXPERIMENT_LR if key == f"train.{mode}.lr" else 0.001), (name, mode, lr)
+            assert lr == (EXPERIMENT_LR if key == f"train.{mode}.lr" else committed_params[mode]["lr"]), (name, mode)
             committed = json.loads(repo.git("show", f"{experiments.rev(name)}:metrics/{mode}.json"))
             assert data["metrics"][f"metrics/{mode}.json"]["data"] == committed, (name, mode)
             assert 0 <= committed["accuracy"] <= 1

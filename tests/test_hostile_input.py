@@ -91,7 +91,7 @@ def test_a_folder_that_is_not_a_data_set_is_refused_before_anything_is_packed(tm
     argv = ["--params", str(tiny_params(tmp_path / "params.yaml", {"data.url": str(home)})),
             "--out", str(out / "data.zip"), "--report", str(out / "fetch.json")]
     line = fails(stages.fetch.main, argv, capsys)
-    assert line.startswith(f"error: {home} is not an image-folder data set: no train/ or val/ split")
+    assert line.startswith(f"error: {home} is not an image-folder data set: no train/ split (found nothing)")
     assert "nothing was packed" in line and not out.exists()
 
     folder = make_image_folders(tmp_path / "set", n_train=2, n_val=1)

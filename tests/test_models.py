@@ -161,7 +161,7 @@ def test_pickled_code_is_never_run(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "x": _Touch(marker)}, path)
-    with pytest.raises(UserError, match=r"cannot read weights file .*evil\.pth"):
+    with pytest.raises(UserError, match=r"weights file .*evil\.pth holds pickled Python objects beyond tensors"):
         read_state_dict(path)
     assert not marker.exists()
     # The payload is real: an unrestricted unpickler does run it.
@@ -176,7 +176,9 @@ def test_whole_model_pickle_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         read_state_dict(path)
     message = str(info.value)
-    assert message.startswith(f"cannot read weights file {path}:")
+    assert message.startswith(f"weights file {path} holds pickled Python objects beyond tensors "
+                              "(torchvision.models.resnet.ResNet), which loading could run as code: refused. Save a "
+                              "plain state_dict (torch.save(model.state_dict(), path))")
     assert "\n" not in message and len(message) < 400
 
 

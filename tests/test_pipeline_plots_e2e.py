@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import DvcRepo, find_metrics
 from dvc_pipeline import (
+    CLASSES,
     EXPERIMENT_LR,
     MODES,
     Experiments,
@@ -97,8 +98,8 @@ def test_repro_builds_every_output(pipeline: Pipeline) -> None:
         header = (root / "plots" / mode / "predictions.csv").read_text().splitlines()[0]
         assert header == "path,actual,predicted,confidence"
         classes = read_csv_rows(root / "plots" / mode / "classes.csv")
-        assert [row["class"] for row in classes] == ["ants", "bees"]
-        assert {row["support"] for row in classes} == {"3"}
+        assert [row["class"] for row in classes] == list(CLASSES)
+        assert {row["support"] for row in classes} == {"2"}
         assert set(classes[0]) == {"class", "precision", "recall", "f1", "support"}
         for stage in ("train", "evaluate"):
             record = json.loads((root / "reports" / mode / f"{stage}.json").read_text())

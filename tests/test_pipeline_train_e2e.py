@@ -30,8 +30,11 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import find_metrics, leftovers
+from conftest import CLASS_COLOURS, find_metrics, leftovers, make_image
 from dvc_pipeline import (
+    ARCH,
+    CLASSES,
+    HEAD,
     MODES,
     PIPELINE_PARAMS,
     Pipeline,
@@ -51,65 +54,90 @@ from transfer.reproducibility import seed_everything
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
 
-def test_repro_trains_every_strategy(pipeline: Pipeline) -> None:
-    """(What a change reruns: tests/test_caching_e2e.py.)"""
+def test_repro_trains_every_strategy(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Another backbone on another data set, configured only in params.yaml: the classes, their
+    count and the split come from the folder, the weights file reaches every strategy's model,
+    each strategy trains what it should, and predict uses the trained model. (What a change
+    reruns: tests/test_caching_e2e.py.)"""
     root = pipeline.repo.root
     shown = dvc_json(pipeline.repo, "metrics", "show")
-    # What both modes start from: with weights `none`, models/pretrained.pt is empty and the
-    # backbone is torch's initialisation from the seed, built as the stages build it (the
-    # global generators are given back afterwards).
+    data = json.loads((root / "reports" / "data.json").read_text())
+    assert data["classes"] == 3 and data["val_split_from_train"] == 0.34
+    assert data["train"]["per_class"] == {c: 4 for c in CLASSES}  # round(6 * 0.34) = 2 of 6 to val
+    assert data["val"]["per_class"] == {c: 2 for c in CLASSES}
+    meta = read_meta(root / "models" / "pretrained.pt", PretrainedMeta)
+    assert (meta.arch, meta.source, meta.preprocess) == (ARCH, str(pipeline.weights), None)  # a file: no metadata
+    # What every strategy starts from: the file's backbone and a new head initialised from the
+    # seed, built as the stages build it (the global generators are given back afterwards).
     states = random.getstate(), np.random.get_state()
     with torch.random.fork_rng():
         seed_everything(PIPELINE_PARAMS["seed"])
-        start, _ = pretrained_classifier(root / "models" / "pretrained.pt",
-                                         read_meta(root / "models" / "pretrained.pt", PretrainedMeta), 2, 32)
+        start, _ = pretrained_classifier(root / "models" / "pretrained.pt", meta, 3, 32)
     random.setstate(states[0])
     np.random.set_state(states[1])
     pretrained = start.state_dict()
     for mode in MODES:
-        state = torch.load(root / "models" / f"{mode}.pt", map_location="cpu", weights_only=True)
-        assert state["fc.weight"].shape == (2, 512)
-        assert set(state) == set(pretrained), f"{mode}: the checkpoint is not the whole classifier"
-        meta = json.loads((root / "models" / f"{mode}.json").read_text())
-        assert meta["mode"] == mode and meta["arch"] == "resnet18"
-        assert meta["classes"] == ["ants", "bees"] and meta["weights"] == "none"
-        model, _ = load_trained_model(root / "models" / f"{mode}.pt", torch.device("cpu"))
-        with torch.no_grad():
-            assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+        check_strategy(root, mode, pretrained, find_metrics(shown, f"metrics/{mode}.json"))
 
-        with (root / "plots" / mode / "history.csv").open(newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-        assert reader.fieldnames == HISTORY_COLUMNS
-        assert [row["epoch"] for row in rows] == ["1", "2"]
-        best = max(rows, key=lambda row: (float(row["val_acc"]), -int(row["epoch"])))
-        assert meta["epoch"] == int(best["epoch"]) and meta["val_acc"] == pytest.approx(float(best["val_acc"]))
-
-        record = json.loads((root / "reports" / mode / "train.json").read_text())
-        assert record["epochs"] == 2 and record["best_epoch"] == meta["epoch"]
-        assert 0 <= record["best_val_acc"] <= 1 and len(record["epoch_seconds"]) == 2
-        assert record["loader_workers"] == 0 and record["threads"] == 1
-
-        # The evaluation of this checkpoint is what DVC shows (and `dvc metrics diff` compares).
-        metrics = find_metrics(shown, f"metrics/{mode}.json")
-        assert metrics is not None, shown
-        assert metrics["best_epoch"] == meta["epoch"]
-
-    # feature_extract trained the head alone, on the features stage's stored outputs.
+    # feature_extract trained the head alone, on the features stage's stored outputs: every
+    # backbone tensor is the file's.
     head_only = torch.load(root / "models" / "feature_extract.pt", map_location="cpu", weights_only=True)
-    backbone = [k for k in pretrained if not k.startswith("fc.")]
-    assert all(torch.equal(head_only[k], pretrained[k]) for k in backbone), "feature_extract changed the backbone"
-    assert not torch.equal(head_only["fc.weight"], pretrained["fc.weight"]), "feature_extract left the head"
+    file = torch.load(pipeline.weights, map_location="cpu", weights_only=True)
+    backbone = [k for k in pretrained if not k.startswith(HEAD + ".")]
+    assert all(torch.equal(head_only[k], file[k]) for k in backbone), "feature_extract changed the backbone"
+    assert not torch.equal(head_only[f"{HEAD}.weight"], pretrained[f"{HEAD}.weight"]), "feature_extract left the head"
+    first_conv = next(k for k in backbone if k.endswith(".weight"))
     for name in ("finetune", "lp_ft"):
         finetuned = torch.load(root / "models" / f"{name}.pt", map_location="cpu", weights_only=True)
-        assert not torch.equal(finetuned["conv1.weight"], pretrained["conv1.weight"]), f"{name} left the backbone"
+        assert not torch.equal(finetuned[first_conv], file[first_conv]), f"{name} left the backbone"
     # lp_ft started from feature_extract's trained head, which the lock records as its input.
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train@lp_ft"]
     assert {"models/feature_extract.pt", "models/feature_extract.json"} <= {dep["path"] for dep in lock["deps"]}
     assert "Running stage 'train@lp_ft'" in pipeline.first_run.stdout.split("Running stage 'train@feature_extract'")[1]
     features = json.loads((root / "data" / "features" / "features.json").read_text())
-    assert features["views"] == 2 and features["classes"] == ["ants", "bees"]  # views: auto = one per epoch
-    assert len(features["samples"]["train"]) == 8 and len(features["samples"]["val"]) == 6
+    assert features["views"] == 2 and features["classes"] == list(CLASSES)  # views: auto = one per epoch
+    assert len(features["samples"]["train"]) == 12 and len(features["samples"]["val"]) == 6
+
+    query = tmp_path / "query.png"
+    query.write_bytes(make_image(CLASS_COLOURS[1], 48, "query"))
+    predicted = subprocess.run([sys.executable, "-m", "stages.predict", "--strategy", "feature_extract", str(query)],
+                               cwd=root, env=pipeline.repo.env, capture_output=True, text=True, timeout=120,
+                               check=False)
+    assert predicted.returncode == 0, predicted.stderr
+    path, label, confidence = predicted.stdout.strip().split("\t")
+    assert path == str(query) and label in CLASSES and 1 / 3 <= float(confidence) <= 1
+
+
+def check_strategy(root: Path, mode: str, pretrained: dict[str, torch.Tensor], metrics: dict[str, Any] | None) -> None:
+    """One strategy's checkpoint, sidecar, history, run record and metrics."""
+    state = torch.load(root / "models" / f"{mode}.pt", map_location="cpu", weights_only=True)
+    assert state[f"{HEAD}.weight"].shape == (3, 1024)
+    assert set(state) == set(pretrained), f"{mode}: the checkpoint is not the whole classifier"
+    meta = json.loads((root / "models" / f"{mode}.json").read_text())
+    assert meta["mode"] == mode and meta["arch"] == ARCH and meta["head"] == HEAD
+    assert meta["classes"] == list(CLASSES) and meta["weights"] == str(root.parent / "weights" / f"{ARCH}.pth")
+    assert meta["preprocess"] == {"resize": 40, "crop": 32, "interpolation": "bilinear",  # ImageNet's, by default
+                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    model, _ = load_trained_model(root / "models" / f"{mode}.pt", torch.device("cpu"))
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+    with (root / "plots" / mode / "history.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == HISTORY_COLUMNS
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    best = max(rows, key=lambda row: (float(row["val_acc"]), -int(row["epoch"])))
+    assert meta["epoch"] == int(best["epoch"]) and meta["val_acc"] == pytest.approx(float(best["val_acc"]), abs=1e-6)
+
+    record = json.loads((root / "reports" / mode / "train.json").read_text())
+    assert record["epochs"] == 2 and record["best_epoch"] == meta["epoch"]
+    assert 0 <= record["best_val_acc"] <= 1 and len(record["epoch_seconds"]) == 2
+    assert record["loader_workers"] == 0 and record["threads"] == 1
+    # The evaluation of this checkpoint is what DVC shows (and `dvc metrics diff` compares).
+    assert metrics is not None and metrics["best_epoch"] == meta["epoch"] and metrics["images"] == 6
+    with (root / "plots" / mode / "classes.csv").open(newline="") as f:
+        assert [row["class"] for row in csv.DictReader(f)] == list(CLASSES)
 
 
 def wait_until_ended(processes: list[psutil.Process], timeout: float) -> None:
@@ -239,7 +267,7 @@ def test_two_processes_through_dvc_repro(pipeline: Pipeline, tmp_path: Path) -> 
     assert run.stdout.count("Epoch 2/2") == len(MODES), run.stdout  # once per stage, not per process
     for mode in MODES:
         assert run.stdout.count(f"train@{mode}: best val acc") == 1, run.stdout
-        assert f"{mode}: resnet18" in run.stdout and "2 processes" in run.stdout, run.stdout
+        assert f"{mode}: {ARCH}" in run.stdout and "2 processes" in run.stdout, run.stdout
         for folder in (repo.root / "models", repo.root / "plots" / mode, repo.root / "reports" / mode):
             assert leftovers(folder) == [], folder
         rows, record, state = outputs(repo.root, mode)

@@ -1,6 +1,6 @@
-"""Fetching a file from http(s)://, file:// or a local path, atomically and verifiably (only a
+"""Fetching a file from http(s)://, file:// or a local path, atomically and verifiably: only a
 complete file whose sha256 matches is renamed into place; transient network errors are retried
-with exponential back-off), or packing a local image folder into a reproducible zip.
+with exponential back-off.
 """
 
 from __future__ import annotations
@@ -16,17 +16,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from tqdm import tqdm
 
 from transfer.atomic import atomic_path
 from transfer.errors import UserError
-from transfer.layout import SPLITS, is_image_name, is_litter, layout_problem
 
 CHUNK = 1 << 20
 USER_AGENT = "transfer-pipeline/1.0 (+https://dvc.org)"
@@ -103,14 +101,13 @@ def _copy(url: str, out: BinaryIO, timeout: float) -> Fetched:
     if path is None:
         return _copy_http(url, out, timeout)
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a named pipe or device would block or never end
-            raise UserError(f"{path} is not a regular file")
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):  # a named pipe or device would block or never end
+            raise UserError(f"{path} is {'a folder, not a file' if stat.S_ISDIR(mode) else 'not a regular file'}")
         with path.open("rb") as src:
             return _stream(src, out, path.stat().st_size, path.name)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder, not a file") from None
     except PermissionError:
         raise UserError(f"{path} is not readable (permission denied)") from None
 
@@ -164,38 +161,3 @@ def _stream(src: BinaryIO, out: BinaryIO, total: int | None, name: str) -> Fetch
 def sha256_of(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as src:
         return hashlib.file_digest(src, "sha256").hexdigest()
-
-
-def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
-    """Store the image-folder data set in the folder ``src`` (or its one subfolder) as a zip at
-    ``dest``: only its images, after checking the layout, so that a folder named by mistake
-    never reaches DVC's cache or a remote. Sorted members with a fixed timestamp give the same
-    bytes for the same images; they are stored, not deflated (images are compressed)."""
-    def folders(parent: Path) -> list[Path]:
-        return sorted(p for p in parent.glob("*") if p.is_dir() and not is_litter(PurePosixPath(p.name)))
-
-    subfolders = folders(src)
-    root = subfolders[0] if not (src / "train").is_dir() and len(subfolders) == 1 else src
-    counts: dict[str, dict[str, int]] = {}
-    files: list[Path] = []
-    for split in SPLITS:
-        for folder in folders(root / split):
-            images = sorted(p for p in folder.rglob("*") if is_image_name(p.name) and p.is_file() and not p.is_symlink()
-                            and not is_litter(PurePosixPath(p.relative_to(folder).as_posix())))
-            counts.setdefault(split, {})[folder.name] = len(images)
-            files.extend(images)
-    problem = layout_problem(counts)
-    if problem:
-        raise UserError(f"{src} is not an image-folder data set: {problem}; nothing was packed (data.url must name "
-                        "a folder of train/ and val/ class folders, or a zip)")
-    with atomic_path(dest) as tmp:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-            for path in tqdm(files, desc=f"zip {src.name}", unit="file", disable=None, leave=False):
-                info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, path.read_bytes())
-        packed = Fetched(sha256_of(tmp), tmp.stat().st_size)
-        if sha256 and packed.sha256 != sha256.lower():
-            raise UserError(f"sha256 mismatch for the zip of {src}: expected {sha256.lower()}, got "
-                            f"{packed.sha256}; update data.sha256 if the folder changed on purpose")
-    return packed

@@ -27,13 +27,13 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def layout_problem(counts: Mapping[str, Mapping[str, int]]) -> str | None:
+def layout_problem(counts: Mapping[str, Mapping[str, int]], required: tuple[str, ...] = REQUIRED) -> str | None:
     """Return why ``counts`` (split -> class -> images) is not a usable data set, or None."""
     found = "; ".join(
         f"{split}: " + (", ".join(f"{c} ({n})" for c, n in sorted(classes.items())) or "no classes")
         for split, classes in sorted(counts.items())
     ) or "nothing"
-    missing = [s for s in REQUIRED if s not in counts]
+    missing = [s for s in required if s not in counts]
     if missing:
         return f"no {' or '.join(m + '/' for m in missing)} split (found {found})"
     names = {split: set(classes) for split, classes in counts.items()}

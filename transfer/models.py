@@ -168,7 +168,7 @@ def check_input_size(model: nn.Module, crop: int) -> None:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a plain state_dict from ``.pth``/``.pt`` (weights_only) or ``.safetensors``."""
     if not path.is_file():
-        raise UserError(f"weights file {path} does not exist or is not a regular file")
+        raise UserError(f"weights file {path} {'is not a regular file' if path.exists() else 'does not exist'}")
     if path.suffix not in STATE_SUFFIXES:
         raise UserError(f"weights file {path} must end in {', '.join(STATE_SUFFIXES)}")
     with path.open("rb") as file:
