@@ -11,6 +11,8 @@ processes it starts itself again under torchrun (:mod:`transfer.distributed`).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn, optim
 from torch.optim import lr_scheduler
@@ -155,7 +156,12 @@ def set_up(strategy: Strategy, recipe: Recipe, model: nn.Module, head: Head, par
 
 
 def history_csv(history: list[EpochRecord]) -> str:
-    return pd.DataFrame([r.as_row() for r in history]).round(6).to_csv(index=False, lineterminator="\n")
+    """One row per epoch, numbers to 6 decimals (the csv module: pandas costs a stage 0.6 s to import)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(EpochRecord.__dataclass_fields__)
+    writer.writerows([v if isinstance(v, int) else round(v, 6) for v in record.as_row().values()] for record in history)
+    return out.getvalue()
 
 
 @dataclass

@@ -77,6 +77,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             file = nodeid.split("::", 1)[0]
             return scopes.get(file, file)
 
+        def _assign_work_unit(self, node: Any) -> None:
+            # The pipeline's tests first: the longest unit, it must not end the run on one core.
+            if "pipeline" in self.workqueue:
+                self.workqueue.move_to_end("pipeline", last=False)
+            super()._assign_work_unit(node)
+
     return OneWorkerPerBuild(config, log)
 
 

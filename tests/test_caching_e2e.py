@@ -94,7 +94,6 @@ def test_rerun_weights_and_runtime_params_rerun_nothing(pipeline: Pipeline, tmp_
     forced = repo.dvc("repro", "--force", "weights")
     assert ran_stages(forced.stdout) == ["weights"], forced.stdout
     assert workspace_lock(repo) == head_lock(repo)
-    assert dvc_json(repo, "status") == {}
     assert changed_files(repo) == set()
 
     runtime = {"runtime.threads": 2, "runtime.num_workers": 2, "runtime.inference_batch_size": 3,
@@ -103,9 +102,10 @@ def test_rerun_weights_and_runtime_params_rerun_nothing(pipeline: Pipeline, tmp_
     repo.set_params(runtime)
     changed = dvc_json(repo, "params", "diff")["params.yaml"]
     assert sorted(changed) == sorted(runtime), changed
-    assert dvc_json(repo, "status") == {}, "a stage declares a runtime.* param"
+    # Nothing is out of date, after the weights' rerun or the runtime change: nothing runs.
     again = repo.dvc("repro")
-    assert ran_stages(again.stdout) == [] and cached_stages(again.stdout) == [], again.stdout
+    assert ran_stages(again.stdout) == [] and cached_stages(again.stdout) == [], "a stage declares a runtime.* param"
+    assert "Data and pipelines are up to date" in again.stdout, again.stdout
     assert workspace_lock(repo) == head_lock(repo)
 
 
@@ -140,61 +140,43 @@ def test_head_only_change_leaves_the_backbone_alone(pipeline: Pipeline, experime
                 assert head_lr[path] == first[path], path
 
 
-def test_run_cache_restores_earlier_results(experiments: Experiments, tmp_path: Path) -> None:
-    """``dvc exp run -S`` of params that already ran (here in the queue's temporary copies, one
-    change each) restores every train and evaluate stage from the run-cache ("Stage '...' is
-    cached - skipping run, checking out outputs"), with the earlier runs' outputs byte for
-    byte; only the comparison of the two changes together runs, in seconds. Going back to the
-    committed params restores everything."""
-    repo = copy_repo(experiments.repo, tmp_path)
-    there = repo.dvc("exp", "run", *sets(BOTH_CHANGED))
-    assert ran_stages(there.stdout) == ["compare"], there.stdout  # this pairing of runs is new
-    assert cached_stages(there.stdout) == TRAIN_AND_EVALUATE, there.stdout
-    now, outputs = workspace_lock(repo), declared_outputs(repo.root)
-    for name, reaches in REACHES.items():
-        ran = head_lock(repo, experiments.rev(name))
-        written = [path for kind in outputs.values() for path, writer in kind.items() if writer.endswith(reaches)]
-        assert len(written) >= 8, written
-        for path in written:
-            assert now[path] == ran[path], f"{path} is not what experiment {name} wrote"
-    assert dvc_json(repo, "status") == {}
-
-    back = repo.dvc("exp", "run", *sets(BOTH_ORIGINAL))
-    assert ran_stages(back.stdout) == [], back.stdout
-    assert cached_stages(back.stdout) == [*TRAIN_AND_EVALUATE, "compare"], back.stdout
-    assert workspace_lock(repo) == head_lock(repo), "the restored outputs are not the first run's"
-    assert dvc_json(repo, "status") == {}
-    # params.yaml is rewritten by `-S` (same values); every result file is the committed one.
-    assert changed_files(repo) <= {"params.yaml"}, changed_files(repo)
-    assert dvc_json(repo, "params", "diff") == {}
-
-
 #: Stages whose outputs all live in DVC's cache, so a remote can hold whole runs of them;
 #: evaluate and preview keep theirs in git (``cache: false``, never pushed) and rerun instead.
 SHAREABLE = {"fetch", "unzip", "weights", "features", "train@finetune", "train@feature_extract", "train@lp_ft"}
 
 
-def test_a_remote_shares_results_and_trained_runs_with_a_fresh_clone(experiments: Experiments,
-                                                                     tmp_path: Path) -> None:
-    """Through a local-folder DVC remote: ``dvc push`` of the committed results lets a fresh
-    ``git clone`` get every output with ``dvc pull`` (``dvc status`` clean, ``dvc repro`` runs
-    nothing); ``dvc push --run-cache`` of an experiment's results then lets the colleague's
-    ``dvc exp run --pull -S`` of those params restore both trainings without training (the
-    remote holds every output of those runs), rerun only the evaluations (seconds), and end
-    with the same files."""
+def test_run_cache_restores_earlier_results_here_and_through_a_remote(experiments: Experiments,
+                                                                      tmp_path: Path) -> None:
+    """``dvc exp run -S`` of params that already ran (here in the queue's temporary copies, one
+    change each) restores every train and evaluate stage from the run-cache ("Stage '...' is
+    cached - skipping run, checking out outputs"), with the earlier runs' outputs byte for
+    byte; only the comparison of the two changes together runs, in seconds.
+
+    Pushed to a local-folder DVC remote with the committed results (``dvc push --run-cache
+    --all-branches``), they reach a colleague: a fresh ``git clone`` gets every output with
+    ``dvc pull`` (``dvc status`` clean, ``dvc repro`` runs nothing), and its ``dvc exp run
+    --pull -S`` of those params restores the trainings without training (the remote holds
+    every output of those runs), reruns only the evaluations, and ends with the same files.
+    Back here, going back to the committed params restores everything."""
     source = copy_repo(experiments.repo, tmp_path / "source")
+    there = source.dvc("exp", "run", *sets(BOTH_CHANGED))
+    assert ran_stages(there.stdout) == ["compare"], there.stdout  # this pairing of runs is new
+    assert cached_stages(there.stdout) == TRAIN_AND_EVALUATE, there.stdout
+    now, outputs = workspace_lock(source), declared_outputs(source.root)
+    for name, reaches in REACHES.items():
+        ran = head_lock(source, experiments.rev(name))
+        written = [path for kind in outputs.values() for path, writer in kind.items() if writer.endswith(reaches)]
+        assert len(written) >= 8, written
+        for path in written:
+            assert now[path] == ran[path], f"{path} is not what experiment {name} wrote"
+    assert dvc_json(source, "status") == {}
+
     remote = tmp_path / "remote"
     add_remote(source, remote)
-    source.dvc("push")
-    restored = source.dvc("exp", "run", *sets(BOTH_CHANGED))
-    assert cached_stages(restored.stdout) == TRAIN_AND_EVALUATE, restored.stdout
-    source.dvc("push")
-    source.dvc("push", "--run-cache")
-
+    source.dvc("push", "--run-cache", "--all-branches")  # the workspace's outputs, main's, and the run-cache
     stage_of = {stage["cmd"]: name for name, stage in resolved_stages(source.root).items()}
-    entries = run_cache_entries(remote)
-    now = workspace_lock(source)  # the runs whose outputs the workspace holds
-    shared = {stage_of[e["cmd"]]: e for e in entries if all(now[out["path"]] == out["md5"] for out in e["outs"])}
+    shared = {stage_of[e["cmd"]]: e for e in run_cache_entries(remote)
+              if all(now[out["path"]] == out["md5"] for out in e["outs"])}
     assert set(shared) == set(declared_stages(source.root)), sorted(shared)
     for name in SHAREABLE:
         for out in shared[name]["outs"]:
@@ -204,7 +186,6 @@ def test_a_remote_shares_results_and_trained_runs_with_a_fresh_clone(experiments
     missing = dvc_json(colleague, "status")
     assert set(missing) == set(declared_stages(colleague.root)), missing  # outputs or inputs not there
     colleague.dvc("pull")
-    assert dvc_json(colleague, "status") == {}
     rerun = colleague.dvc("repro")
     assert ran_stages(rerun.stdout) == [] and "Data and pipelines are up to date" in rerun.stdout, rerun.stdout
     assert workspace_lock(colleague) == head_lock(source)
@@ -219,6 +200,14 @@ def test_a_remote_shares_results_and_trained_runs_with_a_fresh_clone(experiments
         if not path.startswith("reports/"):  # run records hold timings
             assert theirs[path] == md5, path
     assert dvc_json(colleague, "status") == {}
+
+    back = source.dvc("exp", "run", *sets(BOTH_ORIGINAL))
+    assert ran_stages(back.stdout) == [], back.stdout
+    assert cached_stages(back.stdout) == [*TRAIN_AND_EVALUATE, "compare"], back.stdout
+    assert workspace_lock(source) == head_lock(source), "the restored outputs are not the first run's"
+    # params.yaml is rewritten by `-S` (same values); every result file is the committed one.
+    assert changed_files(source) <= {"params.yaml"}, changed_files(source)
+    assert dvc_json(source, "params", "diff") == {}
 
 
 def test_forced_rerun_writes_identical_outputs(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import torch
 from conftest import REPO_ROOT, leftovers, processes_in_group, run_module, stage_env, wait_for
 from imagefolders import (
     assert_same_run,
+    checkpoint,
     make_image_folders,
     run_training,
     tiny_params,
@@ -35,6 +36,7 @@ from imagefolders import (
 )
 
 import stages.train
+from transfer.checkpoints import CheckpointMeta, read_meta
 from transfer.interrupts import Interrupted
 from transfer.params import load_params
 from transfer.resume import FOLDER, ResumeState, Training, restore, rng_states, run_key
@@ -356,21 +358,30 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path: Path, data: Path, weights:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_two_processes_stopped_by_sigterm_resume_to_the_same_results(tmp_path: Path, data: Path,
-                                                                     weights: Path) -> None:
-    """The same through torchrun on 2 processes, SIGTERM to all of them and to torchrun (as
-    systemd and Kubernetes send) after the first epoch: 143, the one line of process 0 and
-    nothing else (not torchrun's report), no process left. Started again, process 0 reads the
-    state and hands it to the other, and the run ends as an uninterrupted 2-process run does,
-    bit for bit."""
+def test_two_processes_stopped_by_sigterm_resume_to_the_same_results(tmp_path: Path, data: Path, weights: Path,
+                                                                     straight: Callable[[str], Path]) -> None:
+    """The same through torchrun on 2 processes. Uninterrupted, process 0 speaks and writes:
+    each line once, no temporary file, the record says 2 processes, the checkpoint is the
+    single-process run's plain state_dict and sidecar in format. SIGTERM to all of them and to
+    torchrun (as systemd and Kubernetes send) after the first epoch: 143, the one line of
+    process 0 and nothing else (not torchrun's report), no process left. Started again,
+    process 0 reads the state and hands it to the other, and the run ends as the
+    uninterrupted 2-process run did, bit for bit."""
     params = tiny_params(tmp_path / "params.yaml", {**recipe("finetune"), "train.distributed.nproc_per_node": 2})
-    straight = tmp_path / "straight"
-    assert run_module("stages.train", train_argv("finetune", params, data, weights, straight),
-                      timeout=180).returncode == 0
+    two = tmp_path / "two"
+    run = run_module("stages.train", train_argv("finetune", params, data, weights, two), timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("Epoch 3/3") == run.stdout.count("train@finetune: best val acc") == 1, run.stdout
+    assert "2 processes" in run.stdout and json.loads((two / "finetune" / "train.json").read_text())["processes"] == 2
+    single = straight("finetune")
+    assert checkpoint(two, "finetune").keys() == checkpoint(single, "finetune").keys()
+    meta_two, meta_single = (read_meta(out / "finetune.pt", CheckpointMeta) for out in (two, single))
+    assert (meta_two.mode, meta_two.classes, meta_two.head) == (meta_single.mode, meta_single.classes, meta_single.head)
+    assert leftovers(two) == leftovers(two / "finetune") == []
+
     out = tmp_path / "out"
     argv = train_argv("finetune", params, data, weights, out)
     returncode, stderr = sigterm_after_an_epoch(argv, out)
-
     assert returncode == 143, stderr
     (line,) = [line for line in stderr.splitlines() if line.strip()]
     done = stopped_after_epoch(line, out)
@@ -379,4 +390,4 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_same_results(tmp_path: P
     resumed = run_module("stages.train", argv, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     assert f"train@finetune: resuming after epoch {done} of 3" in resumed.stdout
-    assert_same_run(straight, out, "finetune")
+    assert_same_run(two, out, "finetune")
