@@ -156,14 +156,15 @@ def make_dataset_zip(
     n_train: int = 6,
     n_val: int = 4,
     size: int = 32,
+    n_test: int = 0,
     top: str = "hymenoptera_data",
     extra: Iterable[str] = (),
     fmt: str = "PNG",
 ) -> Path:
     """Write a tiny image-folder zip laid out like hymenoptera_data.zip and return its path.
 
-    ``<top>/{train,val}/<class>/<class>_<split>_<i>.png`` (folder entries included, as in the
-    real archive); ``top=""`` puts the splits at the archive's top. A split with 0 images is
+    ``<top>/{train,val[,test]}/<class>/<class>_<split>_<i>.png`` (folder entries included, as
+    in the real archive); ``top=""`` puts the splits at the archive's top. A split with 0 images is
     left out entirely. ``extra`` adds, by name:
 
     * ``"gif"``: ``train/<first class>/imageNotFound.gif``, a valid GIF of an unsupported type
@@ -186,7 +187,7 @@ def make_dataset_zip(
     with zipfile.ZipFile(path, "w") as zf:
         if top:
             _add(zf, prefix)
-        for split, count in (("train", n_train), ("val", n_val)):
+        for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
             if count == 0:
                 continue
             _add(zf, f"{prefix}{split}/")

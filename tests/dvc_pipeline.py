@@ -14,8 +14,10 @@ on a copy (:func:`copy_repo`); copies are cheap (a few hundred MB of files, no t
 
 :func:`shared_experiments` adds, once per session, two experiments on a copy of that pipeline,
 queued with ``dvc exp run --queue`` and run by ``dvc queue start`` workers in parallel: one
-with finetune's learning rate changed, one with feature_extract's. The caching and experiment
-tests start from it, so they have second results (and run-cache entries) without training.
+with finetune's learning rate changed, one with feature_extract's. The queue starts as soon as
+the pipeline is built, where the session has tests that use it, and runs beside the first
+tests. The caching and experiment tests start from it, so they have second results (and
+run-cache entries) without training.
 """
 
 from __future__ import annotations
@@ -541,7 +543,17 @@ def shared_pipeline(factory: pytest.TempPathFactory, request: pytest.FixtureRequ
         _SHARED["pipeline"] = build_pipeline(factory.mktemp("pipeline"))
         if request is not None:
             _start_beside(request, factory, "after", _SHARED["pipeline"])
+            if any("experiments" in getattr(item, "fixturenames", ()) for item in request.session.items):
+                queued = _SHARED["queue"] = queue_copy(_SHARED["pipeline"], factory)  # runs beside the first tests
+                request.session.addfinalizer(lambda: queued.dvc("queue", "stop", "--kill", check=False))
     return _SHARED["pipeline"]
+
+
+def queue_copy(pipeline: Pipeline, factory: pytest.TempPathFactory) -> DvcRepo:
+    """A copy of the pipeline with :data:`EXPERIMENTS` queued and the queue started."""
+    repo = copy_repo(pipeline.repo, factory.mktemp("experiments"))
+    start_queue(repo, {name: {key: EXPERIMENT_LR} for name, key in EXPERIMENTS.items()})
+    return repo
 
 
 def copy_repo(repo: DvcRepo, base: Path) -> DvcRepo:
@@ -550,16 +562,19 @@ def copy_repo(repo: DvcRepo, base: Path) -> DvcRepo:
     return DvcRepo(root, pipeline_env(base / "home", base / "dvc-site-cache"))
 
 
-def queue_experiments(repo: DvcRepo, experiments: dict[str, dict[str, Any]], jobs: int = 2,
-                      timeout: float = 400) -> dict[str, str]:
+def start_queue(repo: DvcRepo, experiments: dict[str, dict[str, Any]], jobs: int = 2) -> None:
     """``dvc exp run --queue -S ... --name <name>`` for each of ``experiments`` (name -> params),
-    ``dvc queue start --jobs <jobs>``, then wait for all of them; name -> final status."""
+    then ``dvc queue start --jobs <jobs>``, whose workers run them in the background."""
     for name, params in experiments.items():
         sets = [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
         repo.dvc("exp", "run", "--queue", *sets, "--name", name)
     repo.dvc("queue", "start", "--jobs", str(jobs))
+
+
+def finish_queue(repo: DvcRepo, names: list[str], timeout: float = 400) -> dict[str, str]:
+    """Wait for the started queue's experiments ``names``; name -> final status."""
     try:
-        return wait_for_queue(repo, list(experiments), timeout=timeout)
+        return wait_for_queue(repo, names, timeout=timeout)
     finally:
         repo.dvc("queue", "stop", check=False)  # the workers also leave by themselves once idle
 
@@ -569,8 +584,9 @@ def shared_experiments(factory: pytest.TempPathFactory, request: pytest.FixtureR
     use; read-only): the experiments are in its git refs, their runs in its run-cache, and its
     workspace is still the first run's."""
     if "experiments" not in _SHARED:
-        repo = copy_repo(shared_pipeline(factory, request).repo, factory.mktemp("experiments"))
-        status = queue_experiments(repo, {name: {key: EXPERIMENT_LR} for name, key in EXPERIMENTS.items()})
+        pipeline = shared_pipeline(factory, request)
+        repo = _SHARED.pop("queue", None) or queue_copy(pipeline, factory)
+        status = finish_queue(repo, list(EXPERIMENTS))
         logs = {name: repo.dvc("queue", "logs", name, check=False).stdout for name in EXPERIMENTS}
         _SHARED["experiments"] = Experiments(repo, status, logs)
     return _SHARED["experiments"]

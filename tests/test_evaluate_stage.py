@@ -194,6 +194,21 @@ def test_accuracy_equals_what_training_validated(trained: Trained, tmp_path: Pat
     assert report["loss"] == pytest.approx(train_record["final"]["val_loss"], rel=1e-4)
 
 
+def test_a_test_split_is_what_evaluate_scores(trained: Trained, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Where the data has a test/ split, evaluate scores it (validation chose the epoch) and
+    says so: ``split: test``, ``held_out: true``. Here test/ is val/ without its decoys, so the
+    oracle gets all of its 6 images right, where it gets 6 of val's 9."""
+    data = trained.copy_data(tmp_path / "data")
+    shutil.copytree(data / "val", data / "test", ignore=shutil.ignore_patterns("decoy_*"))
+    assert evaluate(trained, tmp_path, data=data) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert (report["split"], report["held_out"], report["images"], report["accuracy"]) == ("test", True, 6, 1.0)
+    paths = [row["path"] for row in read_rows(tmp_path / "predictions.csv")]
+    assert len(paths) == 6 and all(p.startswith("test/") and not is_decoy(p) for p in paths), paths
+    assert "on 6 test images" in capsys.readouterr().out
+
+
 def test_reruns_are_byte_identical(trained: Trained, tmp_path: Path) -> None:
     """Two runs write the same bytes: the grid's sample is seeded, transforms are fixed and
     PNGs carry no timestamp, so an unchanged stage does not look changed to DVC or git."""

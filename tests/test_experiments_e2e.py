@@ -127,7 +127,8 @@ def test_metrics_and_experiments_fit_a_terminal(experiments: Experiments) -> Non
     """With the three strategies trained, ``dvc metrics show`` fits 160 columns and says which
     split scored them; after ``dvc exp run -S train.finetune.lr=...`` (and one for
     feature_extract), the README's compare command (:func:`readme_compare_command`) shows each
-    experiment on one line with every strategy's accuracy and the params it changed."""
+    experiment on one line with every strategy's accuracy and the params it changed, and its
+    ``--revs HEAD <experiment>`` pairs each strategy's predictions at the two."""
     repo = experiments.repo
     table = repo.dvc("metrics", "show").stdout
     lines = table.splitlines()
@@ -150,3 +151,16 @@ def test_metrics_and_experiments_fit_a_terminal(experiments: Experiments) -> Non
         accuracies = [f"{json.loads(repo.git('show', f'{rev}:metrics/{mode}.json'))['accuracy']:.4f}" for mode in MODES]
         assert row[-len(MODES) - bool(changed):len(row) - bool(changed)] == accuracies, (label, row)
         assert (row[-1] if changed else "") == changed, (label, row)
+
+    # --revs with an experiment's name, as the README shows it: each strategy's predictions at
+    # the two revisions, read through dvc.api and paired.
+    revs = subprocess.run([*readme_compare_command()[:3], "--revs", "HEAD", "finetune-lr"], cwd=repo.root,
+                          env=repo.env, capture_output=True, text=True, check=True).stdout
+    for mode in MODES:
+        right = [{row.split(",")[0]: row.split(",")[1] == row.split(",")[2]
+                  for row in repo.git("show", f"{rev}:plots/{mode}/predictions.csv").splitlines()[1:]}
+                 for rev in ("HEAD", experiments.rev("finetune-lr"))]
+        only = [sum(r[k] and not other[k] for k in r) for r, other in (right, right[::-1])]
+        assert f"{mode}: HEAD " in revs, revs
+        assert f"right only in HEAD: {only[0]}, only in finetune-lr: {only[1]}; McNemar p = " in revs, revs
+    assert revs.count("right only in") == len(MODES) and "Traceback" not in revs, revs

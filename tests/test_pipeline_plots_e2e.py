@@ -109,6 +109,18 @@ def test_repro_builds_every_output(pipeline: Pipeline) -> None:
         with Image.open(root / png) as image:
             assert image.format == "PNG", png
 
+    # The compare stage paired every two strategies on the images they were scored on,
+    # counted here again from their predictions.
+    right = {mode: {row["path"]: row["actual"] == row["predicted"]
+                    for row in read_csv_rows(root / "plots" / mode / "predictions.csv")} for mode in MODES}
+    pairs = json.loads((root / "reports" / "comparison.json").read_text())["pairs"]
+    assert [(p["a"], p["b"]) for p in pairs] == [(a, b) for i, a in enumerate(MODES) for b in MODES[i + 1:]]
+    for p in pairs:
+        a, b = right[p["a"]], right[p["b"]]
+        assert p["images"] == len(a) == 6 and a.keys() == b.keys()
+        assert (p["a_only"], p["b_only"]) == (sum(a[k] and not b[k] for k in a), sum(b[k] and not a[k] for k in a))
+        assert 0 < p["p_value"] <= 1 and p["verdict"].endswith("at the 5% level"), p
+
 
 def test_metrics_show_lists_both_evaluations(pipeline: Pipeline) -> None:
     """``dvc metrics show`` presents exactly the declared metrics files (one per mode, no run

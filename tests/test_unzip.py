@@ -361,6 +361,48 @@ def test_val_fraction_ignored_when_val_exists(make_zip: MakeZip, tmp_path: Path)
     assert report["val_split_from_train"] == 0
 
 
+def test_test_split_off_val(make_zip: MakeZip, tmp_path: Path) -> None:
+    """Without test/, data.test_fraction moves a seeded, stratified share of val/ there: the
+    images evaluate scores, which neither trained nor chose the epoch."""
+    archive = make_zip(tmp_path / "a.zip", n_train=4, n_val=4)
+    report = run_ok(archive, tmp_path, {"data.test_fraction": 0.5, "seed": 3})
+    assert {split: report[split]["per_class"] for split in ("train", "val", "test")} == {
+        "train": {"ants": 4, "bees": 4}, "val": {"ants": 2, "bees": 2}, "test": {"ants": 2, "bees": 2}}
+    assert (report["val_split_from_train"], report["test_split_from_val"]) == (0, 0.5)
+    out = tmp_path / "out" / "data"
+    test_files = files_under(out / "test")
+    assert len(test_files) == 4 and all("_val_" in name for name in test_files)
+    assert not {Path(f).name for f in files_under(out / "val")} & {Path(f).name for f in test_files}
+    run_ok(archive, tmp_path, {"data.test_fraction": 0.5, "seed": 3})
+    assert files_under(out / "test") == test_files, "the same seed gives the same split"
+    run_ok(archive, tmp_path, {"data.test_fraction": 0.5, "seed": 4})
+    assert files_under(out / "test") != test_files, "another seed draws another split"
+
+
+def test_val_and_test_split_off_a_train_only_archive(make_zip: MakeZip, tmp_path: Path) -> None:
+    """val/ comes off train/ first, then test/ off that val/."""
+    report = run_ok(make_zip(tmp_path / "a.zip", n_train=8, n_val=0), tmp_path,
+                    {"data.val_fraction": 0.5, "data.test_fraction": 0.5})
+    assert [report[split]["images"] for split in ("train", "val", "test")] == [8, 4, 4]
+    assert (report["val_split_from_train"], report["test_split_from_val"]) == (0.5, 0.5)
+    names = [Path(f).name for split in ("train", "val", "test") for f in files_under(tmp_path / "out" / "data" / split)]
+    assert len(names) == len(set(names)) == 16, "each image in one split"
+
+
+def test_an_archives_own_test_split_is_kept(make_zip: MakeZip, tmp_path: Path) -> None:
+    """A test/ folder in the archive is extracted as it is; test_fraction then changes nothing."""
+    report = run_ok(make_zip(tmp_path / "a.zip", n_test=3), tmp_path, {"data.test_fraction": 0.5})
+    assert report["test"]["per_class"] == {"ants": 3, "bees": 3}
+    assert report["val"]["per_class"] == {"ants": 4, "bees": 4}
+    assert report["test_split_from_val"] == 0
+    assert all("_test_" in name for name in files_under(tmp_path / "out" / "data" / "test"))
+
+
+def test_a_test_split_with_other_classes_is_refused() -> None:
+    problem = layout_problem({"train": {"ants": 2, "bees": 2}, "val": {"ants": 1, "bees": 1}, "test": {"ants": 1}})
+    assert problem is not None and problem.startswith("train/ and test/ have different class folders")
+
+
 # --------------------------------------------------------------------------- sizes
 
 MB = 2**20

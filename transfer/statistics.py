@@ -33,8 +33,11 @@ def mcnemar(a_only: int, b_only: int) -> float:
     uneven if each such image were a fair coin (the images both get right or both wrong say
     nothing about which is better)."""
     n, k = a_only + b_only, min(a_only, b_only)
-    tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2**n)
-    return float(min(Fraction(1), 2 * tail))
+    term = tail = 1  # C(n, 0); each next binomial coefficient from the last, in exact integers
+    for i in range(k):
+        term = term * (n - i) // (i + 1)
+        tail += term
+    return min(1.0, float(Fraction(2 * tail, 2**n)))
 
 
 @dataclass(frozen=True)
