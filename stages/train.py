@@ -84,14 +84,7 @@ def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.de
     val.images.fill("decode val")
     train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=budget - val.images.used)
     train.images.fill("decode train")
-    loaders = {
-        "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None),
-                             batch_size=params.train.batch_size, workers=workers, device=device, world=world,
-                             drop_single=True),
-        "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=1),
-                           batch_size=params.runtime.inference_batch_size * world.size, workers=workers,
-                           device=device, world=world),
-    }
+    loaders = epoch_loaders(train, val, (None, 1), params, device, world, workers)
     return Inputs(split["train"].classes, loaders, ModelInput(pre, device))
 
 
@@ -100,16 +93,22 @@ def feature_inputs(folder: Path, params: Params, device: torch.device, world: Wo
     features = read_features(folder, params.digest(FEATURE_PARAMS))
     train = FeatureViews(features.array(TRAIN), features.labels("train"))
     val = FeatureViews(features.array(VAL), features.labels("val"))
-    cycles = {"train": train.features.shape[0], "val": val.features.shape[0]}
-    loaders = {
-        "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=cycles["train"]),
-                             batch_size=params.train.batch_size, workers=0, device=device, world=world,
-                             drop_single=True),
-        "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=cycles["val"]),
-                           batch_size=params.runtime.inference_batch_size * world.size, workers=0, device=device,
-                           world=world),
-    }
+    loaders = epoch_loaders(train, val, (train.features.shape[0], val.features.shape[0]), params, device, world, 0)
     return Inputs(features.meta["classes"], loaders, None, features)
+
+
+def epoch_loaders(train: TrainImages | FeatureViews, val: ValImages | FeatureViews, cycles: tuple[int | None, int],
+                  params: Params, device: torch.device, world: World, workers: int) -> dict[str, DataLoader]:
+    """Training batches in a seeded order, a last step of one image left out; validation in
+    order, in inference batches. ``cycles``: each split's views (:class:`EpochSampler`)."""
+    return {
+        "train": make_loader(train, EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=cycles[0]),
+                             batch_size=params.train.batch_size, workers=workers, device=device, world=world,
+                             drop_single=True),
+        "val": make_loader(val, EpochSampler(len(val), seed=params.seed, shuffle=False, cycle=cycles[1]),
+                           batch_size=params.runtime.inference_batch_size * world.size, workers=workers,
+                           device=device, world=world),
+    }
 
 
 def starting_classifier(strategy: Strategy, path: Path, meta: PretrainedMeta | CheckpointMeta, classes: list[str],
