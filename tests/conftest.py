@@ -86,6 +86,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return OneWorkerPerBuild(config, log)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that use the pipeline's experiments late, and those that wait for a run started
+    beside the pipeline last: both run in the background from the moment the pipeline is
+    built, beside the tests that need neither (``dvc_pipeline.beside_pipeline``)."""
+    pipeline = sys.modules.get("dvc_pipeline")
+    beside = pipeline.registered_beside() if pipeline else set()
+    items.sort(key=lambda item: (item.name in beside, "experiments" in getattr(item, "fixturenames", ())))
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loopback and '.invalid' requests must never be routed through a proxy of the host."""

@@ -483,6 +483,11 @@ def beside_pipeline(test: str, when: str) -> Callable[[Callable[..., Background]
     return register
 
 
+def registered_beside() -> set[str]:
+    """The tests that wait for a run started beside the pipeline."""
+    return set(_BESIDE)
+
+
 def background(test: str) -> Background | None:
     """The run started in the background for ``test``, or None where none was (the shared
     pipeline was not built in this session before the test, or the test was not registered)."""
@@ -568,7 +573,11 @@ def start_queue(repo: DvcRepo, experiments: dict[str, dict[str, Any]], jobs: int
     for name, params in experiments.items():
         sets = [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
         repo.dvc("exp", "run", "--queue", *sets, "--name", name)
-    repo.dvc("queue", "start", "--jobs", str(jobs))
+    # Output to a file, not a pipe: the workers inherit it, and reading a pipe to its end
+    # would wait for them to finish.
+    with (repo.root.parent / "queue-start.txt").open("wb") as out:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)], cwd=repo.root,
+                       env=repo.env, stdout=out, stderr=subprocess.STDOUT, timeout=120, check=True)
 
 
 def finish_queue(repo: DvcRepo, names: list[str], timeout: float = 400) -> dict[str, str]:
