@@ -82,5 +82,6 @@ def main(argv: list[str] | None = None) -> None:
                                                     pretrained_preprocess(arch, weights, model)))
     print(f"weights for {arch}: {source} -> {args.out}")
 
+
 if __name__ == "__main__":
     run_stage(main)

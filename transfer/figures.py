@@ -57,10 +57,7 @@ def save_image_grid(
             ax.set_title(title, fontsize=10)
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> None:
@@ -73,6 +70,12 @@ def save_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]],
     table.set_fontsize(9)
     table.auto_set_column_width(list(range(len(header))))
     ax.set_title(title)
+    save_png(fig, path)
+
+
+def save_png(fig: plt.Figure, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically and free it; no software tag in the metadata, so that
+    reruns write the same bytes (DVC then sees an unchanged output)."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
