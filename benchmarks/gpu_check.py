@@ -38,7 +38,7 @@ import stages.features  # noqa: E402
 import stages.train  # noqa: E402
 import stages.unzip  # noqa: E402
 import stages.weights  # noqa: E402
-from transfer.errors import run_stage  # noqa: E402
+from transfer.stage import run_stage  # noqa: E402
 
 STRATEGIES = ("finetune", "feature_extract")
 

@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 from transfer.atomic import write_json
-from transfer.errors import UserError, run_stage
+from transfer.errors import UserError
+from transfer.stage import run_stage
 from transfer.statistics import Paired, pair, wilson_interval
 
 HEADER = ("pair", "images", "accuracy", "right only in each", "McNemar p", "verdict")

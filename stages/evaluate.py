@@ -16,15 +16,16 @@ import pandas as pd
 import torch
 
 from transfer.atomic import write_json, write_text
-from transfer.checkpoints import load_trained_model
+from transfer.checkpoints import CheckpointMeta, read_meta, trained_classifier
 from transfer.data import ValImages, image_folders, ordered_loader
 from transfer.devices import resolve_device
-from transfer.errors import UserError, run_stage
+from transfer.errors import UserError
 from transfer.evaluation import Predictions, classification_report, predict
 from transfer.figures import save_image_grid
 from transfer.params import load_params
 from transfer.preprocess import ModelInput
 from transfer.runtime import configure_threads, resolve_workers, run_record
+from transfer.stage import run_stage
 from transfer.statistics import wilson_interval
 
 #: The params this stage reads that can change its outputs, as dvc.yaml declares them.
@@ -48,7 +49,7 @@ def classes_csv(per_class: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategy", "--mode", required=True, help="the strategy's name, for titles and lines")
+    parser.add_argument("--strategy", required=True, help="the strategy's name, for titles and lines")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", type=Path, required=True, help="the image folders")
     parser.add_argument("--model", type=Path, required=True, help="the checkpoint")
@@ -60,10 +61,11 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     params = load_params(args.params)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, args.params)
     threads = configure_threads(params.runtime.threads)
     workers = resolve_workers(params.runtime.num_workers, device)
-    model, meta = load_trained_model(args.model, device)
+    meta = read_meta(args.model, CheckpointMeta)
+    model = trained_classifier(args.model, meta, device)
     folders = image_folders(args.data)
     scored = "test" if "test" in folders else "val"
     split = folders[scored]

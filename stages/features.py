@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -27,7 +26,7 @@ from transfer.checkpoints import PretrainedMeta, pretrained_classifier, read_sta
 from transfer.data import WORKER_START, EpochSampler, Pair, Split, TrainImages, ValImages, image_folders, ordered_loader
 from transfer.devices import autocast, resolve_device
 from transfer.distributed import World
-from transfer.errors import UserError, run_stage
+from transfer.errors import UserError
 from transfer.features import (
     BATCHNORM,
     META,
@@ -45,6 +44,7 @@ from transfer.params import Params, load_params
 from transfer.preprocess import ModelInput, Preprocess, resolve_preprocess
 from transfer.reproducibility import configure_backends, seed_everything
 from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
+from transfer.stage import run_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,14 +58,14 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     params = load_params(args.params)
-    asked = resolve_device(params.device)
-    if params.train.recipe("feature_extract").batchnorm == "update":  # one batch after another: one process
+    asked = resolve_device(params.device, args.params)
+    if params.train.feature_extract.batchnorm == "update":  # one batch after another: one process
         compute(args, params, distributed.current(), asked, configure_threads(params.runtime.threads), started)
         return
     # With train.distributed asking for several processes, each runs the backbone on its share
     # of the images and process 0 writes them all: the same file as from one process.
     settings = params.train.distributed
-    distributed.check(settings, asked)
+    distributed.check(settings, asked, args.params)
     threads = configure_threads(params.runtime.threads, processes=settings.nproc_per_node)
     distributed.run_processes(settings, asked, "stages.features", argv, threads=threads,
                               run=distributed.run_id("features", params.digest(PARAMS)),
@@ -93,7 +93,7 @@ def backbone(args: argparse.Namespace, params: Params, split: dict[str, Split], 
              ) -> tuple[Backbone, Preprocess, tuple[int, ...]]:
     """The backbone on ``device``, its preprocessing, and the shape of one image's features."""
     meta = read_start(args.weights, PretrainedMeta, params.model)
-    pre = resolve_preprocess(params.preprocess, meta.preprocess)
+    pre = resolve_preprocess(params.preprocess, meta.preprocess, args.params)
     model, head = pretrained_classifier(args.weights, meta, len(split["train"].classes), pre.crop)
     head_module = model.get_submodule(head.name)
     probe = torch.zeros(1, 3, pre.crop, pre.crop)
@@ -139,7 +139,7 @@ class Passes:
 def compute(args: argparse.Namespace, params: Params, world: World, device: torch.device, threads: int,
             started: float) -> None:
     """The backbone's outputs, in one process or as one of several."""
-    recipe = params.train.recipe("feature_extract")
+    recipe = params.train.feature_extract
     update = recipe.batchnorm == "update"
     if update and world.size > 1:
         raise UserError("batchnorm: update is computed by one process: run the features stage without torchrun")
@@ -186,7 +186,7 @@ def compute(args: argparse.Namespace, params: Params, world: World, device: torc
         write_json(tmp / META, {
             "arch": params.model.arch, "weights": params.model.weights, "head": model.head_name,
             "classes": split["train"].classes, "feature_shape": list(feature_shape),
-            "views": views, "batchnorm": recipe.batchnorm, "preprocess": dataclasses.asdict(pre),
+            "views": views, "batchnorm": recipe.batchnorm, "preprocess": pre.model_dump(),
             "samples": relative, "params_digest": params.digest(PARAMS),
         })
     seconds = time.perf_counter() - started

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torchvision.transforms import functional as F
 
-from transfer.checkpoints import load_trained_model
+from transfer.checkpoints import CheckpointMeta, read_meta, trained_classifier
 from transfer.devices import resolve_device
-from transfer.errors import UserError, run_stage
+from transfer.errors import UserError
 from transfer.images import ImageTooLarge, decode
 from transfer.layout import is_image_name, is_litter
 from transfer.params import load_params
-from transfer.preprocess import eval_transform
+from transfer.preprocess import ModelInput, val_crop
+from transfer.stage import run_stage
 from transfer.strategies import STRATEGIES
 
 
@@ -65,24 +67,25 @@ def load_image(path: Path) -> Image.Image:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
-    parser.add_argument("--strategy", "--mode", choices=STRATEGIES, default="finetune")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="finetune")
     parser.add_argument("--model", type=Path, help="checkpoint to use; default: models/<strategy>.pt")
     parser.add_argument("--params", default="params.yaml", help="read for the device setting")
     parser.add_argument("--device", help="override the device param (auto, cpu, cuda, cuda:N, mps)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     args = parser.parse_args(argv)
 
-    device = resolve_device(args.device or load_params(args.params).device)
-    model, meta = load_trained_model(args.model or Path(f"models/{args.strategy}.pt"), device)
-    transform = eval_transform(meta.preprocess)
-    classes = meta.classes
+    device = resolve_device(args.device, "--device") if args.device else \
+        resolve_device(load_params(args.params).device, args.params)
+    path = args.model or Path(f"models/{args.strategy}.pt")
+    meta = read_meta(path, CheckpointMeta)
+    model, prepare, classes = trained_classifier(path, meta, device), ModelInput(meta.preprocess, device), meta.classes
 
     results, failures = [], 0
     for item in expand(args.paths):
         try:
             if isinstance(item, UserError):
                 raise item
-            batch = transform(load_image(item)).unsqueeze(0).to(device)
+            batch = prepare(F.pil_to_tensor(val_crop(load_image(item), meta.preprocess)).unsqueeze(0))
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failures += 1

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from transfer.checkpoints import PretrainedMeta, read_start
 from transfer.data import EpochSampler, TrainImages, image_folders
-from transfer.errors import run_stage
 from transfer.figures import save_image_grid
 from transfer.params import load_params
 from transfer.preprocess import resolve_preprocess
+from transfer.stage import run_stage
 
 #: The params this stage reads that can change its output, as dvc.yaml declares them.
 PARAMS = ("seed", "model", "preprocess", "train.batch_size")
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    pre = resolve_preprocess(params.preprocess, read_start(args.weights, PretrainedMeta, params.model).preprocess)
+    meta = read_start(args.weights, PretrainedMeta, params.model)
+    pre = resolve_preprocess(params.preprocess, meta.preprocess, args.params)
     split = image_folders(args.data)["train"]
     train = TrainImages(split, pre, seed=params.seed, cache_bytes=0)
     first = list(EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None))[:params.train.batch_size]

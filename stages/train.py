@@ -39,19 +39,29 @@ from transfer.checkpoints import (
 from transfer.data import EpochSampler, FeatureViews, TrainImages, ValImages, image_folders
 from transfer.devices import describe_device, resolve_device
 from transfer.distributed import World
-from transfer.errors import UserError, run_stage
+from transfer.errors import UserError
 from transfer.features import PARAMS as FEATURE_PARAMS
 from transfer.features import TRAIN, VAL, StoredFeatures, read_features
 from transfer.interrupts import Interrupted, deferred_interrupts
-from transfer.models import Head, freeze_backbone
+from transfer.models import Head, find_head, freeze_backbone
 from transfer.params import Params, load_params
 from transfer.preprocess import ModelInput, Preprocess, resolve_preprocess
 from transfer.reproducibility import check_deterministic, configure_backends, seed_everything
 from transfer.resume import FOLDER as RESUME_FOLDER
 from transfer.resume import ResumeState, Training, restore, rng_states, run_key
 from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
-from transfer.strategies import STRATEGIES, FinetuneRecipe, Recipe, Strategy, WarmUp, param_groups
-from transfer.training import Diverged, EpochRecord, Progress, images_per_second, make_loader, train_model
+from transfer.stage import run_stage
+from transfer.strategies import STRATEGIES, FinetuneRecipe, Recipe, Strategy
+from transfer.training import (
+    Diverged,
+    EpochRecord,
+    Progress,
+    WarmUp,
+    images_per_second,
+    make_loader,
+    param_groups,
+    train_model,
+)
 
 #: How many processes train, and how they talk: with several, each computes on its share of
 #: a batch and the sums differ in their last bits. ``rdzv_endpoint`` only says where they meet.
@@ -91,10 +101,10 @@ def image_inputs(folder: Path, pre: Preprocess, params: Params, device: torch.de
 def feature_inputs(folder: Path, params: Params, device: torch.device, world: World) -> Inputs:
     """The frozen backbone's stored outputs: view ``(e - 1) % views`` of each image in epoch ``e``."""
     features = read_features(folder, params.digest(FEATURE_PARAMS))
-    train = FeatureViews(features.array(TRAIN), features.labels("train"))
-    val = FeatureViews(features.array(VAL), features.labels("val"))
+    train = FeatureViews(features.array(TRAIN, "train"), features.labels("train"))
+    val = FeatureViews(features.array(VAL, "val"), features.labels("val"))
     loaders = epoch_loaders(train, val, (train.features.shape[0], val.features.shape[0]), params, device, world, 0)
-    return Inputs(features.meta["classes"], loaders, None, features)
+    return Inputs(features.meta.classes, loaders, None, features)
 
 
 def epoch_loaders(train: TrainImages | FeatureViews, val: ValImages | FeatureViews, cycles: tuple[int | None, int],
@@ -119,7 +129,11 @@ def starting_classifier(strategy: Strategy, path: Path, meta: PretrainedMeta | C
         return pretrained_classifier(path, meta, len(classes), crop)
     if meta.classes != classes:
         raise UserError(f"{path} was trained on the classes {meta.classes}, the data has {classes}: run `dvc repro`")
-    return trained_classifier(path, meta, torch.device("cpu")), Head(meta.head, 0)
+    if meta.strategy != strategy.start:
+        raise UserError(f"{path} was trained by {meta.strategy}, but this strategy starts from {strategy.start}'s "
+                        "classifier: give --weights its checkpoint")
+    model = trained_classifier(path, meta, torch.device("cpu"))
+    return model, find_head(model)
 
 
 @dataclass
@@ -133,16 +147,16 @@ class Setup:
 
 
 def set_up(strategy: Strategy, recipe: Recipe, model: nn.Module, head: Head, params: Params, device: torch.device,
-           world: World) -> Setup:
+           world: World, crop: int, source: str) -> Setup:
     if strategy.trains == "head":  # from the stored outputs of the frozen backbone
         freeze_backbone(model, head)
         trained = model.get_submodule(head.name).to(device)
         groups: list[dict[str, Any]] = [{"params": list(trained.parameters()), "lr": recipe.lr}]
     else:
-        check_deterministic(model, device, params.train.deterministic)
         if isinstance(recipe, FinetuneRecipe) and recipe.sync_batchnorm and world.size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same state_dict keys as BatchNorm
         trained = model.to(device, memory_format=torch.channels_last)
+        check_deterministic(model, device, params.train.deterministic, crop, source)
         groups = param_groups(model, head, recipe)
     # Fused on CUDA: one kernel per step, and the AMP scaler's step then needs no host sync.
     optimizer = optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
@@ -180,7 +194,7 @@ class EpochEnd:
         if self.state is None or rngs is None:
             return
         with deferred_interrupts():
-            write_text(self.history_out, history_csv(progress.history))
+            write_text(self.history_out, history_csv(progress.history), now=True)
             self.state.save(self.training, progress, rngs)
             self.saved = progress.epoch
 
@@ -215,7 +229,7 @@ def resumed(state: ResumeState | None, name: str, world: World, training: Traini
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategy", "--mode", choices=STRATEGIES, required=True)
+    parser.add_argument("--strategy", choices=STRATEGIES, required=True)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--inputs", type=Path, required=True, help="the image folders, or the features stage's folder")
     parser.add_argument("--weights", type=Path, required=True, help="what training starts from: models/pretrained.pt, "
@@ -227,14 +241,15 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     params = load_params(args.params)
-    recipe, settings = params.train.recipe(args.strategy), params.train.distributed
-    asked = resolve_device(params.device)
+    recipe, settings = getattr(params.train, args.strategy), params.train.distributed
+    asked = resolve_device(params.device, args.params)
     sync = f"train.{args.strategy}.sync_batchnorm" if getattr(recipe, "sync_batchnorm", False) else None
-    distributed.check(settings, asked, sync_batchnorm=sync)
+    distributed.check(settings, asked, args.params, sync_batchnorm=sync)
     threads = configure_threads(params.runtime.threads, processes=settings.nproc_per_node)
     distributed.run_processes(settings, asked, "stages.train", argv, threads=threads,
                               run=distributed.run_id(args.strategy, params.digest(tracked_params(args.strategy))),
-                              work=lambda world, device: train(Run(args, params, world, device, threads, started)))
+                              work=lambda world, device: train(Run(args, params, world, device, threads, started,
+                                                                   args.strategy, recipe)))
 
 
 @dataclass
@@ -247,15 +262,9 @@ class Run:
     device: torch.device
     threads: int
     started: float
+    name: str  #: the strategy
+    recipe: Recipe
     workers: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.args.strategy
-
-    @property
-    def recipe(self) -> Recipe:
-        return self.params.train.recipe(self.name)
 
 
 def train(run: Run) -> None:
@@ -268,26 +277,26 @@ def train(run: Run) -> None:
     seed_everything(params.seed)
 
     meta = read_start(args.weights, CheckpointMeta if strategy.start else PretrainedMeta, params.model)
-    pre = resolve_preprocess(params.preprocess, meta.preprocess)
+    pre = resolve_preprocess(params.preprocess, meta.preprocess, args.params)
     if strategy.inputs == "images":
         run.workers = resolve_workers(params.runtime.num_workers, device, params.train.distributed.nproc_per_node)
         inputs = image_inputs(args.inputs, pre, params, device, run.workers, world)
     else:
         inputs = feature_inputs(args.inputs, params, device, world)
     model, head = starting_classifier(strategy, args.weights, meta, inputs.classes, pre.crop)
-    setup = set_up(strategy, run.recipe, model, head, params, device, world)
+    setup = set_up(strategy, run.recipe, model, head, params, device, world, pre.crop, args.params)
     if world.main:
         announce(run, meta, inputs, setup)
     training = Training(setup.trained, setup.optimizer, setup.scheduler, device)
     state = None
     if world.main:  # the one process that writes: the state it saves is the whole run's
         inputs_files = [args.inputs, args.weights, sidecar_path(args.weights)]
-        key = run_key(name, params, tracked_params(name), inputs_files, device)
+        key = run_key(name, params, tracked_params(name), inputs_files, device, __name__)
         state = ResumeState(args.model_out.parent / RESUME_FOLDER, name, key)
     start = resumed(state, name, world, training)
     if start is not None and state is not None:  # the finished epochs, for `dvc plots` until the next one ends
         print(f"train@{name}: resuming after epoch {start.epoch} of {run.recipe.epochs} (state from {state.path})")
-        write_text(args.history, history_csv(start.history))
+        write_text(args.history, history_csv(start.history), now=True)
     end = EpochEnd(args.history, state, training, world, saved=start.epoch if start else 0)
     try:
         progress = train_model(setup.trained, inputs.loaders, nn.CrossEntropyLoss(reduction="sum"), setup.optimizer,
@@ -322,15 +331,16 @@ def write_outputs(run: Run, model: nn.Module, head: Head, meta: PretrainedMeta |
     best = progress.best_state
     if STRATEGIES[run.name].trains == "head":  # the whole classifier: the frozen backbone and the trained head
         model.get_submodule(head.name).load_state_dict(best)
-        if inputs.features and inputs.features.meta["batchnorm"] == "update":  # the best epoch's statistics
+        if inputs.features and inputs.features.meta.batchnorm == "update":  # the best epoch's statistics
             model.load_state_dict(inputs.features.batchnorm(progress.best_epoch), strict=False)
         best = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     source = meta.source if isinstance(meta, PretrainedMeta) else meta.weights_source
     sha256 = meta.sha256 if isinstance(meta, PretrainedMeta) else meta.weights_sha256
     params = run.params
     save_checkpoint(run.args.model_out, best, CheckpointMeta(
-        run.name, params.model.arch, inputs.classes, head.name, progress.best_epoch, progress.best_acc,
-        params.model.weights, source, sha256, pre, params.digest(tracked_params(run.name))))
+        strategy=run.name, arch=params.model.arch, classes=inputs.classes, head=head.name, epoch=progress.best_epoch,
+        val_acc=progress.best_acc, weights=params.model.weights, weights_source=source, weights_sha256=sha256,
+        preprocess=pre, params_digest=params.digest(tracked_params(run.name))))
     last = progress.history[-1]
     write_json(run.args.record, run_record(
         run.device, run.threads, run.workers,

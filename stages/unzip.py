@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from transfer.archive import extract_image_folder
 from transfer.atomic import atomic_dir, write_json
-from transfer.errors import run_stage
 from transfer.params import load_params
+from transfer.stage import run_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,11 +29,17 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(args.out) as tmp:
         report = extract_image_folder(args.archive, tmp, max_unpacked_mb=params.runtime.max_unpacked_mb,
                                       val_fraction=params.data.val_fraction,
-                                      test_fraction=params.data.test_fraction, seed=params.seed)
+                                      test_fraction=params.data.test_fraction, seed=params.seed,
+                                      train_per_class=params.data.train_per_class)
         # Before the folder is swapped in: a report that cannot be written (a full disk)
         # then leaves the previous folder too, not a new folder beside an old report.
         write_json(args.report, report.as_metrics())
 
+    short = sorted(c for c, n in report.counts["train"].items() if n < params.data.train_per_class) \
+        if params.data.train_per_class != "all" else []
+    if short:
+        tqdm.write(f"warning: data.train_per_class is {params.data.train_per_class}, but {', '.join(short)} "
+                   "has fewer training images: all of them are used", file=sys.stderr)
     for name, reason in sorted(report.skipped.items()):
         tqdm.write(f"warning: skipped {name}: {reason}", file=sys.stderr)
     for names in report.duplicates():
@@ -43,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{split} {sum(c.values())} images" for split, c in sorted(report.counts.items())
     )
     print(f"extracted {args.out}: {summary} in {len(report.counts['train'])} classes, "
-          f"{len(report.skipped)} skipped, {report.ignored} hidden/other entries ignored")
+          f"{len(report.skipped)} skipped, {report.ignored} hidden/other entries ignored"
+          + (f", {report.left_out_of_train} training images beyond data.train_per_class left out"
+             if report.left_out_of_train else ""))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ import torch
 import torchvision
 from conftest import CLASS_COLOURS, make_image, write_params
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
-from transfer.checkpoints import CheckpointMeta, read_meta
+from transfer.checkpoints import CheckpointMeta, read_meta, trained_classifier
 from transfer.data import EpochSampler
 from transfer.distributed import World
+from transfer.preprocess import INTERPOLATIONS, Preprocess
 from transfer.training import make_loader
 
 #: The params that make one training run take about a second on two CPU cores.
@@ -212,3 +214,24 @@ def loader(dataset: Dataset[tuple[torch.Tensor, int]], batch_size: int, shuffle:
     """The training loop's loader over ``dataset`` in the loader process, on the CPU."""
     sampler = EpochSampler(len(dataset), seed=seed, shuffle=shuffle, cycle=1)  # type: ignore[arg-type]
     return make_loader(dataset, sampler, batch_size=batch_size, workers=0, device=torch.device("cpu"), world=world)
+
+
+def tutorial_transform(pre: Preprocess) -> transforms.Compose:
+    """The tutorial's validation transform on one PIL image: the reference the stages' uint8
+    path (crop, then :class:`transfer.preprocess.ModelInput`) is held to."""
+    return transforms.Compose([
+        transforms.Resize(pre.resize, interpolation=INTERPOLATIONS[pre.interpolation]),
+        transforms.CenterCrop(pre.crop),
+        transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std),
+    ])
+
+
+def load_trained(path: Path, device: torch.device | None = None) -> tuple[torch.nn.Module, CheckpointMeta]:
+    """The classifier a checkpoint holds, with its sidecar, as evaluate loads it."""
+    meta = read_meta(path, CheckpointMeta)
+    return trained_classifier(path, meta, device or torch.device("cpu")), meta
+
+
+def preprocess(resize: int, crop: int, interpolation: str, mean: list[float], std: list[float]) -> Preprocess:
+    return Preprocess(resize=resize, crop=crop, interpolation=interpolation, mean=mean, std=std)  # type: ignore[arg-type]

@@ -10,11 +10,13 @@ import statistics
 
 import pytest
 import torch
+from imagefolders import preprocess
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import functional as F
 
 from transfer.augment import RATIO, SCALE, Crop, apply_crop, augmented_view, sample_crop
-from transfer.preprocess import IMAGENET, Preprocess, to_uint8_tensor
+from transfer.preprocess import IMAGENET
 
 
 def photo(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
@@ -38,7 +40,7 @@ def test_a_drawn_box_is_applied_as_torchvision_applies_it() -> None:
         for flip in (False, True):
             ours = apply_crop(image, Crop(top, left, height, width, flip), IMAGENET)
             reference = transforms.functional.hflip(expected) if flip else expected
-            assert torch.equal(to_uint8_tensor(ours), to_uint8_tensor(reference))
+            assert torch.equal(F.pil_to_tensor(ours), F.pil_to_tensor(reference))
 
 
 def test_boxes_follow_torchvisions_distribution() -> None:
@@ -80,10 +82,10 @@ def test_views_depend_on_seed_view_and_image_only() -> None:
     three changes it. (String seeds are hashed with SHA-512, not Python's per-process hash(),
     so other processes draw the same: the train stage's test with 1 and 2 loader workers
     shows it.)"""
-    image, pre = photo(), Preprocess(64, 48, "bilinear", IMAGENET.mean, IMAGENET.std)
+    image, pre = photo(), preprocess(64, 48, "bilinear", IMAGENET.mean, IMAGENET.std)
 
     def view(seed: int, v: int, index: int) -> torch.Tensor:
-        return to_uint8_tensor(augmented_view(image, pre, seed, v, index))
+        return F.pil_to_tensor(augmented_view(image, pre, seed, v, index))
 
     first = view(42, 3, 7)
     for _ in range(3):

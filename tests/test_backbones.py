@@ -25,12 +25,15 @@ import torchvision
 from conftest import error_line, stage_env
 from imagefolders import (
     Tensors,
+    load_trained,
     loader,
     make_image_folders,
+    preprocess,
     random_state_dict,
     run_training,
     save_state_dict,
     tiny_params,
+    tutorial_transform,
 )
 from PIL import Image
 from torch import nn
@@ -38,9 +41,9 @@ from torch import nn
 import stages.train
 import stages.weights
 from transfer.archive import split_off
-from transfer.checkpoints import CheckpointMeta, PretrainedMeta, load_trained_model, read_meta
+from transfer.checkpoints import CheckpointMeta, PretrainedMeta, read_meta
 from transfer.download import sha256_of
-from transfer.errors import UserError, run_stage
+from transfer.errors import UserError
 from transfer.models import (
     check_input_size,
     create_backbone,
@@ -51,9 +54,9 @@ from transfer.models import (
     replace_head,
 )
 from transfer.params import PreprocessParams
-from transfer.preprocess import IMAGENET, Preprocess, eval_transform, resolve_preprocess
-from transfer.strategies import WarmUp
-from transfer.training import train_model
+from transfer.preprocess import IMAGENET, Preprocess, resolve_preprocess
+from transfer.stage import run_stage
+from transfer.training import WarmUp, train_model
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TIMM_SMALL = "timm/mobilenetv3_small_050"  # 1.6M parameters; its classifier follows a wider pre-logits layer
@@ -233,8 +236,8 @@ def test_torchvision_weights_metadata(arch: str, weights: str, resize: int, crop
     """With every key ``auto``, validation images are preprocessed exactly as torchvision's
     own ``weights.transforms()`` does it (compared pixel for pixel)."""
     meta = pretrained_preprocess(arch, weights, build(arch))
-    assert meta == Preprocess(resize, crop, interpolation, IMAGENET_MEAN, IMAGENET_STD)
-    ours = eval_transform(resolve_preprocess(AUTO, meta))(photo())
+    assert meta == preprocess(resize, crop, interpolation, IMAGENET_MEAN, IMAGENET_STD)
+    ours = tutorial_transform(resolve_preprocess(AUTO, meta))(photo())
     reference = torchvision.models.get_model_weights(arch)[weights].transforms()(photo())
     assert ours.shape == reference.shape == (3, crop, crop)
     torch.testing.assert_close(ours, reference)
@@ -244,13 +247,13 @@ def test_torchvision_weights_metadata(arch: str, weights: str, resize: int, crop
 def test_torchvision_without_metadata(weights: str) -> None:
     """Random and local weights carry no metadata: ``auto`` then means the tutorial's values."""
     assert pretrained_preprocess("efficientnet_b3", weights, build("efficientnet_b3")) is None
-    assert resolve_preprocess(AUTO, None) == IMAGENET == Preprocess(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+    assert resolve_preprocess(AUTO, None) == IMAGENET == preprocess(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
 
 @pytest.mark.parametrize(("arch", "expected"), [
-    ("timm/vit_tiny_patch16_224", Preprocess(248, 224, "bicubic", [0.5] * 3, [0.5] * 3)),
-    ("timm/convnext_atto", Preprocess(256, 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD)),
-    ("timm/resnet18.tv_in1k", Preprocess(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)),  # the tag decides
+    ("timm/vit_tiny_patch16_224", preprocess(248, 224, "bicubic", [0.5] * 3, [0.5] * 3)),
+    ("timm/convnext_atto", preprocess(256, 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD)),
+    ("timm/resnet18.tv_in1k", preprocess(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)),  # the tag decides
 ])
 def test_timm_metadata(arch: str, expected: Preprocess) -> None:
     """timm's pretrained config (``resolve_data_config``): the same pixels as timm's own
@@ -259,16 +262,16 @@ def test_timm_metadata(arch: str, expected: Preprocess) -> None:
     pre = resolve_preprocess(AUTO, pretrained_preprocess(arch, "DEFAULT", model))
     assert pre == expected
     config = timm.data.resolve_data_config({}, model=model)
-    torch.testing.assert_close(eval_transform(pre)(photo()), timm.data.create_transform(**config)(photo()))
+    torch.testing.assert_close(tutorial_transform(pre)(photo()), timm.data.create_transform(**config)(photo()))
 
 
 def test_explicit_params_win_over_metadata() -> None:
     """Each key on its own: a value in params.yaml wins, ``auto`` takes the metadata's."""
-    meta = Preprocess(320, 300, "bicubic", [0.5] * 3, [0.25] * 3)
+    meta = preprocess(320, 300, "bicubic", [0.5] * 3, [0.25] * 3)
     assert resolve_preprocess(AUTO, meta) == meta
     mixed = PreprocessParams(resize=40, crop=32, interpolation="nearest", mean="auto", std=[0.2, 0.3, 0.4])
-    assert resolve_preprocess(mixed, meta) == Preprocess(40, 32, "nearest", [0.5] * 3, [0.2, 0.3, 0.4])
-    assert resolve_preprocess(mixed, None) == Preprocess(40, 32, "nearest", IMAGENET_MEAN, [0.2, 0.3, 0.4])
+    assert resolve_preprocess(mixed, meta) == preprocess(40, 32, "nearest", [0.5] * 3, [0.2, 0.3, 0.4])
+    assert resolve_preprocess(mixed, None) == preprocess(40, 32, "nearest", IMAGENET_MEAN, [0.2, 0.3, 0.4])
 
 
 # --------------------------------------------------------------------------- weights from files, offline
@@ -375,8 +378,9 @@ def test_timm_safetensors_file_needs_no_network(offline: dict[str, Any]) -> None
     assert all(torch.equal(stored[k], state[k]) for k in state)
     meta = read_meta(out, PretrainedMeta)
     source = offline["source"]
-    assert meta == PretrainedMeta(TIMM_SMALL, str(source), True, str(source), sha256_of(source),
-                                  Preprocess(256, 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD))
+    assert meta == PretrainedMeta(arch=TIMM_SMALL, weights=str(source), pretrained=True, source=str(source),
+                                  sha256=sha256_of(source),
+                                  preprocess=preprocess(256, 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD))
 
 
 def test_timm_feature_extract_keeps_the_file_and_records_preprocessing(offline: dict[str, Any],
@@ -396,9 +400,9 @@ def test_timm_feature_extract_keeps_the_file_and_records_preprocessing(offline: 
     assert all(torch.equal(trained[k], state[k]) for k in backbone)
     assert trained["classifier.weight"].shape == (2, 1024)
 
-    expected = Preprocess(40, 32, "bicubic", IMAGENET_MEAN, [0.5, 0.5, 0.5])
+    expected = preprocess(40, 32, "bicubic", IMAGENET_MEAN, [0.5, 0.5, 0.5])
     assert read_meta(out / "feature_extract.pt", CheckpointMeta).preprocess == expected
-    model, loaded = load_trained_model(out / "feature_extract.pt", torch.device("cpu"))
+    model, loaded = load_trained(out / "feature_extract.pt", torch.device("cpu"))
     assert loaded.preprocess == expected
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)

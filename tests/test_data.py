@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from imagefolders import preprocess, tutorial_transform
 from PIL import Image
 
 from transfer.checkpoints import CheckpointMeta, save_checkpoint
 from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
 from transfer.images import ImageCache, decode
-from transfer.preprocess import IMAGENET, ModelInput, Preprocess, eval_transform
+from transfer.preprocess import IMAGENET, ModelInput
 
 CPU = torch.device("cpu")
 
@@ -96,10 +97,10 @@ def test_validation_input_is_the_tutorials_bit_for_bit(folders: Path) -> None:
     """uint8 crop (cached), then ``ModelInput`` on the device, equals ``ToTensor()`` +
     ``Normalize()`` of the tutorial's PIL pipeline exactly, for every size and orientation."""
     split = image_folders(folders)["val"]
-    for pre in (IMAGENET, Preprocess(40, 32, "bicubic", [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])):
+    for pre in (IMAGENET, preprocess(40, 32, "bicubic", [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])):
         dataset = ValImages(split, pre, cache_bytes=10**9)
         dataset.images.fill("test")
-        reference = eval_transform(pre)
+        reference = tutorial_transform(pre)
         for index, path in enumerate(split.paths):
             pixels, label = dataset[(0, index)]
             assert pixels.dtype == torch.uint8 and label == split.labels[index]
@@ -126,7 +127,9 @@ def test_checkpoints_are_byte_identical_for_identical_tensors(tmp_path: Path) ->
     """Saving the same state twice (to different places, at different times) writes the same
     bytes, so DVC sees an unchanged model as unchanged; no temporary file name is recorded."""
     state = {"w": torch.randn(4, 3), "b": torch.arange(3)}
-    meta = CheckpointMeta("finetune", "resnet18", ["ants", "bees"], "fc", 1, 0.5, "none", "none", None, IMAGENET, "0")
+    meta = CheckpointMeta(strategy="finetune", arch="resnet18", classes=["ants", "bees"], head="fc", epoch=1,
+                          val_acc=0.5, weights="none", weights_source="none", weights_sha256=None, preprocess=IMAGENET,
+                          params_digest="0")
     save_checkpoint(tmp_path / "a" / "model.pt", state, meta)
     save_checkpoint(tmp_path / "b" / "model.pt", {k: v.clone() for k, v in state.items()}, meta)
     first, second = (tmp_path / "a" / "model.pt").read_bytes(), (tmp_path / "b" / "model.pt").read_bytes()

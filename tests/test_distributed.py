@@ -87,8 +87,8 @@ def test_torchrun_command_lines() -> None:
 ])
 def test_settings_this_machine_cannot_run_fail_at_start_up(changes: dict, sync: str | None, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message) + "$"):
-        distributed.check(settings(**changes), CPU, sync_batchnorm=sync)
-    distributed.check(settings(nproc_per_node=1), CPU, sync_batchnorm=sync)  # one process: nothing to check
+        distributed.check(settings(**changes), CPU, "params.yaml", sync_batchnorm=sync)
+    distributed.check(settings(nproc_per_node=1), CPU, "params.yaml", sync_batchnorm=sync)  # one process: no check
 
 
 def test_a_stage_under_torchrun_must_be_asked_for_that_many_processes(tmp_path: Path,
@@ -203,7 +203,7 @@ def test_an_error_in_the_processes_is_their_line_and_their_status(tmp_path: Path
                                                   tmp_path), timeout=120)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    expected = f"error: {tmp_path / 'w.json'} does not exist: run the stage that writes {tmp_path / 'w.pt'} first"
+    expected = f"error: {tmp_path / 'w.pt'} does not exist: run the weights stage first (`dvc repro`)"
     assert set(lines) == {expected} and len(lines) <= 2, proc.stderr  # whole lines, never interleaved
     assert sorted(os.listdir(tmp_path)) == ["params.yaml"]  # no output, no temporary file
 

@@ -16,6 +16,7 @@ from transfer.strategies import STRATEGIES
 
 #: Plumbing that cannot change what a stage writes (see the header of dvc.yaml).
 PLUMBING = {"transfer/__init__.py", "transfer/errors.py", "transfer/atomic.py", "transfer/params.py",
+            "transfer/schema.py", "transfer/stage.py",
             "transfer/runtime.py", "transfer/interrupts.py", "transfer/resume.py", "stages/__init__.py"}
 
 
@@ -50,7 +51,7 @@ def declared(stage: dict, kind: str) -> set[str]:
 STAGES = resolved_stages(REPO_ROOT)
 PARAMS = {
     "fetch": {"data.url", "data.sha256"},
-    "unzip": {"seed", "data.val_fraction", "data.test_fraction"},
+    "unzip": {"seed", "data.val_fraction", "data.test_fraction", "data.train_per_class"},
     "weights": {"model.arch", "model.weights"},
     "features": set(features.PARAMS),
     **{f"train@{name}": set(train.tracked_params(name)) for name in STRATEGIES},

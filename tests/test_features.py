@@ -28,15 +28,14 @@ import stages.train
 import stages.weights
 from transfer.checkpoints import PretrainedMeta, pretrained_classifier, read_start
 from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
-from transfer.errors import run_stage
 from transfer.features import head_inputs
 from transfer.models import freeze_backbone
 from transfer.params import load_params
 from transfer.preprocess import ModelInput, resolve_preprocess
 from transfer.reproducibility import seed_everything
 from transfer.runtime import configure_threads
-from transfer.strategies import WarmUp
-from transfer.training import make_loader, train_model
+from transfer.stage import run_stage
+from transfer.training import WarmUp, make_loader, train_model
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-5
@@ -52,7 +51,7 @@ def uncached(params_path: Path, data: Path, weights: Path) -> tuple[dict[str, to
     """The tutorial's way: the whole model (frozen backbone) over the images every epoch,
     with the same seeded order and views; the best state and the history."""
     params = load_params(params_path)
-    recipe = params.train.recipe("feature_extract")
+    recipe = params.train.feature_extract
     update = recipe.batchnorm == "update"
     configure_threads(params.runtime.threads)
     seed_everything(params.seed)

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import bilevel_png, sideways_jpeg
+from imagefolders import preprocess
 from PIL import Image
 
 from transfer.data import Split, TrainImages, ValImages
 from transfer.images import ImageTooLarge, decode
-from transfer.preprocess import Preprocess
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 #: EXIF tag 0x0112 (Orientation) value 6: the stored pixels must be turned 90 degrees
@@ -56,7 +56,7 @@ def test_training_and_validation_images_are_upright(tmp_path: Path) -> None:
     in the centre crop, not red columns beside blue ones."""
     path = sideways_jpeg(tmp_path / "phone.jpg", RED, BLUE)
     split = Split(["ants"], [(str(path), 0)])
-    pre = Preprocess(resize=20, crop=16, interpolation="bilinear", mean=[0.5] * 3, std=[0.5] * 3)
+    pre = preprocess(20, 16, "bilinear", [0.5] * 3, [0.5] * 3)
     crops = {
         "val": ValImages(split, pre, cache_bytes=2**20)[(0, 0)][0],
         "train, unaugmented": TrainImages(split, pre, seed=0, cache_bytes=0, augment=False)[(0, 0)][0],

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from transfer.errors import run_stage
 from transfer.interrupts import SIGNALS, Interrupted, deferred_interrupts, interrupts_raise
+from transfer.stage import run_stage
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

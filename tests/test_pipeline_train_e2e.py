@@ -44,10 +44,10 @@ from dvc_pipeline import (
     run_cache_entries,
     workspace_lock,
 )
-from imagefolders import RESULTS, assert_close_outputs
+from imagefolders import RESULTS, assert_close_outputs, load_trained
 
 import stages.train
-from transfer.checkpoints import PretrainedMeta, load_trained_model, pretrained_classifier, read_meta
+from transfer.checkpoints import PretrainedMeta, pretrained_classifier, read_meta
 from transfer.reproducibility import seed_everything
 
 #: history.csv's columns: the per-epoch numbers and nothing that differs between identical runs.
@@ -114,11 +114,11 @@ def check_strategy(root: Path, mode: str, pretrained: dict[str, torch.Tensor], m
     assert state[f"{HEAD}.weight"].shape == (3, 1024)
     assert set(state) == set(pretrained), f"{mode}: the checkpoint is not the whole classifier"
     meta = json.loads((root / "models" / f"{mode}.json").read_text())
-    assert meta["mode"] == mode and meta["arch"] == ARCH and meta["head"] == HEAD
+    assert meta["strategy"] == mode and meta["arch"] == ARCH and meta["head"] == HEAD
     assert meta["classes"] == list(CLASSES) and meta["weights"] == str(root.parent / "weights" / f"{ARCH}.pth")
     assert meta["preprocess"] == {"resize": 40, "crop": 32, "interpolation": "bilinear",  # ImageNet's, by default
                                   "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    model, _ = load_trained_model(root / "models" / f"{mode}.pt", torch.device("cpu"))
+    model, _ = load_trained(root / "models" / f"{mode}.pt", torch.device("cpu"))
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 

@@ -14,6 +14,7 @@ devices do not (the GPU check, ``benchmarks/gpu_check.py``, runs the rest on a G
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
 from transfer.devices import accumulator_dtype
 from transfer.errors import ParamError
 from transfer.preprocess import IMAGENET, ModelInput
-from transfer.reproducibility import check_deterministic, nondeterministic_layers
+from transfer.reproducibility import check_deterministic
 from transfer.resume import rng_states, set_rng_states
 from transfer.runtime import resolve_workers
 
@@ -46,7 +47,7 @@ def test_workers_started_by_spawn_load_what_the_main_process_loads(tmp_path: Pat
     workers by spawn, which pickles the data sets: they must pickle (no lambdas) and the
     workers, which decode the images themselves, must give the same batches."""
     split = image_folders(make_image_folders(tmp_path / "data", n_train=3, n_val=2, size=40))
-    pre = IMAGENET.__class__(40, 32, "bilinear", IMAGENET.mean, IMAGENET.std)
+    pre = IMAGENET.model_copy(update={"resize": 40, "crop": 32})
     for dataset in (TrainImages(split["train"], pre, seed=3, cache_bytes=10**8),
                     ValImages(split["val"], pre, cache_bytes=10**8)):
         dataset.images.fill("test")
@@ -85,22 +86,40 @@ def test_auto_workers_share_the_cores_among_processes(processes: int, workers: i
     assert resolve_workers(3, torch.device("cuda"), processes) == 3
 
 
-def test_deterministic_cuda_training_refuses_layers_without_deterministic_backward() -> None:
-    """VGG and AlexNet pool to 7x7 (no deterministic CUDA backward: torch raises at the first
-    step); pooling to 1x1 (ResNet) is a mean and fine; on the CPU everything is deterministic."""
-    vgg_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), nn.Linear(196, 2))
-    resnet_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    assert nondeterministic_layers(vgg_like) == ["1 (AdaptiveAvgPool2d)"]
-    assert nondeterministic_layers(resnet_like) == []
-    assert nondeterministic_layers(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"))) == ["0 (Upsample)"]
-    assert nondeterministic_layers(nn.Sequential(nn.Upsample(scale_factor=2))) == []
-    cuda = torch.device("cuda", 0)
-    with pytest.raises(ParamError, match=r"train.deterministic is true, but torch has no deterministic CUDA "
-                                         r"backward for 1 \(AdaptiveAvgPool2d\): set it to false"):
-        check_deterministic(vgg_like, cuda, deterministic=True)
-    check_deterministic(vgg_like, cuda, deterministic=False)
-    check_deterministic(vgg_like, CPU, deterministic=True)
-    check_deterministic(resnet_like, cuda, deterministic=True)
+class Scatter(nn.Module):
+    """A layer whose forward uses ``Tensor.put_``, which has no deterministic kernel even on
+    the CPU: it stands for VGG's pooling to 7x7, which has none on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + x.new_zeros(x.shape).put_(torch.tensor([0, 0]), torch.ones(2))
+
+
+@pytest.fixture
+def deterministic() -> Iterator[None]:
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_training_refuses_what_torch_cannot_run_deterministically(deterministic: None) -> None:
+    """train.deterministic asks torch itself, with one forward and backward pass in its
+    deterministic mode: a model with an operation torch cannot run deterministically on this
+    device is refused with one line before training; one without trains; the pass leaves no
+    gradient and no BatchNorm statistic changed behind it."""
+    scatter = nn.Sequential(nn.Conv2d(3, 4, 3), Scatter(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ParamError, match=r"^p.yaml: train.deterministic is true, but torch has no deterministic cpu "
+                                         r"kernel for this model \(put_ does not have a deterministic implementation"
+                                         r"\): set it to false"):
+        check_deterministic(scatter, CPU, True, 16, "p.yaml")
+    check_deterministic(scatter, CPU, False, 16, "p.yaml")  # not asked for: nothing is run
+    resnet_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(4, 2)).train()
+    before = {k: v.clone() for k, v in resnet_like.state_dict().items()}
+    check_deterministic(resnet_like, CPU, True, 16, "p.yaml")
+    assert resnet_like.training and all(p.grad is None for p in resnet_like.parameters())
+    assert all(torch.equal(before[k], v) for k, v in resnet_like.state_dict().items())
 
 
 def test_resume_keeps_the_generator_of_the_gpu_the_process_uses(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from conftest import REPO_ROOT
 from imagefolders import (
     assert_same_run,
     checkpoint,
+    load_trained,
     make_image_folders,
     random_state_dict,
     run_training,
@@ -29,8 +30,10 @@ from imagefolders import (
 
 import stages.train
 import stages.weights
-from transfer.checkpoints import CheckpointMeta, PretrainedMeta, load_trained_model, read_meta
+import transfer.params
+from transfer.checkpoints import CheckpointMeta, PretrainedMeta, read_meta
 from transfer.errors import UserError
+from transfer.params import Params, TrainParams
 from transfer.strategies import STRATEGIES, FinetuneRecipe, Strategy
 
 RESNET18_TENSORS = 62  # parameter tensors in resnet18
@@ -167,7 +170,7 @@ def test_outputs(tmp_path: Path, data: Path, pretrained: tuple[Path, dict[str, t
     state = checkpoint(out, "finetune")
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     meta = read_meta(out / "finetune.pt", CheckpointMeta)
-    assert meta.mode == "finetune" and meta.arch == "resnet18" and meta.head == "fc"
+    assert meta.strategy == "finetune" and meta.arch == "resnet18" and meta.head == "fc"
     assert meta.classes == ["ants", "bees"]
     assert meta.preprocess.resize == 40 and meta.preprocess.crop == 32
 
@@ -183,7 +186,7 @@ def test_outputs(tmp_path: Path, data: Path, pretrained: tuple[Path, dict[str, t
     assert metrics["best_val_acc"] == pytest.approx(max(accs), abs=1e-6) == meta.val_acc
     assert metrics["device"] == "cpu"
 
-    model, loaded_meta = load_trained_model(out / "finetune.pt", torch.device("cpu"))
+    model, loaded_meta = load_trained(out / "finetune.pt", torch.device("cpu"))
     assert loaded_meta == meta and not model.training
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
@@ -222,7 +225,7 @@ def test_three_classes_without_code_changes(tmp_path: Path) -> None:
     out = run_training("finetune", params, three, weights, tmp_path / "out")
     assert read_meta(out / "finetune.pt", CheckpointMeta).classes == ["ants", "bees", "wasps"]
     assert checkpoint(out, "finetune")["fc.weight"].shape == (3, 512)
-    model, _ = load_trained_model(out / "finetune.pt", torch.device("cpu"))
+    model, _ = load_trained(out / "finetune.pt", torch.device("cpu"))
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
     metrics = json.loads((out / "finetune" / "train.json").read_text())
@@ -272,15 +275,15 @@ def test_weights_made_for_other_params_are_refused(tmp_path: Path, data: Path,
                                                     pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
     """models/pretrained.pt from an older weights run must not be trained on silently."""
     weights, _ = pretrained
-    with pytest.raises(UserError, match=r"holds resnet18 weights '.*imagenet-like\.pth', not those in "
-                                        r"\S*params\.yaml: run `dvc repro`"):
+    with pytest.raises(UserError, match=r"holds resnet18 weights '.*imagenet-like\.pth', not the params' "
+                                        r"resnet18 'none': run `dvc repro`"):
         train(tmp_path, "finetune", data, weights, {"model.weights": "none"})
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_pretrained_weights(tmp_path: Path, data: Path) -> None:
     """Running train before weights says which stage to run, not a FileNotFoundError."""
-    with pytest.raises(UserError, match=r"pretrained\.json does not exist: run the stage that writes"):
+    with pytest.raises(UserError, match=r"pretrained\.pt does not exist: run the weights stage first"):
         train(tmp_path, "finetune", data, tmp_path / "models" / "pretrained.pt")
 
 
@@ -359,21 +362,28 @@ def test_lp_ft_starts_from_the_linear_probe_and_trains_everything(
     assert sum(p.numel() for p in sgd_spy.made[1]) == RESNET18_PARAMS_2_CLASSES
     lp_ft = checkpoint(out, "lp_ft")
     assert not torch.equal(lp_ft["conv1.weight"], state["conv1.weight"])
-    assert read_meta(out / "lp_ft.pt", CheckpointMeta).mode == "lp_ft"
+    assert read_meta(out / "lp_ft.pt", CheckpointMeta).strategy == "lp_ft"
     assert f"train@lp_ft: resnet18 ({out / 'feature_extract.pt'})" in capsys.readouterr().out
 
 
 def test_a_new_strategy_is_a_record_and_its_params(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch,
                                                   pretrained: tuple[Path, dict[str, torch.Tensor]]) -> None:
-    """A strategy added to the table, with its section in params.yaml, trains through the
-    unchanged stage code; params.yaml must then hold its section."""
+    """A strategy added to the table, with its recipe in the params' schema and its section in
+    params.yaml, trains through the unchanged stage code; params.yaml must then hold its section."""
     weights, _ = pretrained
-    monkeypatch.setitem(STRATEGIES, "slow_body", Strategy(inputs="images", start=None, trains="all",
-                                                          recipe=FinetuneRecipe))
+
+    class Train(TrainParams):
+        slow_body: FinetuneRecipe
+
+    class WithSlowBody(Params):
+        train: Train
+
+    monkeypatch.setitem(STRATEGIES, "slow_body", Strategy(inputs="images", start=None, trains="all"))
+    monkeypatch.setattr(transfer.params, "Params", WithSlowBody)
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["finetune"]
     changes = {**with_weights(weights), "train.slow_body": {**raw, "epochs": 1, "backbone_lr_scale": 0.01}}
     out = train(tmp_path, "slow_body", data, weights, changes)
-    assert read_meta(out / "slow_body.pt", CheckpointMeta).mode == "slow_body"
+    assert read_meta(out / "slow_body.pt", CheckpointMeta).strategy == "slow_body"
     assert json.loads((out / "slow_body" / "train.json").read_text())["epochs"] == 1
     with pytest.raises(UserError, match=r"missing key train\.slow_body"):
         train(tmp_path, "slow_body", data, weights, with_weights(weights), name="without")

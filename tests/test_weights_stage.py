@@ -31,7 +31,8 @@ import stages.train
 import stages.weights
 from transfer.checkpoints import CheckpointMeta, PretrainedMeta, read_meta
 from transfer.download import sha256_of
-from transfer.errors import UserError, run_stage
+from transfer.errors import UserError
+from transfer.stage import run_stage
 
 RESNET18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
 
@@ -196,7 +197,7 @@ def serve_as_torchvision_weights(http_server: LoopbackServer, monkeypatch: pytes
     that URL. Everything else (cache path, download, prefix check, loading) is the real code."""
     prefix = hashlib.sha256(body if digest_of is None else digest_of).hexdigest()[:8]
     url = http_server.serve(f"mobilenet_v3_small-{prefix}.pth", body, content_type="application/octet-stream")
-    monkeypatch.setattr(stages.weights, "torchvision_weights", lambda arch, name: SimpleNamespace(url=url))
+    monkeypatch.setattr(stages.weights, "torchvision_weights", lambda arch, name, source: SimpleNamespace(url=url))
     return url
 
 

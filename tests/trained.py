@@ -25,15 +25,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import CLASS_COLOURS, make_image
-from imagefolders import make_image_folders, tiny_params
+from imagefolders import load_trained, make_image_folders, tiny_params, tutorial_transform
 
 from stages import train as train_stage
 from stages import weights as weights_stage
-from transfer.checkpoints import load_trained_model, save_checkpoint
+from transfer.checkpoints import save_checkpoint
 from transfer.data import image_folders
-from transfer.errors import run_stage
 from transfer.images import decode
-from transfer.preprocess import eval_transform
+from transfer.stage import run_stage
 
 CLASSES = ("ants", "bees")
 N_TRAIN, N_VAL = 6, 3
@@ -124,14 +123,14 @@ def write_oracle(checkpoint: Path, data: Path, dest: Path, margin: float = 4.0) 
     logits ahead (about 98% confidence), not at 100%, so confidences still differ.
     """
     device = torch.device("cpu")
-    model, meta = load_trained_model(checkpoint, device)
+    model, meta = load_trained(checkpoint, device)
     head_name = meta.head
     parent_name, _, attr = head_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     head = getattr(parent, attr)
     setattr(parent, attr, torch.nn.Identity())
     train = image_folders(data)["train"]
-    transform = eval_transform(meta.preprocess)
+    transform = tutorial_transform(meta.preprocess)
     features = torch.stack([model(transform(decode(path)).unsqueeze(0))[0] for path in train.paths])
     labels = torch.tensor(train.labels)
     means = torch.stack([features[labels == k].mean(dim=0) for k in range(len(train.classes))])

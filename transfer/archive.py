@@ -32,6 +32,8 @@ class ExtractReport:
     ignored: int = 0
     val_from_train: float = 0.0
     test_from_val: float = 0.0
+    train_per_class: int | str = "all"
+    left_out_of_train: int = 0  #: training images beyond train_per_class
     digests: dict[str, str] = field(default_factory=dict)  #: image -> sha256 of its bytes
 
     def duplicates(self) -> list[list[str]]:
@@ -56,6 +58,8 @@ class ExtractReport:
             "ignored_entries": self.ignored,
             "val_split_from_train": self.val_from_train,
             "test_split_from_val": self.test_from_val,
+            "train_per_class": self.train_per_class,
+            "left_out_of_train": self.left_out_of_train,
         }
 
 
@@ -110,10 +114,11 @@ def split_off(files: list[PurePosixPath], fraction: float, seed: int, source: st
 
 
 def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val_fraction: float = 0.0,
-                         test_fraction: float = 0.0, seed: int = 0) -> ExtractReport:
+                         test_fraction: float = 0.0, seed: int = 0, train_per_class: int | str = "all",
+                         ) -> ExtractReport:
     """Extract ``archive``'s splits into the empty folder ``dest``; return what was kept. A
     val/ or test/ split the archive lacks is split off train/ or val/ where the fractions ask
-    (:func:`split_off`)."""
+    (:func:`split_off`); then train/ keeps ``train_per_class`` images per class (:func:`subset`)."""
     try:
         zf = zipfile.ZipFile(archive)
     except FileNotFoundError:
@@ -144,7 +149,24 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
     problem = layout_problem(report.counts)
     if problem:
         raise UserError(f"{archive} is not an image-folder data set: {problem}")
+    if train_per_class != "all":
+        subset(dest, report, int(train_per_class), seed)
     return report
+
+
+def subset(dest: Path, report: ExtractReport, per_class: int, seed: int) -> None:
+    """Keep ``per_class`` training images of each class (all of a smaller class): the first
+    of a seeded shuffle of its usable images, so that a larger subset holds every smaller one
+    (the 10 images are among the 20) and validation and test images never change with it."""
+    report.train_per_class = per_class
+    for label in sorted(report.counts["train"]):
+        images = sorted(n for n in report.digests if PurePosixPath(n).parts[:2] == ("train", label))
+        random.Random(f"train_per_class:{seed}:{label}").shuffle(images)
+        for name in images[per_class:]:
+            _remove(dest / name, up_to=dest)
+            del report.digests[name]
+        report.counts["train"][label] = min(per_class, len(images))
+        report.left_out_of_train += max(0, len(images) - per_class)
 
 
 def _split_files(infos: list[zipfile.ZipInfo], report: ExtractReport) -> list[tuple[PurePosixPath, zipfile.ZipInfo]]:

@@ -1,14 +1,15 @@
 """Atomic writes: a reader (or DVC) sees the previous file or the whole new one, never half.
 
 Everything goes to a temporary sibling first and is then renamed into place; a failure removes
-it. A write that fails because of where it goes (a full disk, a quota, a read-only folder) is
-for the user to fix outside the project, so it is one line naming the output and what to do.
+it. Inside :func:`staged_outputs` (every stage runs in it) the renames wait for the end of the
+stage, so that its outputs are replaced together or not at all: a stage that fails or is
+interrupted halfway leaves all of them as they were. ``now=True`` is for files that must land
+at once (the history a running training rewrites after every epoch, its resume state).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -18,103 +19,111 @@ from pathlib import Path
 from typing import Any
 
 from transfer.errors import UserError
+from transfer.interrupts import deferred_interrupts
 
-#: errno of a failed write -> (what happened, what to do about it).
-WRITE_FAILURES: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("no space left on the device", "Free some space and run again"),
-    errno.EDQUOT: ("disk quota exceeded", "Free some space or raise the quota and run again"),
-    errno.EFBIG: ("a file is larger than this process may write (ulimit -f) or the file system allows",
-                  "Raise the limit (ulimit -f unlimited) or write to another file system"),
-    errno.EROFS: ("the file system is read-only", "Run where the outputs can be written, or remount it read-write"),
-    errno.EACCES: ("permission denied", "Check the owner and permissions of the folder"),
-    errno.EPERM: ("operation not permitted", "Check the owner and permissions of the folder"),
-}
-#: Failures that can only come from writing, whichever file they name.
-ALWAYS_WRITES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-def is_write_failure(exc: OSError, dest: Path) -> bool:
-    """Whether ``exc`` is a :data:`WRITE_FAILURES` error in writing ``dest``: on ``dest``,
-    a folder above it, its temporary sibling or a file inside that. A permission error on
-    some other file (an input the writer reads) is not, and keeps its own message."""
-    if exc.errno not in WRITE_FAILURES:
-        return False
-    if exc.errno in ALWAYS_WRITES or exc.filename is None:  # a write() or flush() names no file
-        return True
-    dest = Path(os.path.abspath(dest))
-    path = Path(os.path.abspath(os.fsdecode(exc.filename)))
-    if path in dest.parents:
-        return True
-    return any(p == dest or (p.parent == dest.parent and p.name.startswith(f".{dest.name}."))
-               for p in (path, *path.parents))
+#: The outputs written so far in :func:`staged_outputs`, destination -> its temporary sibling;
+#: None outside it (a stage's functions called from Python, as tests do).
+_staged: dict[Path, Path] | None = None
 
 
 @contextlib.contextmanager
-def explain_write_failures(dest: Path, size: int | None = None) -> Iterator[None]:
-    """Turn a failure to write ``dest`` (:func:`is_write_failure`) into one clear line, which
-    says how large the file is where that is known (``size`` bytes)."""
+def staged_outputs() -> Iterator[None]:
+    """Outputs written in the block land together when it ends without an error; otherwise
+    none does. A failure between the renames (which cannot run out of space) says which landed."""
+    global _staged
+    outer, _staged = _staged, {}
+    staged = _staged
     try:
         yield
-    except OSError as exc:
-        if exc.errno is None or not is_write_failure(exc, dest):
-            raise
-        what, todo = WRITE_FAILURES[exc.errno]
-        large = f" ({size / 2**20:,.1f} MB)" if size is not None else ""
-        raise UserError(f"cannot write {dest}{large} ({errno.errorcode[exc.errno]}: {what}); "
-                        f"it is left as it was. {todo}") from None
+    except BaseException:
+        for tmp in staged.values():
+            _remove(tmp)
+        raise
+    finally:
+        _staged = outer
+    done: list[str] = []
+    with deferred_interrupts():
+        for dest, tmp in staged.items():
+            try:
+                _replace(tmp, dest)
+            except OSError as exc:
+                for left in list(staged.values())[len(done):]:
+                    _remove(left)
+                raise UserError(f"cannot replace {dest} ({exc}); replaced {', '.join(done) or 'nothing'}, the other "
+                                "outputs are as they were: run the stage again") from None
+            done.append(str(dest))
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """``tmp`` in place of ``dest``; a folder by two renames, so that a crash between them leaves
+    the old one under a hidden ``.old`` name, never a half-written ``dest``."""
+    if not tmp.is_dir():
+        os.replace(tmp, dest)
+        return
+    old = dest.parent / f".{dest.name}.old"
+    _remove(old)
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike[str], size: int | None = None) -> Iterator[Path]:
+def _atomic(dest: str | os.PathLike[str], folder: bool, now: bool, size: int | None = None) -> Iterator[Path]:
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as exc:
+        exc.add_note(f"writing {dest}")
+        raise
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755 if folder else 0o644)  # mkstemp/mkdtemp make them private
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, OSError):
+            exc.add_note(f"writing {dest}" + (f" ({size / 2**20:,.1f} MB)" if size is not None else ""))
+        raise
+    if _staged is None or now:
+        _replace(tmp, dest)
+    else:
+        if dest in _staged:  # written twice: the later one counts
+            _remove(_staged.pop(dest))
+        _staged[dest] = tmp
+
+
+def atomic_path(dest: str | os.PathLike[str], *, now: bool = False,
+                size: int | None = None) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary path to write to; on success it replaces ``dest`` (``size``: its
     bytes, where known, for the message of a failure)."""
-    dest = Path(dest)
-    with explain_write_failures(dest, size):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            yield tmp
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+    return _atomic(dest, folder=False, now=now, size=size)
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces the folder ``dest``.
-
-    A failure leaves the previous ``dest`` (or nothing) in place. The swap is two renames,
-    so a crash between them leaves the old folder under a hidden ``.old`` name, never a
-    half-written ``dest``.
-    """
-    dest = Path(dest)
-    with explain_write_failures(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-        old = dest.parent / f".{dest.name}.old"
-        try:
-            yield tmp
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; an output folder is as readable as mkdir's
-            if old.exists():
-                shutil.rmtree(old)
-            if dest.exists() or dest.is_symlink():
-                os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+def atomic_dir(dest: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
+    """Yield an empty temporary folder; on success it replaces the folder ``dest``."""
+    return _atomic(dest, folder=True, now=False)
 
 
-def write_text(dest: str | os.PathLike[str], text: str) -> None:
-    with atomic_path(dest) as tmp:
+def write_text(dest: str | os.PathLike[str], text: str, *, now: bool = False) -> None:
+    with atomic_path(dest, now=now) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(dest, len(data)) as tmp:
+def write_bytes(dest: str | os.PathLike[str], data: bytes, *, now: bool = False) -> None:
+    with atomic_path(dest, now=now, size=len(data)) as tmp:
         tmp.write_bytes(data)
 
 

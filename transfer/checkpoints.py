@@ -7,29 +7,28 @@ training did; it is validated like params.yaml, so a damaged one is named, not t
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, ClassVar, TypeVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from transfer.atomic import write_bytes, write_json
-from transfer.errors import ParamError, UserError
+from transfer.errors import UserError
 from transfer.models import Head, check_input_size, create_backbone, load_backbone_state, replace_head
-from transfer.params import ModelParams, parse
+from transfer.params import ModelParams
 from transfer.preprocess import Preprocess
+from transfer.schema import Problem, Schema, read_json
 
 M = TypeVar("M", "PretrainedMeta", "CheckpointMeta")
 
 
-@dataclass(frozen=True)
-class PretrainedMeta:
+class PretrainedMeta(Schema):
     """``models/pretrained.json``: the backbone's starting weights, and what they expect."""
 
+    WRITER: ClassVar[str] = "the weights stage"
     arch: str
     weights: str
     pretrained: bool  #: False: torch's random initialisation from the seed (``weights: none``)
@@ -38,71 +37,62 @@ class PretrainedMeta:
     preprocess: Preprocess | None  #: from the weights' metadata, where they have any
 
 
-@dataclass(frozen=True)
-class CheckpointMeta:
+class CheckpointMeta(Schema):
     """``models/<strategy>.json``: a trained classifier's best epoch and how it was made."""
 
-    mode: str  #: the strategy that trained it
+    WRITER: ClassVar[str] = "its train stage"
+    strategy: str  #: the strategy that trained it
     arch: str
     classes: list[str]
     head: str
-    epoch: int
-    val_acc: float
+    epoch: Annotated[int, Field(ge=1)]
+    val_acc: Annotated[float, Field(ge=0, le=1)]
     weights: str
     weights_source: str
     weights_sha256: str | None
     preprocess: Preprocess
     params_digest: str
 
-    def check(self) -> tuple[str, str] | None:
+    @model_validator(mode="after")
+    def _classes(self) -> CheckpointMeta:
         if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
-            return "classes", f"must be 2 or more different names, got {self.classes}"
-        return None
+            raise Problem("classes", f"must be 2 or more different names, got {self.classes}")
+        return self
 
 
 def sidecar_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".json")
 
 
-def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, state: dict[str, torch.Tensor], *, now: bool = False) -> None:
     """``torch.save`` through memory, then an atomic write: saving to the temporary file
     directly would record its random name inside the archive, and the same tensors would
     give different bytes (and a different DVC hash) on every run."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue(), now=now)
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: PretrainedMeta | CheckpointMeta) -> None:
     """Write the state_dict and then its sidecar, each atomically and byte-reproducibly."""
     save_tensors(path, state)
-    write_json(sidecar_path(path), dataclasses.asdict(meta))
+    write_json(sidecar_path(path), meta.model_dump())
 
 
 def read_meta(path: Path, schema: type[M]) -> M:
     """The sidecar of ``path``, validated against ``schema``; errors name the sidecar."""
-    meta_path = sidecar_path(path)
-    try:
-        raw = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{meta_path} does not exist: run the stage that writes {path} first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
-    return parse(schema, raw, source=str(meta_path))
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: run {schema.WRITER} first (`dvc repro`)")
+    return read_json(sidecar_path(path), schema, schema.WRITER)
 
 
 def read_start(path: Path, schema: type[M], model: ModelParams) -> M:
     """The sidecar of what a stage starts from, checked to describe the weights the params ask for."""
     meta = read_meta(path, schema)
     if meta.arch != model.arch or meta.weights != model.weights:
-        raise UserError(f"{path} holds {meta.arch} weights {meta.weights!r}, not those in {ParamError.source}: run "
-                        "`dvc repro` first")
+        raise UserError(f"{path} holds {meta.arch} weights {meta.weights!r}, not the params' {model.arch} "
+                        f"{model.weights!r}: run `dvc repro` first")
     return meta
-
-
-def backbone(path: Path, arch: str) -> nn.Module:
-    """A randomly initialised ``arch`` for the checkpoint ``path``, whose sidecar names it."""
-    return create_backbone(arch, source=str(sidecar_path(path)), key="arch")
 
 
 def pretrained_classifier(path: Path, meta: PretrainedMeta, num_classes: int, crop: int) -> tuple[nn.Module, Head]:
@@ -112,7 +102,7 @@ def pretrained_classifier(path: Path, meta: PretrainedMeta, num_classes: int, cr
     Every stage that builds the classifier calls this after seeding, so the new head starts
     from the same random weights in each of them.
     """
-    model = backbone(path, meta.arch)
+    model = create_backbone(meta.arch, source=str(sidecar_path(path)), key="arch")
     if meta.pretrained:
         load_backbone_state(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
     head = replace_head(model, num_classes)
@@ -122,9 +112,7 @@ def pretrained_classifier(path: Path, meta: PretrainedMeta, num_classes: int, cr
 
 def trained_classifier(path: Path, meta: CheckpointMeta, device: torch.device) -> nn.Module:
     """The classifier ``path`` holds, on ``device``, in eval mode."""
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: run `dvc repro` to train it")
-    model = backbone(path, meta.arch)
+    model = create_backbone(meta.arch, source=str(sidecar_path(path)), key="arch")
     replace_head(model, len(meta.classes))
     try:
         state = torch.load(path, map_location=device, weights_only=True)
@@ -135,9 +123,3 @@ def trained_classifier(path: Path, meta: CheckpointMeta, device: torch.device) -
         raise UserError(f"checkpoint {path} holds weights that are not finite numbers (NaN or infinity), whose "
                         "predictions mean nothing: train it again (`dvc repro --force`)")
     return model.to(device).eval()
-
-
-def load_trained_model(path: Path, device: torch.device) -> tuple[nn.Module, CheckpointMeta]:
-    """Rebuild a trained classifier from ``path`` and its sidecar, on ``device``, in eval mode."""
-    meta = read_meta(path, CheckpointMeta)
-    return trained_classifier(path, meta, device), meta

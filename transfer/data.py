@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import functional as F
 
 from transfer.augment import augmented_view
 from transfer.errors import UserError
 from transfer.images import ImageCache
 from transfer.interrupts import quiet_loader_worker
 from transfer.layout import SPLITS, is_image_name, layout_problem
-from transfer.preprocess import Preprocess, to_uint8_tensor, val_crop
+from transfer.preprocess import Preprocess, val_crop
 
 #: How loader workers start: forked on Linux, also from Python 3.14 (whose default is
 #: forkserver), to share the images the main process decoded; elsewhere Python's default,
@@ -69,7 +70,9 @@ def image_folders(root: Path) -> dict[str, Split]:
 
 
 def _images(folder: Path) -> list[str]:
-    return [os.path.join(top, name) for top, _, names in sorted(os.walk(folder, followlinks=True))
+    """Its images, in subfolders too, but not through links to folders (a link to a parent
+    would list every image again and again)."""
+    return [os.path.join(top, name) for top, _, names in sorted(os.walk(folder))
             for name in sorted(names) if is_image_name(name) and os.path.isfile(os.path.join(top, name))]
 
 
@@ -120,7 +123,7 @@ class TrainImages(Dataset[tuple[torch.Tensor, int]]):
         view, index = key
         image = self.images.image(index)
         out = augmented_view(image, self.pre, self.seed, view, index) if self.augment else val_crop(image, self.pre)
-        return to_uint8_tensor(out), self.labels[index]
+        return F.pil_to_tensor(out), self.labels[index]
 
 
 class ValImages(Dataset[tuple[torch.Tensor, int]]):

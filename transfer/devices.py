@@ -12,7 +12,7 @@ from transfer.errors import ParamError, UserError
 _SPEC = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, source: str = "params.yaml") -> torch.device:
     """Turn ``auto | cpu | cuda | cuda:N | mps`` into an available device, or fail clearly.
 
     ``auto`` prefers CUDA, then Apple's MPS, then the CPU. A device asked for by name that
@@ -20,7 +20,7 @@ def resolve_device(spec: str) -> torch.device:
     meant for a GPU should not quietly take a day on the CPU.
     """
     if not _SPEC.fullmatch(spec):
-        raise ParamError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
+        raise ParamError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {spec!r}", source)
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

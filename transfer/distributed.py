@@ -118,29 +118,29 @@ def backend(setting: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def check(settings: DistributedParams, device: torch.device, *, sync_batchnorm: str | None = None) -> None:
+def check(settings: DistributedParams, device: torch.device, source: str, *, sync_batchnorm: str | None = None) -> None:
     """Fail at start-up, with one line, on a distributed setting this machine cannot run
     (``sync_batchnorm``: the key of a true sync_batchnorm param, if any)."""
     if processes(settings) == 1:
         return
     if settings.nnodes > 1 and not settings.rdzv_endpoint:
         raise ParamError("train.distributed.rdzv_endpoint", "must be host:port, reachable from every node, "
-                         f"when nnodes is {settings.nnodes}, got null")
+                         f"when nnodes is {settings.nnodes}, got null", source)
     if device.type not in ("cpu", "cuda"):
         raise ParamError("train.distributed.nproc_per_node", f"must be 1 on {device.type}: torch.distributed "
-                         "runs on CUDA and the CPU")
+                         "runs on CUDA and the CPU", source)
     if backend(settings.backend, device) == "nccl" and device.type != "cuda":
-        raise ParamError("train.distributed.backend", "nccl needs CUDA; use gloo (or auto) on the CPU")
+        raise ParamError("train.distributed.backend", "nccl needs CUDA; use gloo (or auto) on the CPU", source)
     if device.type == "cuda":
         if device.index is not None:
             raise ParamError("device", f"must be cuda or auto with several processes (each uses the GPU of its "
-                             f"local rank), got {device}")
+                             f"local rank), got {device}", source)
         if settings.nproc_per_node > torch.cuda.device_count():
             raise ParamError("train.distributed.nproc_per_node", f"is {settings.nproc_per_node}, but this machine "
-                             f"has {torch.cuda.device_count()} CUDA device(s): one process per GPU")
+                             f"has {torch.cuda.device_count()} CUDA device(s): one process per GPU", source)
     if sync_batchnorm and device.type != "cuda":
         raise ParamError(sync_batchnorm, "needs CUDA: torch's SyncBatchNorm does not run "
-                         "on the CPU (set it to false)")
+                         "on the CPU (set it to false)", source)
 
 
 def processes(settings: DistributedParams) -> int:

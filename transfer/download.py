@@ -53,9 +53,9 @@ def fetch(
 ) -> Fetched:
     """Copy ``url`` to ``dest``; verify ``sha256`` if given; return what was seen. ``check``
     gets the complete temporary file and returns a problem or None; ``hint`` (how to get the
-    file by hand) ends every error."""
+    file by hand) ends every error of a download (not of a local file, nor of writing ``dest``)."""
     dest = Path(dest)
-    suffix = f"; {hint}" if hint else ""
+    suffix = f"; {hint}" if hint and local_path(url) is None else ""
     for attempt in range(retries + 1):
         try:
             with atomic_path(dest) as tmp:
@@ -93,7 +93,7 @@ def local_path(url: str) -> Path | None:
         return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
     if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise UserError(f"unsupported URL scheme {scheme!r} in {url}: use http(s)://, file:// or a path")
-    return Path(url).expanduser()
+    return Path(os.path.expanduser(url))  # ~nosuchuser stays as it is, and then does not exist
 
 
 def _copy(url: str, out: BinaryIO, timeout: float) -> Fetched:

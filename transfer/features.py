@@ -14,19 +14,21 @@ images, ...) in float32; ``batchnorm.pt`` (``update`` only), each epoch's statis
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
 from transfer.errors import UserError
+from transfer.preprocess import Preprocess
+from transfer.schema import Schema, read_json
 
 TRAIN, VAL, BATCHNORM, META = "train.npy", "val.npy", "batchnorm.pt", "features.json"
 #: The params the features stage reads that can change its outputs, as dvc.yaml declares them.
@@ -112,18 +114,43 @@ class FeatureWriter:
         self.arrays = None
 
 
+class FeaturesMeta(Schema):
+    """``features.json``: what the arrays beside it hold and were computed from."""
+
+    arch: str
+    weights: str
+    head: str
+    classes: list[str]
+    feature_shape: list[Annotated[int, Field(gt=0)]]
+    views: Annotated[int, Field(ge=0)]
+    batchnorm: Literal["frozen", "update"]
+    preprocess: Preprocess
+    samples: dict[Literal["train", "val"], list[tuple[str, Annotated[int, Field(ge=0)]]]]
+    params_digest: str
+
+
 @dataclass(frozen=True)
 class StoredFeatures:
-    """What ``train@feature_extract`` reads back."""
+    """What ``train@feature_extract`` reads back: every array checked against the metadata,
+    so that a truncated or foreign file is named, never trained on."""
 
     folder: Path
-    meta: dict[str, Any]
+    meta: FeaturesMeta
 
-    def array(self, name: str) -> np.ndarray:
-        return np.load(self.folder / name, mmap_mode="r")
+    def array(self, name: str, split: str) -> np.ndarray:
+        path = self.folder / name
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path} is not a readable array ({exc}); {RERUN}") from None
+        images = len(self.meta.samples[split])  # type: ignore[index]
+        if array.ndim < 2 or array.shape[1] != images or list(array.shape[2:]) != self.meta.feature_shape:
+            raise UserError(f"{path} holds an array of shape {array.shape}, not (views, {images}, "
+                            f"{', '.join(map(str, self.meta.feature_shape))}) as {self.folder / META} says; {RERUN}")
+        return array
 
     def labels(self, split: str) -> list[int]:
-        return [label for _, label in self.meta["samples"][split]]
+        return [label for _, label in self.meta.samples[split]]  # type: ignore[index]
 
     def batchnorm(self, epoch: int) -> dict[str, torch.Tensor]:
         state = torch.load(self.folder / BATCHNORM, map_location="cpu", weights_only=True)
@@ -131,14 +158,14 @@ class StoredFeatures:
         return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
+RERUN = "run the features stage again (`dvc repro --force features`)"
+
+
 def read_features(folder: Path, params_digest: str) -> StoredFeatures:
     """The features stage's output, checked to have been computed with the params in use
     (``params_digest`` of :data:`PARAMS`), so stale features are never trained on."""
-    try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{folder / META} does not exist: run the features stage first (`dvc repro`)") from None
-    if meta["params_digest"] != params_digest:
+    meta = read_json(folder / META, FeaturesMeta, "the features stage")
+    if meta.params_digest != params_digest:
         raise UserError(f"{folder} holds features computed with other params than these: run `dvc repro` "
                         "(the features stage) first")
     return StoredFeatures(folder, meta)

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from transfer.errors import ParamError, UserError
-from transfer.preprocess import Preprocess
+from transfer.preprocess import INTERPOLATIONS, Preprocess
 
 STATE_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -43,7 +43,7 @@ def _timm() -> types.ModuleType:
     return timm
 
 
-def create_backbone(arch: str, source: str | None = None, key: str = "model.arch") -> nn.Module:
+def create_backbone(arch: str, source: str = "params.yaml", key: str = "model.arch") -> nn.Module:
     """A randomly initialised classifier with its original head.
 
     ``arch`` is a torchvision classification model name (``resnet18``, ``vit_b_16``) or a timm
@@ -129,14 +129,15 @@ def pretrained_preprocess(arch: str, weights: str, model: nn.Module) -> Preproce
         config = _timm().data.resolve_data_config({}, model=model)
         crop = int(config["input_size"][-1])
         interpolation = config.get("interpolation", "bilinear")
-        return Preprocess(math.floor(crop / config.get("crop_pct", 0.875)), crop,
-                          interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
-                          [float(v) for v in config["mean"]], [float(v) for v in config["std"]])
+        return Preprocess(resize=math.floor(crop / config.get("crop_pct", 0.875)), crop=crop,
+                          interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
+                          mean=[float(v) for v in config["mean"]], std=[float(v) for v in config["std"]])
     if weights.lower() == "none" or weights.endswith(STATE_SUFFIXES):
         return None
     preset = torchvision_weights(arch, weights).transforms()
-    return Preprocess(int(preset.resize_size[0]), int(preset.crop_size[0]), preset.interpolation.value,
-                      [float(v) for v in preset.mean], [float(v) for v in preset.std])
+    return Preprocess(resize=int(preset.resize_size[0]), crop=int(preset.crop_size[0]),
+                      interpolation=preset.interpolation.value, mean=[float(v) for v in preset.mean],
+                      std=[float(v) for v in preset.std])
 
 
 def freeze_backbone(model: nn.Module, head: Head) -> list[nn.Parameter]:
@@ -227,12 +228,12 @@ def _dropped(model: nn.Module, key: str) -> bool:
     return False
 
 
-def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
+def torchvision_weights(arch: str, name: str, source: str = "params.yaml") -> torchvision.models.WeightsEnum:
     """The torchvision weights enum entry ``name`` (or DEFAULT) for ``arch``."""
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
-        raise ParamError("model.arch", f"{arch!r} has no torchvision weights") from None
+        raise ParamError("model.arch", f"{arch!r} has no torchvision weights", source) from None
     if name == "DEFAULT":
         return enum.DEFAULT
     try:
@@ -241,11 +242,11 @@ def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
         known = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
         raise ParamError(
             "model.weights", f"{name!r} is neither a weights name of {arch} ({known}), "
-            "none, nor a path ending in .pth, .pt or .safetensors"
+            "none, nor a path ending in .pth, .pt or .safetensors", source
         ) from None
 
 
-def timm_pretrained(arch: str, tag: str) -> nn.Module:
+def timm_pretrained(arch: str, tag: str, source: str = "params.yaml") -> nn.Module:
     """The timm model ``arch`` with its pretrained weights ``tag`` (``DEFAULT``: timm's default),
     from the Hugging Face Hub or timm's cache (offline with ``HF_HUB_OFFLINE=1``)."""
     timm, name = _timm(), arch[len(TIMM_PREFIX):]
@@ -255,7 +256,7 @@ def timm_pretrained(arch: str, tag: str) -> nn.Module:
     if tag != "DEFAULT" and full not in known:
         tags = ", ".join(k.split(".", 1)[1] for k in known[:8]) or "none"
         raise ParamError("model.weights", f"{tag!r} is not a pretrained tag of {base} "
-                        f"(tags: {tags}), nor none or a .pth/.pt/.safetensors path")
+                        f"(tags: {tags}), nor none or a .pth/.pt/.safetensors path", source)
     try:
         return timm.create_model(full, pretrained=True)
     except Exception as exc:  # hub, network and file errors all end the same way for the user

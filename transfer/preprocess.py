@@ -1,69 +1,72 @@
 """The preprocessing recipe and the exact steps that turn an image into the model's input:
 geometry on PIL images as in the tutorial, giving uint8 pixels, then :class:`ModelInput`
 normalises a batch where the model runs (a quarter of the bytes cross to a GPU), bit for bit
-the tutorial's ``ToTensor()`` + ``Normalize()`` (:func:`eval_transform`, which predict uses).
+the tutorial's ``ToTensor()`` + ``Normalize()`` (the tests hold it to them).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from PIL import Image
+from pydantic import Field, model_validator
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
-from transfer.errors import ParamError
-from transfer.params import PreprocessParams, crop_problem
+from transfer.params import PreprocessParams, Side
+from transfer.schema import Problem, Schema, validate
 
 INTERPOLATIONS = {
     "nearest": transforms.InterpolationMode.NEAREST,
     "bilinear": transforms.InterpolationMode.BILINEAR,
     "bicubic": transforms.InterpolationMode.BICUBIC,
 }
+#: Normalised pixels beyond this overflow a network's sums (std 1e-30 gives 1e30 and NaN
+#: features); real data sets' means are 0-1 and their stds 0.1-0.5, which gives about 3.
+MAX_INPUT = 1000.0
+Triple = Annotated[list[float], Field(min_length=3, max_length=3)]
 
 
-@dataclass(frozen=True)
-class Preprocess:
+class Preprocess(Schema):
     """Concrete preprocessing: what training used, recorded so evaluation and prediction match."""
 
-    resize: int = field(metadata={"gt": 0})
-    crop: int = field(metadata={"gt": 0})
+    resize: Side
+    crop: Side
     interpolation: Literal["nearest", "bilinear", "bicubic"]
-    mean: list[float] = field(metadata={"length": 3})
-    std: list[float] = field(metadata={"length": 3, "gt": 0})
+    mean: Triple
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]
 
-    def check(self) -> tuple[str, str] | None:
-        return ("crop", crop_problem(self.crop, self.resize)) if self.crop > self.resize else None
+    @model_validator(mode="after")
+    def _sound(self) -> Preprocess:
+        if self.crop > self.resize:
+            raise Problem("crop", f"is {self.crop}, larger than resize ({self.resize}): validation would pad its "
+                          "crops with black where training crops have none; make crop at most resize")
+        extreme = max(abs(v - m) / s for m, s in zip(self.mean, self.std, strict=True) for v in (0.0, 1.0))
+        if extreme > MAX_INPUT:
+            raise Problem("std", f"and mean {self.mean} make normalised pixels reach {extreme:.3g}, beyond "
+                          f"{MAX_INPUT:g}, where the network's sums overflow: set them to the data's own (or auto)")
+        return self
 
 
 # What the tutorial uses, and what ImageNet-trained weights without metadata expect.
-IMAGENET = Preprocess(256, 224, "bilinear", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+IMAGENET = Preprocess(resize=256, crop=224, interpolation="bilinear", mean=[0.485, 0.456, 0.406],
+                      std=[0.229, 0.224, 0.225])
 
 
-def resolve_preprocess(params: PreprocessParams, pretrained: Preprocess | None) -> Preprocess:
-    """Each ``auto`` param is taken from the weights' metadata, or else from :data:`IMAGENET`;
-    a crop larger than the resize is refused once both are known."""
+def resolve_preprocess(params: PreprocessParams, pretrained: Preprocess | None,
+                       source: str = "params.yaml") -> Preprocess:
+    """Each ``auto`` of the ``preprocess`` params is taken from the weights' metadata, or else
+    from :data:`IMAGENET`; the result is checked once all values are known."""
     defaults = pretrained or IMAGENET
-    pre = Preprocess(**{
-        name: getattr(defaults, name) if value == "auto" else value
-        for name, value in asdict(params).items()
-    })
-    if pre.crop > pre.resize:
-        raise ParamError("preprocess.crop", crop_problem(pre.crop, pre.resize))
-    return pre
+    values = {key: getattr(defaults, key) if value == "auto" else value for key, value in params.model_dump().items()}
+    return validate(Preprocess, values, source, prefix="preprocess.")
 
 
 def val_crop(image: Image.Image, pre: Preprocess) -> Image.Image:
     """The tutorial's validation geometry: ``Resize(resize)`` then ``CenterCrop(crop)``."""
     resized = F.resize(image, pre.resize, interpolation=INTERPOLATIONS[pre.interpolation])
     return F.center_crop(resized, pre.crop)
-
-
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a CHW uint8 tensor (the pixels ``ToTensor`` would scale to [0, 1])."""
-    return F.pil_to_tensor(image)
 
 
 class ModelInput:
@@ -83,14 +86,3 @@ class ModelInput:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         pixels = batch.to(self.device, non_blocking=True)
         return pixels.float().div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
-
-
-def eval_transform(pre: Preprocess) -> transforms.Compose:
-    """The tutorial's validation transform on one PIL image (``predict`` uses it; the stages'
-    uint8 path is tested against it)."""
-    return transforms.Compose([
-        transforms.Resize(pre.resize, interpolation=INTERPOLATIONS[pre.interpolation]),
-        transforms.CenterCrop(pre.crop),
-        transforms.ToTensor(),
-        transforms.Normalize(pre.mean, pre.std),
-    ])

@@ -35,39 +35,24 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = deterministic
 
 
-#: Layers whose backward on CUDA has no deterministic kernel in torch, so that under
-#: ``torch.use_deterministic_algorithms(True)`` they raise at the first step (torch's list;
-#: adaptive average pooling only to an output larger than 1x1, which torch computes as a mean).
-NONDETERMINISTIC_ON_CUDA = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AvgPool3d,
-                            nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
-                            nn.ReflectionPad3d, nn.Upsample)
-
-
-def nondeterministic_layers(model: nn.Module) -> list[str]:
-    """The layers of ``model`` that :data:`NONDETERMINISTIC_ON_CUDA` names, as ``name (Type)``."""
-    found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, NONDETERMINISTIC_ON_CUDA):
-            continue
-        if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d) and _all_ones(module.output_size):
-            continue
-        if isinstance(module, nn.Upsample) and module.mode == "nearest":
-            continue
-        found.append(f"{name} ({module.__class__.__name__})")
-    return found
-
-
-def _all_ones(size: object) -> bool:
-    return all(s in (1, None) for s in (size if isinstance(size, tuple | list) else (size,)))
-
-
-def check_deterministic(model: nn.Module, device: torch.device, deterministic: bool) -> None:
-    """Refuse, before training, ``train.deterministic`` on CUDA for a model whose backward
-    would raise there (VGG's and AlexNet's pooling to 7x7, say), instead of a traceback at the
-    first step."""
-    layers = nondeterministic_layers(model) if deterministic and device.type == "cuda" else []
-    if layers:
-        raise ParamError("train.deterministic", f"is true, but torch has no deterministic CUDA backward for "
-                         f"{', '.join(layers[:3])}{' ...' if len(layers) > 3 else ''}: set it to false (the "
-                         "results then vary in their last bits between runs), or train the head alone "
-                         "(feature_extract)")
+def check_deterministic(model: nn.Module, device: torch.device, deterministic: bool, crop: int,
+                        source: str = "params.yaml") -> None:
+    """Refuse, before training, ``train.deterministic`` for a model with an operation that has
+    no deterministic kernel on ``device`` (VGG's and AlexNet's pooling to 7x7 on CUDA, say),
+    instead of a traceback at the first step. Torch itself is asked: one forward and backward
+    pass of two blank images in eval mode (BatchNorm's statistics untouched) under its
+    deterministic mode, so the check knows every operation torch knows."""
+    if not deterministic:
+        return
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros(2, 3, crop, crop, device=device)).float().sum().backward()
+    except RuntimeError as exc:
+        if "deterministic" not in str(exc):
+            raise
+        raise ParamError("train.deterministic", f"is true, but torch has no deterministic {device.type} kernel for "
+                         f"this model ({str(exc).split(',')[0]}): set it to false (the results then vary in their "
+                         "last bits between runs), or train the head alone (feature_extract)", source) from None
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,8 +31,8 @@ from transfer.training import EpochRecord, Progress
 #: The folder, beside a stage's checkpoint, that holds the states of interrupted runs.
 FOLDER = ".resume"
 #: Bumped when what a state file holds changes, so an older file is not misread.
-FORMAT = 2
-#: The packages whose code decides what a run computes (everything the stages run).
+FORMAT = 3
+#: The packages whose code decides what a run computes.
 CODE = ("stages", "transfer")
 
 
@@ -45,21 +47,35 @@ def tree_digests(root: Path) -> dict[str, str]:
     return digests
 
 
-def code_digests() -> dict[str, dict[str, str]]:
-    """The project's Python files: a run resumes only under the code that saved its state."""
-    project = Path(__file__).resolve().parents[1]
-    return {package: {name: digest for name, digest in tree_digests(project / package).items() if name.endswith(".py")}
-            for package in CODE}
+def code_digests(module: str) -> dict[str, str]:
+    """The files of ``module`` (the stage) and of the project modules it imports, transitively
+    (read from their globals: the modules and the functions and classes taken from them), not
+    of stages it never loads: a run resumes only under the code that saved its state."""
+    project, digests = Path(__file__).resolve().parents[1], {}
+    todo, seen = [module], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in sys.modules:
+            continue
+        seen.add(name)
+        path = Path(sys.modules[name].__file__ or "").resolve()
+        digests[str(path.relative_to(project))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for value in vars(sys.modules[name]).values():
+            owner = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+            if isinstance(owner, str) and owner.split(".")[0] in CODE:
+                todo.append(owner)
+    return dict(sorted(digests.items()))
 
 
-def run_key(mode: str, params: Params, tracked: Iterable[str], inputs: Iterable[Path],
-            device: torch.device) -> str:
+def run_key(strategy: str, params: Params, tracked: Iterable[str], inputs: Iterable[Path],
+            device: torch.device, module: str) -> str:
     """A digest of what decides a run's results: the strategy, the params the stage declares
     (``tracked``), its inputs' bytes (by relative path, so the same data in another copy of
     the project gives the same key), the code, torch's version and the device type."""
     run = {
-        "format": FORMAT, "mode": mode, "params": params.select(tracked), "inputs": [tree_digests(p) for p in inputs],
-        "code": code_digests(), "torch": torch.__version__, "device": device.type,
+        "format": FORMAT, "strategy": strategy, "params": params.select(tracked),
+        "inputs": [tree_digests(p) for p in inputs],
+        "code": code_digests(module), "torch": torch.__version__, "device": device.type,
     }
     return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -111,28 +127,28 @@ class Training:
 
 @dataclass(frozen=True)
 class ResumeState:
-    """The state file of one run: ``folder/<mode>-<key>.pt``."""
+    """The state file of one run: ``folder/<strategy>-<key>.pt``."""
 
     folder: Path
-    mode: str
+    strategy: str
     key: str
 
     @property
     def path(self) -> Path:
-        return self.folder / f"{self.mode}-{self.key}.pt"
+        return self.folder / f"{self.strategy}-{self.key}.pt"
 
     def others(self) -> list[Path]:
-        """States of this mode saved by runs with other inputs, params or code."""
+        """States of this strategy saved by runs with other inputs, params or code."""
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.glob(f"{self.mode}-*.pt") if p != self.path)
+        return sorted(p for p in self.folder.glob(f"{self.strategy}-*.pt") if p != self.path)
 
     def save(self, training: Training, progress: Progress, rngs: list[dict[str, Any]]) -> None:
         """Write the state after ``progress.epoch``, with each process's random generators
         (``rngs``, by rank), atomically; then remove other runs' states of this strategy, so
         that at most one is kept."""
         state = {
-            "format": FORMAT, "key": self.key, "mode": self.mode,
+            "format": FORMAT, "key": self.key, "strategy": self.strategy,
             "model": training.model.state_dict(),
             "optimizer": training.optimizer.state_dict(),
             "scheduler": training.scheduler.state_dict(),
@@ -140,7 +156,7 @@ class ResumeState:
             | {"history": [record.as_row() for record in progress.history]},
             "rng": rngs,
         }
-        save_tensors(self.path, state)  # through memory: a full disk is then an OSError, said in one line
+        save_tensors(self.path, state, now=True)  # through memory: a full disk is then an OSError, said in one line
         for other in self.others():
             other.unlink(missing_ok=True)
 

@@ -47,8 +47,8 @@ def resolve_workers(setting: int | str, device: torch.device, processes: int = 1
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it, torch
     emulates bf16 and autocast runs several times slower than float32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def amp_warning(device: torch.device, amp: bool) -> str | None:

@@ -1,5 +1,6 @@
-"""How sure a comparison of accuracies is: each run's interval, and the paired test of two
-classifiers scored on the same images (docs/comparing.md says how to read them).
+"""How sure a comparison of accuracies is: each run's interval, the paired test of two
+classifiers scored on the same images, and intervals over runs repeated with other seeds
+(docs/comparing.md says how to read them).
 
 Plain Python: the compare stage and command use it without importing torch.
 """
@@ -27,17 +28,72 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def mcnemar(a_only: int, b_only: int) -> float:
-    """The exact McNemar test's two-sided p-value: with ``a_only`` images that A gets right
-    and B wrong, and ``b_only`` the other way round, the chance of a split at least this
-    uneven if each such image were a fair coin (the images both get right or both wrong say
-    nothing about which is better)."""
+def mcnemar(a_only: int, b_only: int) -> tuple[float, float]:
+    """McNemar's test, two-sided: with ``a_only`` images that A gets right and B wrong, and
+    ``b_only`` the other way round, the chance of a split at least this uneven if each such
+    image were a fair coin (the images both get right or both wrong say nothing about which is
+    better). Returns the exact p-value and the mid-p-value, which counts the observed split
+    half (Fagerland, Lydersen and Laake 2013: the exact test is conservative, mid-p keeps
+    closer to the nominal level)."""
     n, k = a_only + b_only, min(a_only, b_only)
     term = tail = 1  # C(n, 0); each next binomial coefficient from the last, in exact integers
     for i in range(k):
         term = term * (n - i) // (i + 1)
         tail += term
-    return min(1.0, float(Fraction(2 * tail, 2**n)))
+    return min(1.0, float(Fraction(2 * tail, 2**n))), min(1.0, float(Fraction(2 * tail - term, 2**n)))
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The ``t`` with P(|T| <= t) = ``level`` for Student's t with ``df`` degrees of freedom,
+    by bisection on its exact distribution for whole ``df`` (Abramowitz and Stegun 26.7.3-4)."""
+    def inside(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        cos2, total, term = math.cos(theta) ** 2, 0.0, 1.0
+        if df % 2 == 0:
+            for j in range(df // 2):
+                total += term
+                term *= cos2 * (2 * j + 1) / (2 * j + 2)
+            return math.sin(theta) * total
+        term = math.cos(theta)
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= cos2 * (2 * j) / (2 * j + 1)
+        return 2 / math.pi * (theta + math.sin(theta) * total)
+
+    low, high = 0.0, 1e6
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if inside(middle) < level else (low, middle)
+    return (low + high) / 2
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Values over repeated runs (seeds): their mean and spread, and a 95% t-interval of the
+    mean (None for a single run, which says nothing about the spread)."""
+
+    n: int
+    mean: float
+    sd: float | None
+    low: float | None
+    high: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        n, mean = len(values), sum(values) / len(values)
+        if n < 2:
+            return cls(n, mean, None, None, None)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half = t_quantile(n - 1) * sd / math.sqrt(n)
+        return cls(n, mean, sd, mean - half, mean + half)
+
+    def verdict(self, a: str, b: str) -> str:
+        """Of paired differences A - B: whether their interval leaves 0 out."""
+        if self.low is None or self.high is None:
+            return "one seed: nothing can be said across seeds"
+        if self.low <= 0 <= self.high:
+            return f"not shown to differ across {self.n} seeds"
+        return f"{a if self.mean > 0 else b} is better across {self.n} seeds"
 
 
 @dataclass(frozen=True)
@@ -54,7 +110,12 @@ class Paired:
 
     @property
     def p_value(self) -> float:
-        return mcnemar(self.a_only, self.b_only)
+        """The mid-p-value, which the verdict rests on."""
+        return mcnemar(self.a_only, self.b_only)[1]
+
+    @property
+    def p_exact(self) -> float:
+        return mcnemar(self.a_only, self.b_only)[0]
 
     @property
     def verdict(self) -> str:

@@ -24,7 +24,8 @@ from transfer.data import EpochSampler, Pair, loader_options
 from transfer.devices import accumulator_dtype, autocast, synchronize
 from transfer.distributed import IGNORE, World
 from transfer.errors import UserError
-from transfer.strategies import WarmUp
+from transfer.models import Head
+from transfer.strategies import FinetuneRecipe, Recipe
 
 
 class Steps(Sampler[list[tuple[Pair, bool]]]):
@@ -71,21 +72,42 @@ class Shard(Dataset[tuple[torch.Tensor, int]]):
         return data, label if real else IGNORE
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell ``loader``'s steps which epoch comes: it decides order and views."""
-    loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
-
-
-def step_sizes(loader: DataLoader) -> list[int]:
-    """The images of each of ``loader``'s steps, over all processes."""
-    return loader.batch_sampler.sizes()  # type: ignore[union-attr]
-
-
 def make_loader(dataset: Dataset[tuple[torch.Tensor, int]], sampler: EpochSampler, *, batch_size: int, workers: int,
                 device: torch.device, world: World | None = None, drop_single: bool = False) -> DataLoader:
     """The training loop's loader: :class:`Steps` of ``sampler``'s pairs, this process's share."""
     steps = Steps(sampler, batch_size, world or World(), drop_single)
     return DataLoader(Shard(dataset), batch_sampler=steps, **loader_options(workers, device))  # type: ignore[arg-type]
+
+
+def param_groups(model: nn.Module, head: Head, recipe: Recipe) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the head at ``recipe.lr``, first (its lr is the one
+    the history records), then, for a recipe that trains the backbone, the backbone at
+    ``backbone_lr_scale`` times that."""
+    head_params = list(model.get_submodule(head.name).parameters())
+    groups: list[dict[str, Any]] = [{"params": head_params, "lr": recipe.lr}]
+    if isinstance(recipe, FinetuneRecipe):
+        ids = {id(p) for p in head_params}
+        backbone = [p for p in model.parameters() if id(p) not in ids]
+        groups.append({"params": backbone, "lr": recipe.lr * recipe.backbone_lr_scale})
+    return groups
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """The first ``epochs`` epochs train the head alone: the backbone's parameters take no
+    gradient and its layers stay in eval mode (BatchNorm statistics fixed, as in
+    feature_extract); then the backbone joins."""
+
+    epochs: int
+    head: nn.Module
+    backbone: list[nn.Parameter]
+
+    def frozen(self, epoch: int) -> bool:
+        return epoch <= self.epochs
+
+    def apply(self, epoch: int) -> None:
+        for param in self.backbone:
+            param.requires_grad_(not self.frozen(epoch))
 
 
 @dataclass
@@ -145,7 +167,7 @@ class Loop:
         mean loss and accuracy over the phase's images (all processes'). A step's summed
         loss is scaled by ``processes / images in the step``, so that DDP's average of the
         gradients over processes is the mean over the step's images, the tutorial's loss."""
-        sizes = step_sizes(loader)
+        sizes = loader.batch_sampler.sizes()  # type: ignore[union-attr]
         dtype = accumulator_dtype(self.device)
         loss_sum = torch.zeros((), device=self.device, dtype=dtype)
         corrects = torch.zeros((), device=self.device, dtype=torch.int64)
@@ -225,7 +247,7 @@ def train_model(
         for phase in ["train", "val"]:
             training = phase == "train"
             set_train_mode(model, training, warmup.head if frozen and warmup else None)
-            set_epoch(loaders[phase], epoch)
+            loaders[phase].batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
             stats[phase] = loop.phase(loaders[phase], f"epoch {epoch}/{num_epochs} {phase}",
                                       optimizer if training else None)
             if training:
@@ -259,7 +281,7 @@ def _end_epoch(progress: Progress, model: nn.Module, record: EpochRecord, second
 
 def images_per_second(progress: Progress, loader: DataLoader) -> float:
     """Training images per second of training-phase time, over the epochs this run trained."""
-    return sum(step_sizes(loader)) * len(progress.history) / progress.train_seconds if progress.train_seconds else 0.0
+    return sum(loader.batch_sampler.sizes()) * len(progress.history)  # type: ignore[union-attr] / progress.train_seconds if progress.train_seconds else 0.0
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
