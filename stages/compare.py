@@ -1,8 +1,12 @@
-"""Stage ``compare``, and a command: are two classifiers' accuracies on the same images shown
-to differ? (docs/comparing.md). The stage pairs every two strategies of one run (the exact
-McNemar test on the images one gets right and the other wrong); ``--revs A B`` pairs each
-strategy's runs in two revisions or experiments; ``--experiments`` lists each experiment's
-accuracies and changed params on one line (``dvc exp show``'s columns are too wide for that).
+"""Stage ``compare``, and the commands that compare runs (docs/comparing.md):
+
+- the stage pairs every two strategies of one run (McNemar's test on the images one gets
+  right and the other wrong);
+- ``--revs A B`` pairs each strategy's runs in two revisions or experiments;
+- ``--experiments`` lists each experiment's accuracies and changed params on one line;
+- ``--summary`` sums up a sweep: the experiments grouped by their params other than the seed,
+  each strategy's mean accuracy over seeds with its spread, differences paired by seed with
+  their intervals and verdicts, and the images every run of a group gets wrong.
 """
 
 from __future__ import annotations
@@ -11,23 +15,48 @@ import argparse
 import csv
 import io
 import itertools
-import re
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import ConfigDict, Field
 
 from transfer.atomic import write_json
 from transfer.errors import UserError
+from transfer.params import Text
+from transfer.schema import Schema, validate
 from transfer.stage import run_stage
-from transfer.statistics import Paired, pair, wilson_interval
+from transfer.statistics import Paired, Spread, pair, wilson_interval
+from transfer.strategies import STRATEGIES
 
-HEADER = ("pair", "images", "accuracy", "right only in each", "McNemar p", "verdict")
+HEADER = ("pair", "images", "accuracy", "right only in each", "McNemar mid-p", "verdict")
+WIDTH = 160
+
+
+class Prediction(Schema):
+    """A row of evaluate's ``predictions.csv``, whose cells are text."""
+
+    model_config = ConfigDict(strict=False)
+    path: Text
+    actual: Text
+    predicted: Text
+    confidence: Annotated[float, Field(ge=0, le=1)]
 
 
 def right_answers(text: str, source: str) -> dict[str, bool]:
     """image -> whether it was predicted right, from a predictions.csv's ``text``."""
-    try:
-        return {row["path"]: row["actual"] == row["predicted"] for row in csv.DictReader(io.StringIO(text))}
-    except KeyError as exc:
-        raise UserError(f"{source} has no {exc} column: it is not evaluate's predictions.csv") from None
+    answers: dict[str, bool] = {}
+    for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+        prediction = validate(Prediction, row, f"{source} line {line} (evaluate writes it)")
+        if prediction.path in answers:
+            raise UserError(f"{source} line {line} predicts {prediction.path} a second time (evaluate writes it)")
+        answers[prediction.path] = prediction.actual == prediction.predicted
+    if not answers:
+        raise UserError(f"{source} holds no predictions (evaluate writes it): run `dvc repro`")
+    return answers
 
 
 def interval(correct: int, images: int) -> str:
@@ -41,23 +70,22 @@ def row(paired: Paired) -> tuple[str, ...]:
             f"{paired.a_only} vs {paired.b_only}", f"{paired.p_value:.4f}", paired.verdict)
 
 
-def within_run(files: list[Path], table: Path, report: Path) -> None:
-    """Every pair of the strategies whose predictions ``files`` are (``plots/<strategy>/predictions.csv``)."""
-    answers = {}
-    for file in files:
-        try:
-            answers[file.parent.name] = right_answers(file.read_text(encoding="utf-8"), str(file))
-        except FileNotFoundError:
-            raise UserError(f"{file} does not exist: run the evaluate stages first (`dvc repro`)") from None
+def pairs_of(answers: dict[str, dict[str, bool]]) -> list[Paired]:
     try:
-        pairs = [pair(a, b, answers[a], answers[b]) for a, b in itertools.combinations(answers, 2)]
+        return [pair(a, b, answers[a], answers[b]) for a, b in itertools.combinations(answers, 2)]
     except ValueError as exc:
         raise UserError(f"{exc}: evaluate them on the same data (`dvc repro`)") from None
+
+
+def within_run(files: list[Path], table: Path, report: Path) -> None:
+    """Every pair of the strategies whose predictions ``files`` are (``plots/<strategy>/predictions.csv``)."""
+    pairs = pairs_of({file.parent.name: right_answers(file.read_text(encoding="utf-8"), str(file)) for file in files})
     rows = [row(p) for p in pairs]
     from transfer.figures import save_table  # matplotlib, for the stage only
 
-    save_table(table, HEADER, rows, "Paired comparison of the strategies (exact McNemar test)")
-    write_json(report, {"pairs": [{**vars(p), "p_value": p.p_value, "verdict": p.verdict} for p in pairs]})
+    save_table(table, HEADER, rows, "Paired comparison of the strategies (McNemar's test, mid-p)")
+    write_json(report, {"pairs": [{**vars(p), "p_value": p.p_value, "p_exact": p.p_exact, "verdict": p.verdict}
+                                  for p in pairs]})
     print_table([HEADER, *rows])
 
 
@@ -66,42 +94,105 @@ def across_revs(revs: list[str], strategies: list[str]) -> None:
     import dvc.api
     from dvc.exceptions import DvcException
 
+    if not strategies:
+        raise UserError("no plots/<strategy>/predictions.csv here to find the strategies by: run `dvc repro`, or "
+                        "name them with --strategy")
     a, b = revs
     for name in strategies:
         path = f"plots/{name}/predictions.csv"
         try:
             answers = [right_answers(dvc.api.read(path, rev=rev), f"{path} at {rev}") for rev in revs]
-        except (DvcException, FileNotFoundError) as exc:
-            print(f"{name}: not compared ({' '.join(str(exc).split())[:160]})")
-            continue
-        try:
             paired = pair(a, b, *answers)
-        except ValueError as exc:
-            print(f"{name}: not compared: {exc}")
+        except (DvcException, FileNotFoundError, ValueError, UserError) as exc:
+            print(f"{name}: not compared ({' '.join(str(exc).split())[:200]})")
             continue
         print(f"{name}: {a} {interval(paired.a_correct, paired.images)}, {b} "
               f"{interval(paired.b_correct, paired.images)}, {paired.images} images\n  right only in {a}: "
-              f"{paired.a_only}, only in {b}: {paired.b_only}; McNemar p = {paired.p_value:.4f}: {paired.verdict}")
+              f"{paired.a_only}, only in {b}: {paired.b_only}; McNemar mid-p = {paired.p_value:.4f}: {paired.verdict}")
 
 
-#: dvc exp show's columns that are neither params nor metrics.
-NOT_PARAMS = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
+# --------------------------------------------------------------------------- experiments
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` as ``{"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool | None) else str(value)
+
+
+def exp_show() -> list[dict[str, Any]]:
+    """``dvc exp show --json``, which keeps params and metrics apart, by file: one record per
+    row (the workspace, the commit, each experiment), with its params, the metrics of each
+    strategy it ran with them (``metrics/<strategy>.json``, see :func:`fresh`) and the params of
+    the commit the experiments started from."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise UserError(f"dvc exp show failed: {' '.join(proc.stderr.split())[:300]}")
+    records = []
+    for baseline in json.loads(proc.stdout):
+        revs = [(baseline, "baseline")] + [(e["revs"][0], "experiment") for e in baseline.get("experiments") or []]
+        if baseline["rev"] == "workspace":
+            baseline["name"] = "workspace"
+        for rev, kind in revs:
+            data = rev.get("data") or {}
+            params = flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
+            lock = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8") if rev["rev"] == "workspace" else
+                                  git_show(rev["rev"], "dvc.lock")) or {}
+            metrics = {Path(file).stem: m.get("data") or {} for file, m in (data.get("metrics") or {}).items()}
+            records.append({"rev": rev["rev"], "name": rev.get("name") or rev["rev"][:7], "params": params,
+                            "kind": kind if rev["rev"] != "workspace" else "workspace",
+                            "metrics": {s: m for s, m in metrics.items() if fresh(lock, params, f"evaluate@{s}")}})
+    commit = next((r["params"] for r in records if r["kind"] == "baseline"), {})
+    return [r | {"commit": commit} for r in records]
+
+
+def fresh(lock: dict[str, Any], params: dict[str, Any], stage: str) -> bool:
+    """Whether ``stage`` of a ``dvc.lock`` ran with ``params``: it and every stage upstream with
+    the params as they are, on inputs as the stages that wrote them left them. An experiment
+    that ran some strategies keeps the others' metrics files of the commit, which are not its."""
+    stages = lock.get("stages") or {}
+    writers = {out["path"]: (name, out.get("md5")) for name, entry in stages.items() for out in entry.get("outs", [])}
+    todo, seen = [stage], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name not in stages:
+            return False
+        locked = flat((stages[name].get("params") or {}).get("params.yaml") or {})
+        if any(params.get(key) != value for key, value in locked.items()):
+            return False
+        for dep in stages[name].get("deps", []):
+            writer, md5 = writers.get(dep["path"], (None, None))
+            if writer is not None and md5 != dep.get("md5"):
+                return False
+            todo += [writer] if writer else []
+    return True
+
+
+def git_show(rev: str, path: str) -> str:
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise UserError(f"cannot read {path} at {rev[:7]}: {' '.join(proc.stderr.split())[:200]}")
+    return proc.stdout
 
 
 def experiments(strategies: list[str] | None) -> None:
     """The workspace, its commit and each experiment: accuracies, and params not as committed."""
-    import dvc.api
-
-    rows = dvc.api.exp_show()
-    params = [k for k in rows[0] if k not in NOT_PARAMS and ":" not in k and "/" not in k]
-    found = [m.group(1) for k in rows[0] if (m := re.fullmatch(r"metrics/(.+)\.json:accuracy", k))]
-    strategies = strategies or found
-    baseline = next((r for r in rows if r.get("typ") == "baseline"), rows[0])
+    records = exp_show()
+    strategies = strategies or [s for s in STRATEGIES if any(s in r["metrics"] for r in records)]
     table = [("experiment", *strategies, "params changed from the commit")]
-    for r in rows:
-        name = r["rev"] if r["typ"] in ("workspace", "baseline") else f"{r['rev']} [{r['Experiment']}]"
-        changed = " ".join(f"{k}={r[k]}" for k in params if r.get(k) != baseline.get(k))
-        accuracies = [r.get(f"metrics/{s}.json:accuracy") for s in strategies]
+    for r in records:
+        name = r["name"] if r["kind"] != "experiment" else f"{r['rev'][:7]} [{r['name']}]"
+        changed = " ".join(f"{k}={shown(v)}" for k, v in r["params"].items() if r["commit"].get(k) != v)
+        accuracies = [r["metrics"].get(s, {}).get("accuracy") for s in strategies]
         table.append((name, *(f"{a:.4f}" if isinstance(a, float | int) else "-" for a in accuracies), changed))
     print_table(table)
 
@@ -112,6 +203,109 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
+# --------------------------------------------------------------------------- sweeps
+
+def summary(strategies: list[str] | None, plot: Path) -> None:
+    """The experiments of this commit, grouped by their params other than the seed."""
+    rows, swept = sweep_rows([r for r in exp_show() if r["kind"] == "experiment"], strategies)
+    print(f"{rows['experiment'].nunique()} experiments in {rows['group'].nunique()} groups (by "
+          f"{', '.join(swept) or 'nothing but the seed'}); accuracy over seeds, mean with its 95% interval")
+    accuracies = rows.groupby(["group", "strategy"], sort=False)["accuracy"].agg(list)
+    print_table([("group", "strategy", "n", "mean", "sd", "min-max", "95% CI of the mean"), *(
+        (g, s, str(sp.n), f"{sp.mean:.4f}", fmt(sp.sd), f"{min(values):.4f}-{max(values):.4f}", interval_of(sp))
+        for (g, s), values in accuracies.items() if (sp := Spread.of(values)))])
+    if rows.groupby("group")["seed"].nunique().max() < 2:
+        print("\none seed per group: nothing can be said across seeds; each experiment's strategies paired on its "
+              "images (McNemar) instead")
+        for name, rev in rows[["experiment", "rev"]].drop_duplicates().itertuples(index=False):
+            for p in pairs_of({s: run_answers(rev, s) for s in rows[rows.experiment == name].strategy}):
+                print(f"  {name}: {p.a} vs {p.b}: right only in each {p.a_only} vs {p.b_only}, mid-p = "
+                      f"{p.p_value:.4f}: {p.verdict}")
+    else:
+        print("\ndifferences paired by seed (mean, 95% interval)")
+        print_table([("compared", "seeds", "mean difference", "95% CI", "verdict"), *paired_rows(rows, swept)])
+    print("\nwrong in every run of the group (label noise or hard cases to look at)")
+    for group, runs_of in rows.groupby("group", sort=False):
+        wrong = set.intersection(*({k for k, right in run_answers(rev, s).items() if not right}
+                                   for rev, s in runs_of[["rev", "strategy"]].itertuples(index=False)))
+        print(f"  {group}: {len(wrong)} images{': ' if wrong else ''}{', '.join(sorted(wrong)[:8])}"
+              f"{' ...' if len(wrong) > 8 else ''}")
+    draw(plot, rows, swept)
+    print(f"\n-> {plot}")
+
+
+def draw(plot: Path, rows: Any, swept: list[str]) -> None:
+    """Accuracy against the swept param (numbers in order, then words: ``all`` last), or
+    against each group where several were swept."""
+    from transfer.figures import save_sweep  # matplotlib, only to draw
+
+    column = swept[0] if len(swept) == 1 else "group"
+    xs = sorted(rows[column].unique(), key=lambda v: (isinstance(v, str), v if not isinstance(v, str) else 0, str(v)))
+    series = {s: [Spread.of(of[of[column] == x]["accuracy"].tolist()) if (of[column] == x).any() else None
+                  for x in xs] for s, of in rows.groupby("strategy", sort=False)}
+    seeds = rows.groupby(["group", "strategy"])["seed"].nunique()
+    save_sweep(plot, [str(x) for x in xs], series, column, f"accuracy over {seeds.min()}-{seeds.max()} seeds"
+               if seeds.min() != seeds.max() else f"accuracy over {seeds.min()} seeds")
+
+
+def sweep_rows(runs: list[dict[str, Any]], strategies: list[str] | None) -> tuple[Any, list[str]]:
+    """One row per experiment and strategy it ran: its accuracy, its seed, and its group, the
+    values of the params (``swept``) that differ between the experiments, the seed aside."""
+    import pandas as pd
+
+    runs = [r for r in runs if r["metrics"]]
+    if not runs:
+        raise UserError("no finished experiments of this commit to sum up: queue some, e.g. dvc exp run --queue "
+                        "-S 'seed=range(1,6)', then dvc queue start")
+    swept = [k for k in runs[0]["params"] if k != "seed" and len({shown(r["params"].get(k)) for r in runs}) > 1]
+    rows = pd.DataFrame([{"experiment": r["name"], "rev": r["rev"], "seed": r["params"].get("seed"),
+                          "group": " ".join(f"{k}={shown(r['params'].get(k))}" for k in swept) or "all",
+                          **{k: r["params"].get(k) for k in swept}, "strategy": s, "accuracy": m["accuracy"]}
+                         for r in runs for s, m in r["metrics"].items()
+                         if s in (strategies or STRATEGIES) and isinstance(m.get("accuracy"), int | float)])
+    return rows.drop_duplicates(["group", "seed", "strategy"]), swept  # the newest run of the same params and seed
+
+
+def paired_rows(rows: Any, swept: list[str]) -> list[tuple[str, ...]]:
+    """Strategies against each other within each group, and each strategy between two groups
+    that differ in one param, their runs paired by seed."""
+    table = rows.pivot_table(index=["group", "seed"], columns="strategy", values="accuracy")
+    out = []
+    for group, by_seed in table.groupby(level="group", sort=False):
+        for a, b in itertools.combinations([s for s in STRATEGIES if s in by_seed], 2):
+            out.append(compared(f"{group}: {a} - {b}", (by_seed[a] - by_seed[b]).dropna().tolist(), a, b))
+    groups = rows.drop_duplicates("group").set_index("group")[swept]
+    for (g1, v1), (g2, v2) in itertools.combinations(groups.iterrows(), 2):
+        differ = [k for k in swept if shown(v1[k]) != shown(v2[k])]
+        if len(differ) != 1:
+            continue
+        key = differ[0]
+        for s in [s for s in STRATEGIES if s in table]:
+            diffs = (table.loc[g2][s] - table.loc[g1][s]).dropna().tolist()
+            a, b = f"{key}={shown(v2[key])}", f"{key}={shown(v1[key])}"
+            out.append(compared(f"{s}: {a} - {shown(v1[key])}", diffs, a, b))
+    return out
+
+
+def compared(label: str, diffs: list[float], a: str, b: str) -> tuple[str, ...]:
+    spread = Spread.of(diffs) if diffs else Spread(0, 0.0, None, None, None)
+    return label, str(spread.n), f"{spread.mean:+.4f}", interval_of(spread, "+"), spread.verdict(a, b)
+
+
+def fmt(value: float | None, sign: str = "") -> str:
+    return "-" if value is None else f"{value:{sign}.4f}"
+
+
+def interval_of(spread: Spread, sign: str = "") -> str:
+    return "-" if spread.low is None else f"{fmt(spread.low, sign)} to {fmt(spread.high, sign)}"
+
+
+def run_answers(rev: str, strategy: str) -> dict[str, bool]:
+    """An experiment's predictions (kept in git: evaluate's plots are ``cache: false``)."""
+    path = f"plots/{strategy}/predictions.csv"
+    return right_answers(git_show(rev, path), f"{path} at {rev[:7]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("predictions", nargs="*", type=Path, help="the stage: each strategy's predictions.csv")
@@ -119,17 +313,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, help="the stage: the pairs as JSON")
     parser.add_argument("--revs", nargs=2, metavar=("A", "B"), help="compare two git revisions or experiments")
     parser.add_argument("--experiments", action="store_true", help="each experiment's accuracies and params")
-    parser.add_argument("--strategy", nargs="+", help="with --revs or --experiments: the strategies to show "
-                        "(default: each one evaluated in the workspace)")
+    parser.add_argument("--summary", action="store_true", help="the experiments' accuracies over seeds, by group")
+    parser.add_argument("--plot", type=Path, default=Path("reports/summary.png"), help="with --summary: its picture")
+    parser.add_argument("--strategy", nargs="+", help="with --revs, --experiments or --summary: the strategies to "
+                        "show (default: each one evaluated)")
     args = parser.parse_args(argv)
-    if args.experiments:
+    if args.summary:
+        summary(args.strategy, args.plot)
+    elif args.experiments:
         experiments(args.strategy)
     elif args.revs:
         across_revs(args.revs, args.strategy or sorted(p.parent.name for p in Path("plots").glob("*/predictions.csv")))
     elif len(args.predictions) >= 2 and args.table and args.report:
         within_run(args.predictions, args.table, args.report)
     else:
-        parser.error("give two or more predictions.csv files with --table and --report, or --revs A B")
+        parser.error("give two or more predictions.csv files with --table and --report, or --revs A B, "
+                     "--experiments or --summary")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ A throw-away git copy of the project (as ``conftest.dvc_repo`` makes one, but bu
 since ``dvc repro`` of every stage is the slowest thing the tests do) configured only in
 params.yaml, with what the code was not written for: a local folder of three generated
 classes with ``train/`` only (validation split off by ``data.val_fraction``), and
-torchvision's MobileNetV3-Small started from a local ``.pth`` (random, with randomised
-BatchNorm statistics). It trains every strategy for two epochs on 32-pixel images,
-evaluates and compares them, and draws every plot. The first run's results are committed,
+torchvision's MobileNetV3-Small started from a local ``.pth`` (random, with the BatchNorm
+statistics of random images, so that its features tell the images apart). It trains every
+strategy for two epochs on 32-pixel images, evaluates and compares them, and draws every plot. The first run's results are committed,
 so ``HEAD`` holds the metrics and plots (they are ``cache: false`` and belong in git) and
 the diff commands have something to compare with. Tests that change the repository work
 on a copy (:func:`copy_repo`); copies are cheap (a few hundred MB of files, no training).
@@ -16,7 +16,8 @@ on a copy (:func:`copy_repo`); copies are cheap (a few hundred MB of files, no t
 queued with ``dvc exp run --queue`` and run by ``dvc queue start`` workers in parallel: one
 with finetune's learning rate changed, one with feature_extract's. The queue starts as soon as
 the pipeline is built, where the session has tests that use it, and runs beside the first
-tests. The caching and experiment tests start from it, so they have second results (and
+tests. :func:`shared_sweep` does the same with :data:`SWEEP`, six experiments over seeds and
+images per class, on another copy. The caching and experiment tests start from it, so they have second results (and
 run-cache entries) without training.
 """
 
@@ -60,6 +61,12 @@ PIPELINE_PARAMS: dict[str, Any] = {
 #: (the committed run has 0.001).
 EXPERIMENTS = {"finetune-lr": "train.finetune.lr", "head-lr": "train.feature_extract.lr"}
 EXPERIMENT_LR = 0.01
+#: The sweep of :func:`shared_sweep`, in DVC's own syntax: two groups (2 training images per
+#: class, or all 4) of three seeds, each running feature_extract alone (the cheapest: the other
+#: strategies keep the commit's results, which are not the experiment's), at a learning rate
+#: that learns in two epochs.
+SWEEP = ("-S", "data.train_per_class=2,all", "-S", "seed=range(1,4)", "-S", f"train.feature_extract.lr={EXPERIMENT_LR}",
+         "evaluate@feature_extract")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,12 @@ class Pipeline:
     repo: DvcRepo
     first_run: subprocess.CompletedProcess[str]   # the `dvc repro` that built everything
     weights: Path                                 # the local state_dict model.weights names
+
+
+@dataclass(frozen=True)
+class Sweep:
+    repo: DvcRepo              # a copy of the pipeline after the queue ran the sweep
+    status: dict[str, str]     # experiment name (DVC's own) -> its final `dvc queue status`
 
 
 @dataclass(frozen=True)
@@ -529,7 +542,7 @@ def build_pipeline(base: Path) -> Pipeline:
     """Copy the project into ``base/repo``, commit, ``dvc repro`` it all, commit the results."""
     folder = make_image_folders(base / "my-images", classes=CLASSES, n_train=6, n_val=0)
     shutil.rmtree(folder / "val")  # train/ only: unzip splits val/ off it
-    weights = save_state_dict(random_state_dict(ARCH, seed=WEIGHTS_SEED), pipeline_weights(base))
+    weights = save_state_dict(random_state_dict(ARCH, seed=WEIGHTS_SEED, calibrated=True), pipeline_weights(base))
     repo = new_repo(base, {**PIPELINE_PARAMS, "data.url": str(folder), "data.sha256": None,
                            "data.val_fraction": 0.34, "model.arch": ARCH, "model.weights": str(weights)})
     first = repo.dvc("repro", timeout=600)
@@ -548,16 +561,27 @@ def shared_pipeline(factory: pytest.TempPathFactory, request: pytest.FixtureRequ
         _SHARED["pipeline"] = build_pipeline(factory.mktemp("pipeline"))
         if request is not None:
             _start_beside(request, factory, "after", _SHARED["pipeline"])
-            if any("experiments" in getattr(item, "fixturenames", ()) for item in request.session.items):
-                queued = _SHARED["queue"] = queue_copy(_SHARED["pipeline"], factory)  # runs beside the first tests
-                request.session.addfinalizer(lambda: queued.dvc("queue", "stop", "--kill", check=False))
+            for fixture, start in (("experiments", queue_copy), ("sweep", sweep_copy)):
+                if any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items):
+                    queued = _SHARED[f"queue-{fixture}"] = start(_SHARED["pipeline"], factory)  # beside the tests
+                    request.session.addfinalizer(lambda q=queued: q.dvc("queue", "stop", "--kill", check=False))
     return _SHARED["pipeline"]
 
 
 def queue_copy(pipeline: Pipeline, factory: pytest.TempPathFactory) -> DvcRepo:
     """A copy of the pipeline with :data:`EXPERIMENTS` queued and the queue started."""
     repo = copy_repo(pipeline.repo, factory.mktemp("experiments"))
-    start_queue(repo, {name: {key: EXPERIMENT_LR} for name, key in EXPERIMENTS.items()})
+    for name, key in EXPERIMENTS.items():
+        repo.dvc("exp", "run", "--queue", "-S", f"{key}={EXPERIMENT_LR}", "--name", name)
+    start_queue(repo)
+    return repo
+
+
+def sweep_copy(pipeline: Pipeline, factory: pytest.TempPathFactory) -> DvcRepo:
+    """A copy of the pipeline with :data:`SWEEP` queued and the queue started."""
+    repo = copy_repo(pipeline.repo, factory.mktemp("sweep"))
+    repo.dvc("exp", "run", "--queue", *SWEEP)
+    start_queue(repo)
     return repo
 
 
@@ -567,17 +591,19 @@ def copy_repo(repo: DvcRepo, base: Path) -> DvcRepo:
     return DvcRepo(root, pipeline_env(base / "home", base / "dvc-site-cache"))
 
 
-def start_queue(repo: DvcRepo, experiments: dict[str, dict[str, Any]], jobs: int = 2) -> None:
-    """``dvc exp run --queue -S ... --name <name>`` for each of ``experiments`` (name -> params),
-    then ``dvc queue start --jobs <jobs>``, whose workers run them in the background."""
-    for name, params in experiments.items():
-        sets = [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
-        repo.dvc("exp", "run", "--queue", *sets, "--name", name)
+def start_queue(repo: DvcRepo, jobs: int = 2) -> None:
+    """``dvc queue start --jobs <jobs>``, whose workers run the queued experiments in the background."""
     # Output to a file, not a pipe: the workers inherit it, and reading a pipe to its end
     # would wait for them to finish.
     with (repo.root.parent / "queue-start.txt").open("wb") as out:
         subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)], cwd=repo.root,
                        env=repo.env, stdout=out, stderr=subprocess.STDOUT, timeout=120, check=True)
+
+
+def queued(repo: DvcRepo) -> list[str]:
+    """The names of the experiments in ``dvc queue status`` (DVC names those it was not given)."""
+    lines = repo.dvc("queue", "status").stdout.splitlines()
+    return [line.split()[1] for line in lines[1:] if len(line.split()) > 2 and not line.startswith("Worker")]
 
 
 def finish_queue(repo: DvcRepo, names: list[str], timeout: float = 400) -> dict[str, str]:
@@ -594,8 +620,20 @@ def shared_experiments(factory: pytest.TempPathFactory, request: pytest.FixtureR
     workspace is still the first run's."""
     if "experiments" not in _SHARED:
         pipeline = shared_pipeline(factory, request)
-        repo = _SHARED.pop("queue", None) or queue_copy(pipeline, factory)
+        repo = _SHARED.pop("queue-experiments", None) or queue_copy(pipeline, factory)
         status = finish_queue(repo, list(EXPERIMENTS))
         logs = {name: repo.dvc("queue", "logs", name, check=False).stdout for name in EXPERIMENTS}
         _SHARED["experiments"] = Experiments(repo, status, logs)
     return _SHARED["experiments"]
+
+
+def shared_sweep(factory: pytest.TempPathFactory, request: pytest.FixtureRequest | None = None) -> Sweep:
+    """A copy of :func:`shared_pipeline` after the queue ran :data:`SWEEP` (built on first use;
+    read-only)."""
+    if "sweep" not in _SHARED:
+        pipeline = shared_pipeline(factory, request)
+        repo = _SHARED.pop("queue-sweep", None) or sweep_copy(pipeline, factory)
+        names = queued(repo)
+        assert len(names) == 6, names
+        _SHARED["sweep"] = Sweep(repo, finish_queue(repo, names))
+    return _SHARED["sweep"]

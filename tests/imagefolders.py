@@ -80,11 +80,14 @@ def tiny_params(dest: str | os.PathLike[str], changes: Mapping[str, Any] | None 
     return write_params(dest, {**TINY_TRAIN, **(changes or {})})
 
 
-def random_state_dict(arch: str = "resnet18", seed: int = 1234) -> dict[str, torch.Tensor]:
+def random_state_dict(arch: str = "resnet18", seed: int = 1234, calibrated: bool = False) -> dict[str, torch.Tensor]:
     """A randomly initialised torchvision model's state_dict (stands in for pretrained weights).
 
     The BatchNorm running statistics are randomised too (not torch's 0/1 defaults), so a test
-    can tell "loaded from the file" apart from "freshly initialised".
+    can tell "loaded from the file" apart from "freshly initialised". ``calibrated``: they are
+    those of random images instead, as training would leave them, so that the network's outputs
+    depend on its input (a deep random network with other statistics gives every image the
+    same features, and nothing can learn from them).
     """
     torch.manual_seed(seed)
     model = torchvision.models.get_model(arch, weights=None)
@@ -93,6 +96,9 @@ def random_state_dict(arch: str = "resnet18", seed: int = 1234) -> dict[str, tor
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.9, 1.1)
+                module.momentum = None if calibrated else module.momentum  # a cumulative average
+        if calibrated:
+            model.train()(torch.randn(32, 3, 32, 32))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

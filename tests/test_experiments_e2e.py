@@ -20,12 +20,20 @@ from dvc_pipeline import (
     EXPERIMENT_LR,
     EXPERIMENTS,
     MODES,
+    Background,
     Experiments,
+    Pipeline,
+    background,
+    beside_pipeline,
+    cache_object,
     copy_repo,
     declared_plots,
     dvc_json,
+    head_lock,
+    local_cache,
     page_specs,
     ran_stages,
+    run_in_background,
 )
 
 #: The command the README shows to compare experiments (its only ``... --experiments`` line).
@@ -112,6 +120,8 @@ def test_queued_experiments_run_in_temporary_copies(experiments: Experiments, tm
     applied = json.loads((work.root / "metrics" / "finetune.json").read_text())
     assert applied == shown["finetune-lr"]["metrics"]["metrics/finetune.json"]["data"]
     assert dvc_json(work, "status") == {}
+    assert changed_params(work) == {"workspace": "train.finetune.lr=0.01", "finetune-lr": "train.finetune.lr=0.01",
+                                    "head-lr": "train.feature_extract.lr=0.01", branch_of(work): ""}
 
     # Branch the other: a git branch with its params, lock and results.
     work.dvc("exp", "branch", "head-lr", "head-lr-branch")
@@ -121,6 +131,42 @@ def test_queued_experiments_run_in_temporary_copies(experiments: Experiments, tm
     assert json.loads(work.git("show", "head-lr-branch:metrics/feature_extract.json")) == \
         shown["head-lr"]["metrics"]["metrics/feature_extract.json"]["data"]
     assert work.git("show", "head-lr-branch:dvc.lock") == repo.git("show", f"{experiments.rev('head-lr')}:dvc.lock")
+
+
+def changed_params(repo: Any) -> dict[str, str]:
+    """Row label -> the params it changed, as the README's compare command prints them."""
+    table = subprocess.run(readme_compare_command(), cwd=repo.root, env=repo.env, capture_output=True, text=True,
+                           check=True).stdout
+    header, *rows = table.splitlines()
+    at = header.index("params changed")
+    return {(line.split()[1].strip("[]") if "[" in line.split()[1] else line.split()[0]): line[at:].strip()
+            for line in rows}
+
+
+def branch_of(repo: Any) -> str:
+    return repo.git("rev-parse", "--abbrev-ref", "HEAD").strip()
+
+
+PLAIN_RUN = "test_a_plain_exp_run_in_the_workspace_is_the_changed_row"
+
+
+@beside_pipeline(PLAIN_RUN, "after")
+def start_plain_run(base: Path, pipeline: Pipeline) -> Background:
+    """The README's everyday experiment, run in the workspace of a copy of the pipeline, in the
+    background as soon as the pipeline is built."""
+    return run_in_background(copy_repo(pipeline.repo, base), ["exp", "run", "-S", "evaluate.grid_images=3", "-n",
+                                                               "plain", "evaluate@feature_extract"], base)
+
+
+def test_a_plain_exp_run_in_the_workspace_is_the_changed_row(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The README's everyday ``dvc exp run -S ...`` run in the workspace (not queued), where
+    ``dvc exp show`` marks the workspace a baseline too: the workspace and the new experiment
+    show the changed param, the commit does not."""
+    started = background(PLAIN_RUN) or start_plain_run(tmp_path, pipeline)
+    ran = started.result()
+    assert ran_stages(ran.stdout) == ["evaluate@feature_extract"], ran.stdout
+    assert changed_params(started.repo) == {"workspace": "evaluate.grid_images=3", "plain": "evaluate.grid_images=3",
+                                            branch_of(started.repo): ""}
 
 
 def test_metrics_and_experiments_fit_a_terminal(experiments: Experiments) -> None:
@@ -162,5 +208,111 @@ def test_metrics_and_experiments_fit_a_terminal(experiments: Experiments) -> Non
                  for rev in ("HEAD", experiments.rev("finetune-lr"))]
         only = [sum(r[k] and not other[k] for k in r) for r, other in (right, right[::-1])]
         assert f"{mode}: HEAD " in revs, revs
-        assert f"right only in HEAD: {only[0]}, only in finetune-lr: {only[1]}; McNemar p = " in revs, revs
+        assert f"right only in HEAD: {only[0]}, only in finetune-lr: {only[1]}; McNemar mid-p = " in revs, revs
     assert revs.count("right only in") == len(MODES) and "Traceback" not in revs, revs
+
+
+# --------------------------------------------------------------------------- sweeps over seeds
+
+#: t's 97.5% point for 2 degrees of freedom (three seeds), from the tables.
+T_975_2 = 4.302653
+
+
+def readme_summary_command() -> list[str]:
+    (line,) = [line for line in README.read_text().splitlines() if line.startswith("python -m stages.compare --sum")]
+    return shlex.split(line.split(" #")[0])
+
+
+def sweep_runs(repo: Any) -> list[dict[str, Any]]:
+    """Each experiment of the sweep as a person would tally it: its seed and images per class
+    (``dvc exp show``), feature_extract's accuracy and wrong images (its own commit's metrics
+    and predictions, read with git)."""
+    runs = []
+    refs = repo.git("for-each-ref", "--format=%(refname)", "refs/exps").split()
+    for name, data in experiments_of(dvc_json(repo, "exp", "show")).items():
+        rev = next(r for r in refs if r.endswith("/" + name))
+        csv_text = repo.git("show", f"{rev}:plots/feature_extract/predictions.csv")
+        rows = [line.split(",") for line in csv_text.splitlines()[1:]]
+        runs.append({"name": name, "rev": rev, "seed": param(data, "seed"),
+                     "group": param(data, "data.train_per_class"),
+                     "accuracy": json.loads(repo.git("show", f"{rev}:metrics/feature_extract.json"))["accuracy"],
+                     "wrong": {path for path, actual, predicted, _ in rows if actual != predicted},
+                     "scored": [row[0] for row in rows]})
+    return runs
+
+
+def by_hand(values: list[float]) -> tuple[float, float, float, float]:
+    """Mean, sample sd and the 95% t-interval of the mean of three values."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    half = T_975_2 * sd / len(values) ** 0.5
+    return mean, sd, mean - half, mean + half
+
+
+def test_a_sweep_of_seeds_is_summed_up_as_by_hand(sweep: Any, tmp_path: Path) -> None:
+    """``dvc exp run --queue -S 'data.train_per_class=2,all' -S 'seed=range(1,4)'`` run by two
+    workers, then the README's summary command: per group, n, the mean accuracy, its sd,
+    min-max and 95% interval equal a hand computation from each experiment's metrics; so does
+    the difference between the groups paired by seed, with its verdict; the images every run
+    of a group got wrong are those of the predictions; finetune and lp_ft, which the sweep did
+    not run, are in none of it (their metrics files are the commit's); the curve is drawn."""
+    repo = sweep.repo
+    assert set(sweep.status.values()) == {"Success"}, sweep.status
+    runs = sweep_runs(repo)
+    assert sorted((str(r["group"]), r["seed"]) for r in runs) == sorted((g, s) for g in ("2", "all") for s in (1, 2, 3))
+    plot = tmp_path / "summary.png"
+    out = subprocess.run([*readme_summary_command(), "--plot", str(plot)], cwd=repo.root, env=repo.env,
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= WIDTH and "Traceback" not in out, out
+    assert lines[0].startswith("6 experiments in 2 groups (by data.train_per_class)"), out
+
+    def line_of(*starts: str) -> list[str]:
+        (found,) = [line.split() for line in lines if line.split()[:len(starts)] == list(starts)]
+        return found
+
+    by_seed = {}
+    for group in (2, "all"):
+        of = sorted((r for r in runs if r["group"] == group), key=lambda r: r["seed"])
+        by_seed[group] = [r["accuracy"] for r in of]
+        mean, sd, low, high = by_hand(by_seed[group])
+        values = by_seed[group]
+        assert line_of(f"data.train_per_class={group}", "feature_extract") == [
+            f"data.train_per_class={group}", "feature_extract", "3", f"{mean:.4f}", f"{sd:.4f}",
+            f"{min(values):.4f}-{max(values):.4f}", f"{low:.4f}", "to", f"{high:.4f}"], out
+        wrong = set.intersection(*(r["wrong"] for r in of))
+        assert line_of(f"data.train_per_class={group}:")[1:3] == [str(len(wrong)), "images"], out
+        assert all(image in out for image in wrong)
+    (row,) = [line for line in lines if line.startswith("feature_extract: data.train_per_class=")]
+    first, second = (2, "all") if row.startswith("feature_extract: data.train_per_class=2 ") else ("all", 2)
+    mean, _, low, high = by_hand([a - b for a, b in zip(by_seed[first], by_seed[second], strict=True)])
+    verdict = "not shown to differ across 3 seeds" if low <= 0 <= high else \
+        f"data.train_per_class={first if mean > 0 else second} is better across 3 seeds"
+    assert " ".join(row.split()[4:]) == f"3 {mean:+.4f} {low:+.4f} to {high:+.4f} {verdict}", out
+    assert "finetune" not in out and "lp_ft" not in out, "the sweep ran feature_extract alone"
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_images_per_class_are_nested_subsets_and_leave_validation_alone(sweep: Any) -> None:
+    """With the same seed, ``data.train_per_class: 2`` trains on two of each class's four
+    training images, among them, and scores exactly the validation images of ``all``; the
+    README's experiments command prints each experiment's params as written (``seed=1``, not
+    ``seed=1.0``) and no accuracy for the strategies it did not run."""
+    repo = sweep.repo
+    runs = {(r["group"], r["seed"]): r for r in sweep_runs(repo)}
+    for seed in (1, 2, 3):
+        small, full = runs[(2, seed)], runs[("all", seed)]
+        reports = [json.loads(cache_object(local_cache(repo), head_lock(repo, run["rev"])["reports/data.json"])
+                              .read_text()) for run in (small, full)]
+        assert [set(r["train"]["per_class"].values()) for r in reports] == [{2}, {4}]
+        assert reports[0]["val"] == reports[1]["val"] and reports[0]["train_per_class"] == 2
+        assert small["scored"] == full["scored"]
+    table = subprocess.run(readme_compare_command(), cwd=repo.root, env=repo.env, capture_output=True, text=True,
+                           check=True).stdout
+    for run in runs.values():
+        (line,) = [line for line in table.splitlines() if f"[{run['name']}]" in line]
+        changed = {f"seed={run['seed']}", f"train.feature_extract.lr={EXPERIMENT_LR}"} | (
+            {f"data.train_per_class={run['group']}"} if run["group"] != "all" else set())
+        assert set(line.split()[-len(changed):]) == changed, line
+        assert line.split()[2] == "-" and line.split()[4] == "-", f"{run['name']} ran feature_extract alone: {line}"
+

@@ -37,11 +37,15 @@ from dvc_pipeline import (
     HEAD,
     MODES,
     PIPELINE_PARAMS,
+    Background,
     Pipeline,
+    background,
+    beside_pipeline,
     copy_repo,
     dvc_json,
     local_cache,
     run_cache_entries,
+    run_in_background,
     workspace_lock,
 )
 from imagefolders import RESULTS, assert_close_outputs, load_trained
@@ -248,6 +252,18 @@ def outputs(root: Path, mode: str) -> tuple[list[dict[str, str]], dict[str, Any]
     return rows, record, torch.load(root / "models" / f"{mode}.pt", map_location="cpu", weights_only=True)
 
 
+TWO_PROCESSES = "test_two_processes_through_dvc_repro"
+
+
+@beside_pipeline(TWO_PROCESSES, "after")
+def start_two_processes(base: Path, pipeline: Pipeline) -> Background:
+    """``dvc repro train@feature_extract`` on 2 processes, in the background on a copy of the
+    shared pipeline as soon as it is built; what ``dvc status`` said before goes with it."""
+    repo = copy_repo(pipeline.repo, base)
+    repo.set_params({"train.distributed.nproc_per_node": 2})
+    return run_in_background(repo, ["repro", "train@feature_extract"], base, status=dvc_json(repo, "status"))
+
+
 def test_two_processes_through_dvc_repro(pipeline: Pipeline, tmp_path: Path) -> None:
     """``train.distributed.nproc_per_node: 2`` makes a train stage out of date (not the features,
     which are the same from any number of processes), and it runs through torchrun on 2 gloo
@@ -257,11 +273,9 @@ def test_two_processes_through_dvc_repro(pipeline: Pipeline, tmp_path: Path) -> 
     count every image once. (finetune on 2 processes, whose BatchNorm normalises each process's
     share of a step: tests/test_resume.py; the loop on a network without BatchNorm:
     tests/test_distributed.py.)"""
-    repo = copy_repo(pipeline.repo, tmp_path)
-    mode = "feature_extract"
-    repo.set_params({"train.distributed.nproc_per_node": 2})
-    assert {"train@finetune", "train@feature_extract", "train@lp_ft"} <= set(dvc_json(repo, "status")), "not declared"
-    run = repo.dvc("repro", f"train@{mode}", timeout=300)
+    started = background(TWO_PROCESSES) or start_two_processes(tmp_path, pipeline)
+    repo, run, mode = started.repo, started.result(), "feature_extract"
+    assert {"train@finetune", "train@feature_extract", "train@lp_ft"} <= set(started.extra["status"]), "not declared"
     assert "'features' didn't change" in run.stdout, run.stdout
     assert run.stdout.count("Epoch 2/2") == 1, run.stdout  # once, not per process
     assert run.stdout.count(f"train@{mode}: best val acc") == 1, run.stdout

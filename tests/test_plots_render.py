@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 from conftest import REPO_ROOT, DvcRepo
 from dvc_pipeline import (
+    DeclaredPlot,
     Pipeline,
     bar_axes,
     datum_point,
@@ -96,6 +97,41 @@ REPORT = r"""
     }
     return count;
   };
+  const linesOf = view => {  // each drawn line (one line mark of a facet) and its points
+    const found = [];
+    const walk = mark => {
+      if (!mark || !mark.items) return;
+      if (mark.marktype === 'line' && mark.role === 'mark') found.push(mark.items.map(item => item.datum));
+      mark.items.forEach(item => (item.items || []).forEach(walk));
+    };
+    walk(view.scenegraph().root);
+    return found;
+  };
+  const legendsOf = view => {  // what each legend reads: its title and its labels
+    const found = [];
+    const texts = (mark, role, out) => {
+      if (!mark || !mark.items) return;
+      if (mark.role === role) mark.items.forEach(item => out.push(item.text));
+      mark.items.forEach(item => (item.items || []).forEach(child => texts(child, role, out)));
+    };
+    const walk = mark => {
+      if (!mark || !mark.items) return;
+      if (mark.role === 'legend') {
+        mark.items.forEach(legend => {
+          const title = [], labels = [];
+          (legend.items || []).forEach(child => {
+            texts(child, 'legend-title', title);
+            texts(child, 'legend-label', labels);
+          });
+          found.push({title: title.join(' '), labels: labels});
+        });
+        return;
+      }
+      mark.items.forEach(item => (item.items || []).forEach(walk));
+    };
+    walk(view.scenegraph().root);
+    return found;
+  };
   const embeds = window.__embeds || [];
   return {
     loaded: document.readyState === 'complete',
@@ -107,6 +143,8 @@ REPORT = r"""
         ink: r.view ? ink(el) : 0,
         lines: r.view ? dataOf(r.view, 'line') : [],
         rects: r.view ? dataOf(r.view, 'rect') : [],
+        drawn: r.view ? linesOf(r.view) : [],
+        legends: r.view ? legendsOf(r.view) : [],
       };
     }),
     images: [...document.images].map(img => ({
@@ -335,6 +373,8 @@ def test_charts_and_images_render_offline(pipeline: Pipeline, browser: DevTools,
         else:
             points = {p for p in (datum_point(d, plot) for d in chart["lines"]) if p is not None}
             assert points == expected_points(plot, root), f"{plot.id} {where}"
+            if plot.stage is None:  # the top-level charts: every strategy in one
+                assert_one_line_per_series(plot, chart, {"workspace"}, where)
 
     images = {Path(i["src"]).name: i for i in report["images"]}
     declared_images = [p.id for p in plots if p.is_image]
@@ -344,6 +384,38 @@ def test_charts_and_images_render_offline(pipeline: Pipeline, browser: DevTools,
         with Image.open(root / png) as picture:
             size = picture.size
         assert img["complete"] and (img["width"], img["height"]) == size, (png, img, where)
+
+
+def assert_one_line_per_series(plot: DeclaredPlot, chart: dict[str, Any], revisions: set[str], where: str) -> None:
+    """Each drawn line is the points of one file (one strategy) of one revision, and every file
+    of every revision is one line; the legends name only the real strategies and revisions."""
+    series = {(path.split("/")[1], rev) for path, _ in plot.series() for rev in revisions}
+    drawn = []
+    for line in chart["drawn"]:
+        files = {datum_point(d, plot)[0] for d in line if datum_point(d, plot) is not None}  # type: ignore[index]
+        revs = {d.get("rev") for d in line}
+        assert len(files) == 1 and len(revs) == 1, f"{plot.id}: a line through {files} of {revs} {where}"
+        drawn.append((files.pop().split("/")[1], revs.pop()))
+    assert sorted(drawn) == sorted(series), f"{plot.id} {where}"
+    legends = {legend["title"]: sorted(legend["labels"]) for legend in chart["legends"]}
+    assert legends == {"strategy": sorted({s for s, _ in series}), "revision": sorted(revisions)}, \
+        f"{plot.id}: {legends} {where}"
+
+
+def test_a_diff_of_two_revisions_draws_each_strategy_of_each(pipeline: Pipeline, browser: DevTools,
+                                                             tmp_path: Path) -> None:
+    """``dvc plots diff HEAD`` (the committed run and the workspace): every top-level chart
+    draws one line per strategy and revision, and its legends name just those."""
+    root = pipeline.repo.root
+    pipeline.repo.dvc("plots", "diff", "HEAD", "-o", str(tmp_path / "diff"), "--html-template",
+                      str(root / TEMPLATE.relative_to(REPO_ROOT)))
+    shown = render(browser, tmp_path / "diff" / "index.html", tmp_path / "screenshot.png")
+    charts = {c["title"]: c for c in shown.report["charts"]}
+    top = [p for p in declared_plots(root) if p.stage is None]
+    assert top and shown.errors == []
+    for plot in top:
+        assert_one_line_per_series(plot, charts[plot.title], {"workspace", "HEAD"},
+                                   f"(screenshot: {shown.screenshot})")
 
 
 def test_checks_catch_a_broken_page(pipeline: Pipeline, browser: DevTools, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -80,3 +81,19 @@ def save_png(fig: plt.Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
     plt.close(fig)
+
+
+def save_sweep(path: Path, xs: Sequence[str], series: dict[str, list[Any]], xlabel: str, title: str) -> None:
+    """Each strategy's accuracy (``series``: a :class:`transfer.statistics.Spread` or None per
+    x) against ``xs``, the mean with its 95% interval over seeds: ``compare --summary``."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(xs)), 4.5))
+    for strategy, spreads in series.items():
+        at = [(i, s) for i, s in enumerate(spreads) if s is not None]
+        ax.errorbar([i for i, _ in at], [s.mean for _, s in at], capsize=4, marker="o", label=strategy,
+                    yerr=[[s.mean - s.low if s.low is not None else 0 for _, s in at],
+                          [s.high - s.mean if s.high is not None else 0 for _, s in at]])
+    ax.set_xticks(range(len(xs)), list(xs))
+    ax.set(xlabel=xlabel, ylabel="accuracy (mean and 95% interval over seeds)", title=title)
+    ax.legend(title="strategy")
+    ax.grid(alpha=0.3)
+    save_png(fig, path)
