@@ -22,7 +22,7 @@ from PIL import Image, ImageEnhance
 
 # The images the project's unzip stage keeps, which are those torchvision's ImageFolder (the
 # reference loop) reads, less the real archive's ``imageNotFound.gif``: both sides see the same.
-from transfer.layout import SPLITS, is_image_name
+from transfer.imagefolder import SPLITS, is_image_name
 
 TOP = "hymenoptera_data"
 #: Fixed timestamps so the generated archives are byte-identical from run to run.

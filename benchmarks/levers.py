@@ -24,8 +24,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from transfer.devices import autocast
-from transfer.runtime import configure_threads, native_bf16
+from transfer.devices import autocast, configure_threads, native_bf16
 
 CPU = torch.device("cpu")
 

@@ -17,14 +17,15 @@ import torch
 
 from transfer.atomic import write_json, write_text
 from transfer.checkpoints import CheckpointMeta, read_meta, trained_classifier
-from transfer.data import ValImages, image_folders, ordered_loader
-from transfer.devices import resolve_device
+from transfer.datasets import ValImages, ordered_loader
+from transfer.devices import configure_threads, resolve_device, resolve_workers
 from transfer.errors import UserError
 from transfer.evaluation import Predictions, classification_report, predict
 from transfer.figures import save_image_grid
+from transfer.imagefolder import image_folders
 from transfer.params import load_params
 from transfer.preprocess import ModelInput
-from transfer.runtime import configure_threads, resolve_workers, run_record
+from transfer.record import run_record
 from transfer.stage import run_stage
 from transfer.statistics import wilson_interval
 

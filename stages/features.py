@@ -1,5 +1,5 @@
 """Stage ``features``: the frozen backbone's outputs, computed once for the strategies that train
-the head alone on them (``train@feature_extract``); see :mod:`transfer.features`.
+the head alone on them (``train@feature_extract``); see :mod:`transfer.stored_features`.
 
 A change to the head's recipe (lr, momentum, weight decay, the schedule) then retrains in
 seconds without running the backbone again. The run record goes to ``--record``.
@@ -23,11 +23,18 @@ from tqdm import tqdm
 from transfer import distributed
 from transfer.atomic import atomic_dir, write_json
 from transfer.checkpoints import PretrainedMeta, pretrained_classifier, read_start, save_tensors
-from transfer.data import WORKER_START, EpochSampler, Pair, Split, TrainImages, ValImages, image_folders, ordered_loader
-from transfer.devices import autocast, resolve_device
+from transfer.datasets import WORKER_START, EpochSampler, Pair, TrainImages, ValImages, ordered_loader
+from transfer.devices import amp_warning, autocast, configure_threads, resolve_device, resolve_workers
 from transfer.distributed import World
 from transfer.errors import UserError
-from transfer.features import (
+from transfer.imagefolder import Split, image_folders
+from transfer.interrupts import quiet_loader_worker
+from transfer.params import Params, load_params
+from transfer.preprocess import ModelInput, Preprocess, resolve_preprocess
+from transfer.record import run_record
+from transfer.reproducibility import configure_backends, seed_everything
+from transfer.stage import run_stage
+from transfer.stored_features import (
     BATCHNORM,
     META,
     PARAMS,
@@ -39,12 +46,6 @@ from transfer.features import (
     head_inputs,
     head_is_last,
 )
-from transfer.interrupts import quiet_loader_worker
-from transfer.params import Params, load_params
-from transfer.preprocess import ModelInput, Preprocess, resolve_preprocess
-from transfer.reproducibility import configure_backends, seed_everything
-from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
-from transfer.stage import run_stage
 
 
 def main(argv: list[str] | None = None) -> None:

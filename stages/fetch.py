@@ -14,7 +14,7 @@ from tqdm import tqdm
 from transfer.atomic import atomic_path, write_json
 from transfer.download import Fetched, fetch, local_path, sha256_of
 from transfer.errors import UserError
-from transfer.layout import SPLITS, is_image_name, is_litter, layout_problem
+from transfer.imagefolder import SPLITS, is_image_name, is_litter, layout_problem
 from transfer.params import load_params
 from transfer.stage import run_stage
 

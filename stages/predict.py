@@ -20,8 +20,8 @@ from torchvision.transforms import functional as F
 from transfer.checkpoints import CheckpointMeta, read_meta, trained_classifier
 from transfer.devices import resolve_device
 from transfer.errors import UserError
+from transfer.imagefolder import is_image_name, is_litter
 from transfer.images import ImageTooLarge, decode
-from transfer.layout import is_image_name, is_litter
 from transfer.params import load_params
 from transfer.preprocess import ModelInput, val_crop
 from transfer.stage import run_stage

@@ -8,8 +8,9 @@ import argparse
 from pathlib import Path
 
 from transfer.checkpoints import PretrainedMeta, read_start
-from transfer.data import EpochSampler, TrainImages, image_folders
+from transfer.datasets import EpochSampler, TrainImages
 from transfer.figures import save_image_grid
+from transfer.imagefolder import image_folders
 from transfer.params import load_params
 from transfer.preprocess import resolve_preprocess
 from transfer.stage import run_stage

@@ -36,21 +36,22 @@ from transfer.checkpoints import (
     sidecar_path,
     trained_classifier,
 )
-from transfer.data import EpochSampler, FeatureViews, TrainImages, ValImages, image_folders
-from transfer.devices import describe_device, resolve_device
+from transfer.datasets import EpochSampler, FeatureViews, TrainImages, ValImages
+from transfer.devices import amp_warning, configure_threads, describe_device, resolve_device, resolve_workers
 from transfer.distributed import World
 from transfer.errors import UserError
-from transfer.features import PARAMS as FEATURE_PARAMS
-from transfer.features import TRAIN, VAL, StoredFeatures, read_features
+from transfer.imagefolder import image_folders
 from transfer.interrupts import Interrupted, deferred_interrupts
 from transfer.models import Head, find_head, freeze_backbone
 from transfer.params import Params, load_params
 from transfer.preprocess import ModelInput, Preprocess, resolve_preprocess
+from transfer.record import run_record
 from transfer.reproducibility import check_deterministic, configure_backends, seed_everything
 from transfer.resume import FOLDER as RESUME_FOLDER
 from transfer.resume import ResumeState, Training, restore, rng_states, run_key
-from transfer.runtime import amp_warning, configure_threads, resolve_workers, run_record
 from transfer.stage import run_stage
+from transfer.stored_features import PARAMS as FEATURE_PARAMS
+from transfer.stored_features import TRAIN, VAL, StoredFeatures, read_features
 from transfer.strategies import STRATEGIES, FinetuneRecipe, Recipe, Strategy
 from transfer.training import (
     Diverged,

@@ -7,10 +7,11 @@ params.yaml, with what the code was not written for: a local folder of three gen
 classes with ``train/`` only (validation split off by ``data.val_fraction``), and
 torchvision's MobileNetV3-Small started from a local ``.pth`` (random, with the BatchNorm
 statistics of random images, so that its features tell the images apart). It trains every
-strategy for two epochs on 32-pixel images, evaluates and compares them, and draws every plot. The first run's results are committed,
-so ``HEAD`` holds the metrics and plots (they are ``cache: false`` and belong in git) and
-the diff commands have something to compare with. Tests that change the repository work
-on a copy (:func:`copy_repo`); copies are cheap (a few hundred MB of files, no training).
+strategy for two epochs on 32-pixel images, evaluates and compares them, and draws every plot.
+The first run's results are committed, so ``HEAD`` holds the metrics and plots (they are
+``cache: false`` and belong in git) and the diff commands have something to compare with.
+Tests that change the repository work on a copy (:func:`copy_repo`); copies are cheap (a few
+hundred MB of files, no training).
 
 :func:`shared_experiments` adds, once per session, two experiments on a copy of that pipeline,
 queued with ``dvc exp run --queue`` and run by ``dvc queue start`` workers in parallel: one

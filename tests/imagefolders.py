@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from transfer.checkpoints import CheckpointMeta, read_meta, trained_classifier
-from transfer.data import EpochSampler
+from transfer.datasets import EpochSampler
 from transfer.distributed import World
 from transfer.preprocess import INTERPOLATIONS, Preprocess
 from transfer.training import make_loader

@@ -15,7 +15,8 @@ from imagefolders import preprocess, tutorial_transform
 from PIL import Image
 
 from transfer.checkpoints import CheckpointMeta, save_checkpoint
-from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
+from transfer.datasets import EpochSampler, TrainImages, ValImages
+from transfer.imagefolder import image_folders
 from transfer.images import ImageCache, decode
 from transfer.preprocess import IMAGENET, ModelInput
 

@@ -30,7 +30,7 @@ import stages.features
 import stages.train
 import stages.weights
 from transfer import distributed
-from transfer.data import EpochSampler
+from transfer.datasets import EpochSampler
 from transfer.distributed import IGNORE, World
 from transfer.errors import UserError
 from transfer.params import DistributedParams

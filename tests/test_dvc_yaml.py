@@ -11,13 +11,13 @@ from conftest import REPO_ROOT
 from dvc_pipeline import resolved_stages
 
 from stages import evaluate, preview, train
-from transfer import features
+from transfer import stored_features
 from transfer.strategies import STRATEGIES
 
 #: Plumbing that cannot change what a stage writes (see the header of dvc.yaml).
 PLUMBING = {"transfer/__init__.py", "transfer/errors.py", "transfer/atomic.py", "transfer/params.py",
             "transfer/schema.py", "transfer/stage.py",
-            "transfer/runtime.py", "transfer/interrupts.py", "transfer/resume.py", "stages/__init__.py"}
+            "transfer/record.py", "transfer/interrupts.py", "transfer/resume.py", "stages/__init__.py"}
 
 
 def project_imports(module: str) -> set[str]:
@@ -53,7 +53,7 @@ PARAMS = {
     "fetch": {"data.url", "data.sha256"},
     "unzip": {"seed", "data.val_fraction", "data.test_fraction", "data.train_per_class"},
     "weights": {"model.arch", "model.weights"},
-    "features": set(features.PARAMS),
+    "features": set(stored_features.PARAMS),
     **{f"train@{name}": set(train.tracked_params(name)) for name in STRATEGIES},
     **{f"evaluate@{name}": set(evaluate.PARAMS) for name in STRATEGIES},
     "preview": set(preview.PARAMS),

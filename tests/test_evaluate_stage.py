@@ -38,7 +38,8 @@ from trained import (
 from stages import evaluate as evaluate_stage
 from stages import preview as preview_stage
 from transfer.checkpoints import CheckpointMeta, read_meta
-from transfer.data import ValImages, image_folders
+from transfer.datasets import ValImages
+from transfer.imagefolder import image_folders
 
 GRID = EVAL_PARAMS["evaluate.grid_images"]
 OUTPUTS = ("metrics.json", "predictions.csv", "classes.csv", "predictions.png", "mistakes.png")

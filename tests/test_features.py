@@ -27,14 +27,15 @@ import stages.features
 import stages.train
 import stages.weights
 from transfer.checkpoints import PretrainedMeta, pretrained_classifier, read_start
-from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
-from transfer.features import head_inputs
+from transfer.datasets import EpochSampler, TrainImages, ValImages
+from transfer.devices import configure_threads
+from transfer.imagefolder import image_folders
 from transfer.models import freeze_backbone
 from transfer.params import load_params
 from transfer.preprocess import ModelInput, resolve_preprocess
 from transfer.reproducibility import seed_everything
-from transfer.runtime import configure_threads
 from transfer.stage import run_stage
+from transfer.stored_features import head_inputs
 from transfer.training import WarmUp, make_loader, train_model
 
 CPU = torch.device("cpu")

@@ -20,7 +20,8 @@ from conftest import bilevel_png, sideways_jpeg
 from imagefolders import preprocess
 from PIL import Image
 
-from transfer.data import Split, TrainImages, ValImages
+from transfer.datasets import TrainImages, ValImages
+from transfer.imagefolder import Split
 from transfer.images import ImageTooLarge, decode
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)

@@ -25,13 +25,13 @@ from imagefolders import make_image_folders
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transfer.data import EpochSampler, TrainImages, ValImages, image_folders
-from transfer.devices import accumulator_dtype
+from transfer.datasets import EpochSampler, TrainImages, ValImages
+from transfer.devices import accumulator_dtype, resolve_workers
 from transfer.errors import ParamError
+from transfer.imagefolder import image_folders
 from transfer.preprocess import IMAGENET, ModelInput
 from transfer.reproducibility import check_deterministic
 from transfer.resume import rng_states, set_rng_states
-from transfer.runtime import resolve_workers
 
 CPU = torch.device("cpu")
 
@@ -80,7 +80,7 @@ def test_auto_workers_share_the_cores_among_processes(processes: int, workers: i
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """16 cores: one process gets 8 workers (the cap), 2 get 7 each, 8 or 16 get one each,
     never 8 times the cores."""
-    monkeypatch.setattr("transfer.runtime.available_cores", lambda: 16)
+    monkeypatch.setattr("transfer.devices.available_cores", lambda: 16)
     assert resolve_workers("auto", torch.device("cuda"), processes) == workers
     assert resolve_workers("auto", CPU, processes) == 0
     assert resolve_workers(3, torch.device("cuda"), processes) == 3

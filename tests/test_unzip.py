@@ -37,7 +37,7 @@ from PIL import Image
 
 from stages import unzip as unzip_stage
 from transfer.errors import UserError
-from transfer.layout import is_litter, layout_problem
+from transfer.imagefolder import is_litter, layout_problem
 from transfer.stage import run_stage
 
 MakeZip = Callable[..., Path]

@@ -30,7 +30,7 @@ from imagefolders import load_trained, make_image_folders, tiny_params, tutorial
 from stages import train as train_stage
 from stages import weights as weights_stage
 from transfer.checkpoints import save_checkpoint
-from transfer.data import image_folders
+from transfer.imagefolder import image_folders
 from transfer.images import decode
 from transfer.stage import run_stage
 

@@ -18,8 +18,8 @@ from typing import IO
 from tqdm import tqdm
 
 from transfer.errors import UserError
+from transfer.imagefolder import SPLITS, is_image_name, is_litter, layout_problem
 from transfer.images import ImageTooLarge, decode
-from transfer.layout import SPLITS, is_image_name, is_litter, layout_problem
 
 #: Members are copied out in pieces of this size, never read whole into memory.
 CHUNK_BYTES = 1 << 20

@@ -2,7 +2,7 @@
 
 The global generators seeded here decide random initialisation (of the new head, and of
 the whole backbone with ``model.weights: none``). Shuffling and augmentation do not draw
-from them: they follow ``(seed, epoch, image)`` (see :mod:`transfer.data` and
+from them: they follow ``(seed, epoch, image)`` (see :mod:`transfer.datasets` and
 :mod:`transfer.augment`), so they do not depend on how many loader processes run.
 """
 

@@ -51,7 +51,7 @@ class FinetuneRecipe(Recipe):
 
 
 class FeatureExtractRecipe(Recipe):
-    """Training the head alone on the stored features (see :mod:`transfer.features`)."""
+    """Training the head alone on the stored features (see :mod:`transfer.stored_features`)."""
 
     batchnorm: Literal["frozen", "update"]
     views: Annotated[int, Field(ge=0, le=MAX_INT)] | Literal["auto"]

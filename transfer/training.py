@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from transfer.data import EpochSampler, Pair, loader_options
+from transfer.datasets import EpochSampler, Pair, loader_options
 from transfer.devices import accumulator_dtype, autocast, synchronize
 from transfer.distributed import IGNORE, World
 from transfer.errors import UserError

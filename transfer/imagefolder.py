@@ -1,14 +1,19 @@
-"""What an image-folder data set looks like: ``<split>/<class>/<image>``.
+"""What an image-folder data set looks like, ``<split>/<class>/<image>``, and its listing.
 
 The rules match torchvision's ``ImageFolder`` (the same accepted extensions, classes are the
 sorted folder names), plus the checks a pipeline needs before training: train/ and val/ present
-(test/ where the data set has one), the same classes in each, no class left empty.
+(test/ where the data set has one), the same classes in each, no class left empty. Torch-free:
+fetch and unzip use it too.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from transfer.errors import UserError
 
 SPLITS = ("train", "val", "test")
 REQUIRED = ("train", "val")
@@ -48,3 +53,45 @@ def layout_problem(counts: Mapping[str, Mapping[str, int]], required: tuple[str,
     if len(names["train"]) < 2:
         return f"at least 2 classes are needed to train a classifier (found {found})"
     return None
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: sorted class names and (path, label) samples, in ``ImageFolder``'s order."""
+
+    classes: list[str]
+    samples: list[tuple[str, int]]
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def image_folders(root: Path) -> dict[str, Split]:
+    """``train``, ``val`` and (where there is one) ``test`` of ``root``, with train/'s classes:
+    regular files with an image's extension (a named pipe would hang the decoder)."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for split in SPLITS:
+        if (root / split).is_dir():
+            found[split] = {folder.name: _images(folder) for folder in sorted((root / split).iterdir())
+                            if folder.is_dir()}
+    problem = layout_problem({split: {c: len(files) for c, files in found[split].items()} for split in found})
+    if problem:
+        raise UserError(f"{root} is not an image-folder data set: {problem}")
+    classes = sorted(found["train"])
+    return {split: Split(classes, [(path, label) for label, name in enumerate(classes) for path in folders[name]])
+            for split, folders in found.items()}
+
+
+def _images(folder: Path) -> list[str]:
+    """Its images, in subfolders too, but not through links to folders (a link to a parent
+    would list every image again and again)."""
+    return [os.path.join(top, name) for top, _, names in sorted(os.walk(folder))
+            for name in sorted(names) if is_image_name(name) and os.path.isfile(os.path.join(top, name))]

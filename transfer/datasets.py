@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,10 +17,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import functional as F
 
 from transfer.augment import augmented_view
-from transfer.errors import UserError
+from transfer.imagefolder import Split
 from transfer.images import ImageCache
 from transfer.interrupts import quiet_loader_worker
-from transfer.layout import SPLITS, is_image_name, layout_problem
 from transfer.preprocess import Preprocess, val_crop
 
 #: How loader workers start: forked on Linux, also from Python 3.14 (whose default is
@@ -34,46 +30,6 @@ WORKER_START = "fork" if sys.platform == "linux" else None
 Pair = tuple[int, int]  #: (view, index)
 
 
-@dataclass(frozen=True)
-class Split:
-    """One split: sorted class names and (path, label) samples, in ``ImageFolder``'s order."""
-
-    classes: list[str]
-    samples: list[tuple[str, int]]
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for path, _ in self.samples]
-
-    @property
-    def labels(self) -> list[int]:
-        return [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-
-def image_folders(root: Path) -> dict[str, Split]:
-    """``train``, ``val`` and (where there is one) ``test`` of ``root``, with train/'s classes:
-    regular files with an image's extension (a named pipe would hang the decoder)."""
-    found: dict[str, dict[str, list[str]]] = {}
-    for split in SPLITS:
-        if (root / split).is_dir():
-            found[split] = {folder.name: _images(folder) for folder in sorted((root / split).iterdir())
-                            if folder.is_dir()}
-    problem = layout_problem({split: {c: len(files) for c, files in found[split].items()} for split in found})
-    if problem:
-        raise UserError(f"{root} is not an image-folder data set: {problem}")
-    classes = sorted(found["train"])
-    return {split: Split(classes, [(path, label) for label, name in enumerate(classes) for path in folders[name]])
-            for split, folders in found.items()}
-
-
-def _images(folder: Path) -> list[str]:
-    """Its images, in subfolders too, but not through links to folders (a link to a parent
-    would list every image again and again)."""
-    return [os.path.join(top, name) for top, _, names in sorted(os.walk(folder))
-            for name in sorted(names) if is_image_name(name) and os.path.isfile(os.path.join(top, name))]
 
 
 def derived_seed(*parts: object) -> int:

@@ -1,11 +1,9 @@
-"""How a stage runs (``runtime.*``: how fast, not what, so no stage declares them to DVC), and
-the run record of what it ran on, kept apart from the metrics since its timings differ on
-every run. The thread count can change a run's last bits (sums add in another order): recorded.
+"""The run record: what a stage ran on (versions, machine, git state, device, threads, timings),
+kept in ``reports/`` apart from the metrics, since its timings differ on every run.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import resource
 import subprocess
@@ -15,47 +13,7 @@ from typing import Any
 
 import torch
 
-from transfer.devices import describe_device
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def configure_threads(setting: int | str, processes: int = 1) -> int:
-    """Set torch's intra-op threads (``auto``: the available cores shared among ``processes``
-    training on this machine); return the count."""
-    threads = max(1, available_cores() // processes) if setting == "auto" else int(setting)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def resolve_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
-    """DataLoader worker processes of each of ``processes`` training processes on this machine.
-    ``auto`` on the CPU is 0: the model's threads already use every core, and loader processes
-    beside them only take turns with them (with images decoded once and cached, preparing a
-    batch costs about 1% of a training step). On a GPU the CPU prepares batches while the GPU
-    computes: the spare cores shared among the processes, at least one each, at most 8."""
-    if setting != "auto":
-        return int(setting)
-    if device.type == "cpu":
-        return 0
-    return max(1, min(8, available_cores() // processes - 1))
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it, torch
-    emulates bf16 and autocast runs several times slower than float32."""
-    capabilities = torch.cpu.get_capabilities()
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-
-
-def amp_warning(device: torch.device, amp: bool) -> str | None:
-    if amp and device.type == "cpu" and not native_bf16():
-        return ("warning: train.amp on a CPU without native bfloat16 (AVX512-BF16 or AMX) is emulated "
-                "and several times slower than float32; set train.amp: false")
-    return None
+from transfer.devices import available_cores, describe_device
 
 
 def _git(*args: str) -> str | None:
