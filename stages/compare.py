@@ -33,7 +33,6 @@ from transfer.statistics import Paired, Spread, pair, wilson_interval
 from transfer.strategies import STRATEGIES
 
 HEADER = ("pair", "images", "accuracy", "right only in each", "McNemar mid-p", "verdict")
-WIDTH = 160
 
 
 class Prediction(Schema):
@@ -49,11 +48,14 @@ class Prediction(Schema):
 def right_answers(text: str, source: str) -> dict[str, bool]:
     """image -> whether it was predicted right, from a predictions.csv's ``text``."""
     answers: dict[str, bool] = {}
-    for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
-        prediction = validate(Prediction, row, f"{source} line {line} (evaluate writes it)")
-        if prediction.path in answers:
-            raise UserError(f"{source} line {line} predicts {prediction.path} a second time (evaluate writes it)")
-        answers[prediction.path] = prediction.actual == prediction.predicted
+    try:
+        for line, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2):
+            prediction = validate(Prediction, row, f"{source} line {line} (evaluate writes it)")
+            if prediction.path in answers:
+                raise UserError(f"{source} line {line} predicts {prediction.path} a second time (evaluate writes it)")
+            answers[prediction.path] = prediction.actual == prediction.predicted
+    except csv.Error as exc:
+        raise UserError(f"{source} is not a CSV table ({exc}; evaluate writes it)") from None
     if not answers:
         raise UserError(f"{source} holds no predictions (evaluate writes it): run `dvc repro`")
     return answers
@@ -212,7 +214,8 @@ def summary(strategies: list[str] | None, plot: Path) -> None:
           f"{', '.join(swept) or 'nothing but the seed'}); accuracy over seeds, mean with its 95% interval")
     accuracies = rows.groupby(["group", "strategy"], sort=False)["accuracy"].agg(list)
     print_table([("group", "strategy", "n", "mean", "sd", "min-max", "95% CI of the mean"), *(
-        (g, s, str(sp.n), f"{sp.mean:.4f}", fmt(sp.sd), f"{min(values):.4f}-{max(values):.4f}", interval_of(sp))
+        (g, s, str(sp.n), f"{sp.mean:.4f}", "-" if sp.sd is None else f"{sp.sd:.4f}",
+         f"{min(values):.4f}-{max(values):.4f}", interval_of(sp))
         for (g, s), values in accuracies.items() if (sp := Spread.of(values)))])
     if rows.groupby("group")["seed"].nunique().max() < 2:
         print("\none seed per group: nothing can be said across seeds; each experiment's strategies paired on its "
@@ -288,16 +291,12 @@ def paired_rows(rows: Any, swept: list[str]) -> list[tuple[str, ...]]:
 
 
 def compared(label: str, diffs: list[float], a: str, b: str) -> tuple[str, ...]:
-    spread = Spread.of(diffs) if diffs else Spread(0, 0.0, None, None, None)
+    spread = Spread.of(diffs)
     return label, str(spread.n), f"{spread.mean:+.4f}", interval_of(spread, "+"), spread.verdict(a, b)
 
 
-def fmt(value: float | None, sign: str = "") -> str:
-    return "-" if value is None else f"{value:{sign}.4f}"
-
-
 def interval_of(spread: Spread, sign: str = "") -> str:
-    return "-" if spread.low is None else f"{fmt(spread.low, sign)} to {fmt(spread.high, sign)}"
+    return "-" if spread.low is None else f"{spread.low:{sign}.4f} to {spread.high:{sign}.4f}"
 
 
 def run_answers(rev: str, strategy: str) -> dict[str, bool]:

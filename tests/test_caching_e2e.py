@@ -14,8 +14,10 @@ finetune's and feature_extract's learning rate changed, one each):
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import DvcRepo
@@ -160,7 +162,8 @@ def test_run_cache_restores_earlier_results_here_and_through_a_remote(experiment
     byte; only the comparison of the two changes together runs, in seconds.
 
     Pushed to a local-folder DVC remote with the committed results (``dvc push --run-cache
-    --all-branches``), they reach a colleague: a fresh ``git clone`` gets every output with
+    --all-branches``), each strategy's model is a DVC artifact that ``dvc artifacts get`` downloads
+    by name from the repository's URL, and they reach a colleague: a fresh ``git clone`` gets every output with
     ``dvc pull`` (``dvc status`` clean, ``dvc repro`` runs nothing), and its ``dvc exp run
     --pull -S`` of those params restores the trainings without training (the remote holds
     every output of those runs), reruns only the evaluations, and ends with the same files.
@@ -188,6 +191,15 @@ def test_run_cache_restores_earlier_results_here_and_through_a_remote(experiment
     for name in SHAREABLE:
         for out in shared[name]["outs"]:
             assert cache_object(remote, out["md5"]).exists(), (name, out["path"])
+
+    # Each strategy's model is a DVC artifact: `dvc artifacts get` finds it by name in the
+    # repository and downloads the committed one from its remote, as DVC Studio and GTO do.
+    got = tmp_path / "artifacts"
+    got.mkdir()
+    for name in ("finetune", "lp_ft"):
+        subprocess.run([sys.executable, "-m", "dvc", "artifacts", "get", str(source.root), name, "-o",
+                        str(got / f"{name}.pt")], cwd=got, env=source.env, check=True, capture_output=True)
+        assert hashlib.md5((got / f"{name}.pt").read_bytes()).hexdigest() == head_lock(source)[f"models/{name}.pt"]
 
     colleague = clone(source, tmp_path / "clone")
     missing = dvc_json(colleague, "status")

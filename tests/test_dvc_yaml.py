@@ -77,3 +77,43 @@ def test_code_deps_are_the_code_the_stage_runs(name: str) -> None:
     module = stage["cmd"].split()[2]  # python -m stages.X ...
     code = {dep for dep in declared(stage, "deps") if dep.endswith(".py")}
     assert code == project_imports(module), name
+
+
+def test_every_strategy_is_a_model_artifact() -> None:
+    """Each strategy's checkpoint is declared as a DVC artifact of type model, its sidecar named,
+    so that ``dvc artifacts get``, GTO and DVC Studio find it (tests/test_caching_e2e.py gets them)."""
+    import yaml
+
+    artifacts = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["artifacts"]
+    assert set(artifacts) == set(STRATEGIES)
+    for name, artifact in artifacts.items():
+        assert (artifact["path"], artifact["type"]) == (f"models/{name}.pt", "model")
+        assert artifact["meta"]["sidecar"] == f"models/{name}.json"
+        assert f"models/{name}.pt" in declared(STAGES[f"train@{name}"], "outs")
+
+
+def test_no_module_imports_itself_around_a_loop() -> None:
+    """The project's modules form layers: following imports (all of them, under TYPE_CHECKING
+    too) from any module never leads back to it."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted([*(REPO_ROOT / "stages").glob("*.py"), *(REPO_ROOT / "transfer").glob("*.py")]):
+        name = f"{path.parent.name}.{path.stem}"
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("stages", "transfer"):
+                targets |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.split(".")[0] in ("stages", "transfer")}
+        graph[name] = targets
+    graph = {name: {t for t in targets if t in graph and t != name} for name, targets in graph.items()}
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo += graph[name]
+        return seen
+
+    assert [name for name in graph if name in reaches(name)] == []

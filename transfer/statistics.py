@@ -80,7 +80,7 @@ class Spread:
 
     @classmethod
     def of(cls, values: list[float]) -> Spread:
-        n, mean = len(values), sum(values) / len(values)
+        n, mean = len(values), sum(values) / max(len(values), 1)
         if n < 2:
             return cls(n, mean, None, None, None)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
