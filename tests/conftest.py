@@ -45,7 +45,7 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
 
 #: Session-scoped builds whose tests must share a worker, so that each is built once: the
 #: scope their test files are sent to (the pipeline's experiments are a copy of it).
-SHARED_BUILDS = {"pipeline": "pipeline", "experiments": "pipeline", "sweep": "pipeline", "beside_pipeline": "pipeline",
+SHARED_BUILDS = {"pipeline": "pipeline", "experiments": "pipeline", "beside_pipeline": "pipeline",
                  "trained": "trained"}
 
 
@@ -92,8 +92,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     built, beside the tests that need neither (``dvc_pipeline.beside_pipeline``)."""
     pipeline = sys.modules.get("dvc_pipeline")
     beside = pipeline.registered_beside() if pipeline else set()
-    items.sort(key=lambda item: (item.name in beside, bool({"experiments", "sweep"} & set(getattr(item, "fixturenames",
-                                                                                             ())))))
+    items.sort(key=lambda item: (item.name in beside, "experiments" in getattr(item, "fixturenames", ())))
 
 
 @pytest.fixture(autouse=True)
@@ -582,15 +581,8 @@ def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="session")
 def experiments(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A copy of the pipeline with two queued experiments run (``dvc_pipeline.Experiments``)."""
+    """A copy of the pipeline with a queued sweep of seeds run (``dvc_pipeline.Experiments``)."""
     from dvc_pipeline import shared_experiments
 
     return shared_experiments(tmp_path_factory, request)
 
-
-@pytest.fixture(scope="session")
-def sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A copy of the pipeline after a queued sweep of seeds and images per class (``dvc_pipeline.Sweep``)."""
-    from dvc_pipeline import shared_sweep
-
-    return shared_sweep(tmp_path_factory, request)

@@ -13,13 +13,13 @@ The first run's results are committed, so ``HEAD`` holds the metrics and plots (
 Tests that change the repository work on a copy (:func:`copy_repo`); copies are cheap (a few
 hundred MB of files, no training).
 
-:func:`shared_experiments` adds, once per session, two experiments on a copy of that pipeline,
-queued with ``dvc exp run --queue`` and run by ``dvc queue start`` workers in parallel: one
-with finetune's learning rate changed, one with feature_extract's. The queue starts as soon as
-the pipeline is built, where the session has tests that use it, and runs beside the first
-tests. :func:`shared_sweep` does the same with :data:`SWEEP`, six experiments over seeds and
-images per class, on another copy. The caching and experiment tests start from it, so they have second results (and
-run-cache entries) without training.
+:func:`shared_experiments` adds, once per session, six experiments on a copy of that pipeline
+(:data:`SWEEP`: three seeds of two sizes of ``data.train_per_class``), queued with ``dvc exp
+run --queue`` in DVC's sweep syntax and run by two ``dvc queue start`` workers. The queue starts
+as soon as the pipeline is built, where the session has tests that use it, and runs beside the
+first tests. :func:`plain_run` is the README's everyday ``dvc exp run -S`` (a head-only change)
+in the workspace of another copy, also started in the background. The caching and experiment
+tests start from them, so they have second results (and run-cache entries) without training.
 """
 
 from __future__ import annotations
@@ -58,14 +58,12 @@ PIPELINE_PARAMS: dict[str, Any] = {
     "runtime.inference_batch_size": 8,
     "evaluate.grid_images": 4,
 }
-#: The experiments of :func:`shared_experiments`: name -> the param it sets to EXPERIMENT_LR
-#: (the committed run has 0.001).
-EXPERIMENTS = {"finetune-lr": "train.finetune.lr", "head-lr": "train.feature_extract.lr"}
+#: The learning rate the experiments give the head (the committed run has 0.001).
 EXPERIMENT_LR = 0.01
-#: The sweep of :func:`shared_sweep`, in DVC's own syntax: two groups (2 training images per
-#: class, or all 4) of three seeds, each running feature_extract alone (the cheapest: the other
-#: strategies keep the commit's results, which are not the experiment's), at a learning rate
-#: that learns in two epochs.
+#: The experiments of :func:`shared_experiments`, a sweep in DVC's own syntax: two groups (2
+#: training images per class, or all 4) of three seeds, each running feature_extract alone (the
+#: cheapest: the other strategies keep the commit's results, which are not the experiment's),
+#: at a learning rate that learns in two epochs.
 SWEEP = ("-S", "data.train_per_class=2,all", "-S", "seed=range(1,4)", "-S", f"train.feature_extract.lr={EXPERIMENT_LR}",
          "evaluate@feature_extract")
 
@@ -75,12 +73,6 @@ class Pipeline:
     repo: DvcRepo
     first_run: subprocess.CompletedProcess[str]   # the `dvc repro` that built everything
     weights: Path                                 # the local state_dict model.weights names
-
-
-@dataclass(frozen=True)
-class Sweep:
-    repo: DvcRepo              # a copy of the pipeline after the queue ran the sweep
-    status: dict[str, str]     # experiment name (DVC's own) -> its final `dvc queue status`
 
 
 @dataclass(frozen=True)
@@ -94,6 +86,18 @@ class Experiments:
         refs = self.repo.git("for-each-ref", "--format=%(refname)", "refs/exps").split()
         (ref,) = [r for r in refs if r.endswith("/" + name)]
         return ref
+
+    def named(self, params: dict[str, Any]) -> str:
+        """The name of the experiment whose params.yaml has these dotted keys' values."""
+        def value(raw: dict[str, Any], dotted: str) -> Any:
+            for part in dotted.split("."):
+                raw = raw[part]
+            return raw
+
+        (name,) = [n for n in self.status if all(
+            value(yaml.safe_load(self.repo.git("show", f"{self.rev(n)}:params.yaml")), k) == v
+            for k, v in params.items())]
+        return name
 
 
 _SHARED: dict[str, Any] = {}
@@ -562,25 +566,15 @@ def shared_pipeline(factory: pytest.TempPathFactory, request: pytest.FixtureRequ
         _SHARED["pipeline"] = build_pipeline(factory.mktemp("pipeline"))
         if request is not None:
             _start_beside(request, factory, "after", _SHARED["pipeline"])
-            for fixture, start in (("experiments", queue_copy), ("sweep", sweep_copy)):
-                if any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items):
-                    queued = _SHARED[f"queue-{fixture}"] = start(_SHARED["pipeline"], factory)  # beside the tests
-                    request.session.addfinalizer(lambda q=queued: q.dvc("queue", "stop", "--kill", check=False))
+            if any("experiments" in getattr(item, "fixturenames", ()) for item in request.session.items):
+                queued = _SHARED["queue"] = queue_copy(_SHARED["pipeline"], factory)  # runs beside the first tests
+                request.session.addfinalizer(lambda: queued.dvc("queue", "stop", "--kill", check=False))
     return _SHARED["pipeline"]
 
 
 def queue_copy(pipeline: Pipeline, factory: pytest.TempPathFactory) -> DvcRepo:
-    """A copy of the pipeline with :data:`EXPERIMENTS` queued and the queue started."""
-    repo = copy_repo(pipeline.repo, factory.mktemp("experiments"))
-    for name, key in EXPERIMENTS.items():
-        repo.dvc("exp", "run", "--queue", "-S", f"{key}={EXPERIMENT_LR}", "--name", name)
-    start_queue(repo)
-    return repo
-
-
-def sweep_copy(pipeline: Pipeline, factory: pytest.TempPathFactory) -> DvcRepo:
     """A copy of the pipeline with :data:`SWEEP` queued and the queue started."""
-    repo = copy_repo(pipeline.repo, factory.mktemp("sweep"))
+    repo = copy_repo(pipeline.repo, factory.mktemp("experiments"))
     repo.dvc("exp", "run", "--queue", *SWEEP)
     start_queue(repo)
     return repo
@@ -616,25 +610,36 @@ def finish_queue(repo: DvcRepo, names: list[str], timeout: float = 400) -> dict[
 
 
 def shared_experiments(factory: pytest.TempPathFactory, request: pytest.FixtureRequest | None = None) -> Experiments:
-    """A copy of :func:`shared_pipeline` after the queue ran :data:`EXPERIMENTS` (built on first
-    use; read-only): the experiments are in its git refs, their runs in its run-cache, and its
+    """A copy of :func:`shared_pipeline` after the queue ran :data:`SWEEP` (built on first use;
+    read-only): the experiments are in its git refs, their runs in its run-cache, and its
     workspace is still the first run's."""
     if "experiments" not in _SHARED:
         pipeline = shared_pipeline(factory, request)
-        repo = _SHARED.pop("queue-experiments", None) or queue_copy(pipeline, factory)
-        status = finish_queue(repo, list(EXPERIMENTS))
-        logs = {name: repo.dvc("queue", "logs", name, check=False).stdout for name in EXPERIMENTS}
+        repo = _SHARED.pop("queue", None) or queue_copy(pipeline, factory)
+        names = queued(repo)
+        assert len(names) == 6, names
+        status = finish_queue(repo, names)
+        logs = {name: repo.dvc("queue", "logs", name, check=False).stdout for name in names}
         _SHARED["experiments"] = Experiments(repo, status, logs)
     return _SHARED["experiments"]
 
 
-def shared_sweep(factory: pytest.TempPathFactory, request: pytest.FixtureRequest | None = None) -> Sweep:
-    """A copy of :func:`shared_pipeline` after the queue ran :data:`SWEEP` (built on first use;
-    read-only)."""
-    if "sweep" not in _SHARED:
-        pipeline = shared_pipeline(factory, request)
-        repo = _SHARED.pop("queue-sweep", None) or sweep_copy(pipeline, factory)
-        names = queued(repo)
-        assert len(names) == 6, names
-        _SHARED["sweep"] = Sweep(repo, finish_queue(repo, names))
-    return _SHARED["sweep"]
+#: The test the plain run of :func:`plain_run` is started for (others use it too), and its change.
+PLAIN_RUN = "test_a_plain_exp_run_in_the_workspace_is_the_changed_row"
+PLAIN_CHANGE = ("-S", "train.feature_extract.lr=0.0123")
+
+
+@beside_pipeline(PLAIN_RUN, "after")
+def start_plain_run(base: Path, pipeline: Pipeline) -> Background:
+    return run_in_background(copy_repo(pipeline.repo, base), ["exp", "run", *PLAIN_CHANGE, "-n", "plain",
+                                                               "evaluate@feature_extract"], base)
+
+
+def plain_run(base: Path, pipeline: Pipeline) -> Background:
+    """``dvc exp run -S train.feature_extract.lr=0.0123 -n plain evaluate@feature_extract`` in the
+    workspace of a copy of the pipeline, finished (started beside the pipeline where the session
+    runs :data:`PLAIN_RUN`, else now); read-only."""
+    started = background(PLAIN_RUN) or _SHARED.get("plain") or start_plain_run(base, pipeline)
+    _SHARED["plain"] = started
+    started.result()
+    return started

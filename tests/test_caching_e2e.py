@@ -1,6 +1,7 @@
 """What DVC can skip, through the real CLI, on copies of the session's reproduced pipeline
-(``dvc_pipeline.shared_pipeline``) and of its two queued experiments (``shared_experiments``:
-finetune's and feature_extract's learning rate changed, one each):
+(``dvc_pipeline.shared_pipeline``), of its queued sweep (``shared_experiments``: feature_extract
+with three seeds and two sizes of ``data.train_per_class``) and of the README's plain
+experiment (``plain_run``: feature_extract's learning rate changed):
 
 - identical reruns: a stage writes the same bytes from the same inputs (data, features,
   checkpoints, plot data), so a forced rerun changes nothing but the run records (the stages
@@ -20,10 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import DvcRepo
+from conftest import VENV_BIN, DvcRepo
 from dvc_pipeline import (
     EXPERIMENT_LR,
-    EXPERIMENTS,
+    PIPELINE_PARAMS,
     Background,
     Experiments,
     Pipeline,
@@ -37,6 +38,7 @@ from dvc_pipeline import (
     dvc_json,
     head_lock,
     pipeline_env,
+    plain_run,
     ran_stages,
     resolved_stages,
     run_cache_entries,
@@ -44,24 +46,21 @@ from dvc_pipeline import (
     workspace_lock,
 )
 
-#: The stages a change of finetune's and feature_extract's training params reruns (or restores), in
-#: pipeline order: lp_ft starts from feature_extract's head, and compare pairs every evaluation.
-TRAIN_AND_EVALUATE = ["train@finetune", "train@feature_extract", "train@lp_ft", "evaluate@finetune",
-                      "evaluate@feature_extract", "evaluate@lp_ft"]
-#: What each experiment's change reaches (its own strategy, and for the head, lp_ft, which starts from it).
-REACHES = {"finetune-lr": ("@finetune",), "head-lr": ("@feature_extract", "@lp_ft")}
-#: Both modes' learning rates as the experiments set them, and as the committed run has them.
-BOTH_CHANGED = {key: EXPERIMENT_LR for key in EXPERIMENTS.values()}
-BOTH_ORIGINAL = {key: 0.001 for key in EXPERIMENTS.values()}
+#: What an experiment of the sweep ran (dvc_pipeline.SWEEP: feature_extract alone, with a seed),
+#: and the params of one of them: seed 1, two images per class.
+SWEPT = ["unzip", "features", "train@feature_extract", "evaluate@feature_extract"]
+ONE_OF_THEM = {"seed": 1, "data.train_per_class": 2, "train.feature_extract.lr": EXPERIMENT_LR}
+COMMITTED = {"seed": PIPELINE_PARAMS["seed"], "data.train_per_class": "all", "train.feature_extract.lr": 0.001}
 
 
 FORCED_RERUN = "test_forced_rerun_writes_identical_outputs"
 #: The stages the forced rerun runs again. The others are run a second time on the same inputs
 #: elsewhere, in another process, and their outputs compared byte for byte: weights in
 #: test_rerun_weights_and_runtime_params_rerun_nothing, train@finetune in
-#: test_pipeline_train_e2e.py's Ctrl-C test, the evaluations in the colleague's clone of
-#: test_run_cache_restores_earlier_results_here_and_through_a_remote.
-RERUN_STAGES = ["fetch", "unzip", "features", "train@feature_extract", "train@lp_ft", "compare", "preview"]
+#: test_pipeline_train_e2e.py's Ctrl-C test, evaluate@feature_extract in the colleague's clone
+#: of test_run_cache_restores_earlier_results_here_and_through_a_remote, and preview (a picture
+#: drawn twice) in tests/test_evaluate_stage.py.
+RERUN_STAGES = ["fetch", "unzip", "features", "train@feature_extract", "train@lp_ft", "compare"]
 
 
 @beside_pipeline(FORCED_RERUN, "after")
@@ -118,8 +117,7 @@ def test_rerun_weights_and_runtime_params_rerun_nothing(pipeline: Pipeline, tmp_
     assert workspace_lock(repo) == head_lock(repo)
 
 
-def test_head_only_change_leaves_the_backbone_alone(pipeline: Pipeline, experiments: Experiments,
-                                                    tmp_path: Path) -> None:
+def test_head_only_change_leaves_the_backbone_alone(pipeline: Pipeline, tmp_path: Path) -> None:
     """A new ``train.feature_extract.lr`` makes train@feature_extract out of date, and then
     evaluate@feature_extract, and nothing else: the features stage (the backbone's outputs)
     stays up to date and the backbone does not run again."""
@@ -137,16 +135,14 @@ def test_head_only_change_leaves_the_backbone_alone(pipeline: Pipeline, experime
     assert set(re.findall(r"^Stage '([^']+)' didn't change, skipping", dry.stdout, re.M)) == unchanged, dry.stdout
     assert dvc_json(repo, "status") == status, "--dry changed something"
 
-    # The queue ran exactly this change ("head-lr"; tests/test_experiments_e2e.py checks from
-    # its log that the features stage was skipped): every output but those of feature_extract,
-    # of lp_ft (which starts from its head) and of the comparison is the first run's file.
-    first, head_lr = head_lock(experiments.repo), head_lock(experiments.repo, experiments.rev("head-lr"))
-    assert head_lr["models/feature_extract.pt"] != first["models/feature_extract.pt"]
-    assert head_lr["models/lp_ft.pt"] != first["models/lp_ft.pt"]
+    # The plain experiment of the README ran such a change (dvc_pipeline.plain_run): every
+    # output but those of train@feature_extract and evaluate@feature_extract is the first run's.
+    first, plain = head_lock(pipeline.repo), workspace_lock(plain_run(tmp_path / "plain", pipeline).repo)
+    assert plain["models/feature_extract.pt"] != first["models/feature_extract.pt"]
     for kind in declared_outputs(repo.root).values():
         for path, writer in kind.items():
-            if not writer.endswith(REACHES["head-lr"]) and writer != "compare":
-                assert head_lr[path] == first[path], path
+            if writer not in ("train@feature_extract", "evaluate@feature_extract"):
+                assert plain[path] == first[path], path
 
 
 #: Stages whose outputs all live in DVC's cache, so a remote can hold whole runs of them;
@@ -156,30 +152,30 @@ SHAREABLE = {"fetch", "unzip", "weights", "features", "train@finetune", "train@f
 
 def test_run_cache_restores_earlier_results_here_and_through_a_remote(experiments: Experiments,
                                                                       tmp_path: Path) -> None:
-    """``dvc exp run -S`` of params that already ran (here in the queue's temporary copies, one
-    change each) restores every train and evaluate stage from the run-cache ("Stage '...' is
-    cached - skipping run, checking out outputs"), with the earlier runs' outputs byte for
-    byte; only the comparison of the two changes together runs, in seconds.
+    """``dvc exp run -S`` of params that already ran (here one of the sweep's experiments, run
+    in the queue's temporary copies) restores every stage it needs from the run-cache ("Stage
+    '...' is cached - skipping run, checking out outputs"), with that run's outputs byte for
+    byte, and runs nothing.
 
     Pushed to a local-folder DVC remote with the committed results (``dvc push --run-cache
     --all-branches``), each strategy's model is a DVC artifact that ``dvc artifacts get`` downloads
-    by name from the repository's URL, and they reach a colleague: a fresh ``git clone`` gets every output with
-    ``dvc pull`` (``dvc status`` clean, ``dvc repro`` runs nothing), and its ``dvc exp run
-    --pull -S`` of those params restores the trainings without training (the remote holds
-    every output of those runs), reruns only the evaluations, and ends with the same files.
-    Back here, going back to the committed params restores everything."""
+    by name from the repository's URL, and they reach a colleague: a fresh ``git clone`` gets
+    every output with ``dvc pull`` (``dvc status`` clean, ``dvc repro`` runs nothing), and its
+    ``dvc exp run --pull -S`` of those params restores the data and the training without
+    training (the remote holds every output of those runs), reruns only the evaluation (its
+    files are git's, never pushed), and ends with the same files. Back here, going back to the
+    committed params restores everything."""
     source = copy_repo(experiments.repo, tmp_path / "source")
-    there = source.dvc("exp", "run", *sets(BOTH_CHANGED))
-    assert ran_stages(there.stdout) == ["compare"], there.stdout  # this pairing of runs is new
-    assert cached_stages(there.stdout) == TRAIN_AND_EVALUATE, there.stdout
-    now, outputs = workspace_lock(source), declared_outputs(source.root)
-    for name, reaches in REACHES.items():
-        ran = head_lock(source, experiments.rev(name))
-        written = [path for kind in outputs.values() for path, writer in kind.items() if writer.endswith(reaches)]
-        assert len(written) >= 8, written
-        for path in written:
-            assert now[path] == ran[path], f"{path} is not what experiment {name} wrote"
-    assert dvc_json(source, "status") == {}
+    there = source.dvc("exp", "run", *sets(ONE_OF_THEM), "evaluate@feature_extract")
+    assert ran_stages(there.stdout) == [], there.stdout
+    assert cached_stages(there.stdout) == SWEPT, there.stdout
+    name = experiments.named(ONE_OF_THEM)
+    now, ran, outputs = workspace_lock(source), head_lock(source, experiments.rev(name)), declared_outputs(source.root)
+    written = [path for kind in outputs.values() for path, writer in kind.items() if writer in SWEPT]
+    assert len(written) >= 8, written
+    for path in written:
+        assert now[path] == ran[path], f"{path} is not what experiment {name} wrote"
+    assert dvc_json(source, "status", "evaluate@feature_extract") == {}
 
     remote = tmp_path / "remote"
     add_remote(source, remote)
@@ -188,18 +184,22 @@ def test_run_cache_restores_earlier_results_here_and_through_a_remote(experiment
     shared = {stage_of[e["cmd"]]: e for e in run_cache_entries(remote)
               if all(now[out["path"]] == out["md5"] for out in e["outs"])}
     assert set(shared) == set(declared_stages(source.root)), sorted(shared)
-    for name in SHAREABLE:
-        for out in shared[name]["outs"]:
-            assert cache_object(remote, out["md5"]).exists(), (name, out["path"])
+    for stage in SHAREABLE:
+        for out in shared[stage]["outs"]:
+            assert cache_object(remote, out["md5"]).exists(), (stage, out["path"])
 
-    # Each strategy's model is a DVC artifact: `dvc artifacts get` finds it by name in the
-    # repository and downloads the committed one from its remote, as DVC Studio and GTO do.
+    # Each strategy's model is a DVC artifact: registered as a version (`gto register`: a git
+    # tag), `dvc artifacts get` finds it by name in the repository and downloads it from the
+    # remote, as DVC Studio does.
     got = tmp_path / "artifacts"
     got.mkdir()
-    for name in ("finetune", "lp_ft"):
-        subprocess.run([sys.executable, "-m", "dvc", "artifacts", "get", str(source.root), name, "-o",
-                        str(got / f"{name}.pt")], cwd=got, env=source.env, check=True, capture_output=True)
-        assert hashlib.md5((got / f"{name}.pt").read_bytes()).hexdigest() == head_lock(source)[f"models/{name}.pt"]
+    for strategy in ("finetune", "lp_ft"):
+        subprocess.run([str(VENV_BIN / "gto"), "register", strategy], cwd=source.root, env=source.env, check=True,
+                       capture_output=True)
+        subprocess.run([sys.executable, "-m", "dvc", "artifacts", "get", str(source.root), strategy, "-o",
+                        str(got / f"{strategy}.pt")], cwd=got, env=source.env, check=True, capture_output=True)
+        md5 = hashlib.md5((got / f"{strategy}.pt").read_bytes()).hexdigest()
+        assert md5 == head_lock(source)[f"models/{strategy}.pt"], strategy
 
     colleague = clone(source, tmp_path / "clone")
     missing = dvc_json(colleague, "status")
@@ -210,19 +210,17 @@ def test_run_cache_restores_earlier_results_here_and_through_a_remote(experiment
     assert workspace_lock(colleague) == head_lock(source)
     assert changed_files(colleague) == set()
 
-    run = colleague.dvc("exp", "run", "--pull", *sets(BOTH_CHANGED), timeout=300)
-    assert set(cached_stages(run.stdout)) >= {"train@finetune", "train@feature_extract", "train@lp_ft"}, run.stdout
-    assert set(ran_stages(run.stdout)) <= {"evaluate@finetune", "evaluate@feature_extract", "evaluate@lp_ft",
-                                           "compare"}, run.stdout
+    run = colleague.dvc("exp", "run", "--pull", *sets(ONE_OF_THEM), "evaluate@feature_extract", timeout=300)
+    assert cached_stages(run.stdout) == SWEPT[:-1] and ran_stages(run.stdout) == SWEPT[-1:], run.stdout
     theirs = workspace_lock(colleague)
     for path, md5 in now.items():
         if not path.startswith("reports/"):  # run records hold timings
             assert theirs[path] == md5, path
-    assert dvc_json(colleague, "status") == {}
+    assert dvc_json(colleague, "status", "evaluate@feature_extract") == {}
 
-    back = source.dvc("exp", "run", *sets(BOTH_ORIGINAL))
+    back = source.dvc("exp", "run", *sets(COMMITTED), "evaluate@feature_extract")
     assert ran_stages(back.stdout) == [], back.stdout
-    assert cached_stages(back.stdout) == [*TRAIN_AND_EVALUATE, "compare"], back.stdout
+    assert cached_stages(back.stdout) == SWEPT, back.stdout
     assert workspace_lock(source) == head_lock(source), "the restored outputs are not the first run's"
     # params.yaml is rewritten by `-S` (same values); every result file is the committed one.
     assert changed_files(source) <= {"params.yaml"}, changed_files(source)

@@ -11,15 +11,29 @@ augmentation, for one fresh view per epoch, for views reused in turn, and for
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import error_line
-from imagefolders import checkpoint, features_argv, make_image_folders, run_training, tiny_params, train_argv
+from conftest import REPO_ROOT, error_line, leftovers, stage_env
+from imagefolders import (
+    checkpoint,
+    features_argv,
+    make_image_folders,
+    random_state_dict,
+    run_training,
+    save_state_dict,
+    tiny_params,
+    train_argv,
+)
+from test_unzip import mount_namespace
 from torch import nn, optim
 from torch.optim import lr_scheduler
 
@@ -212,3 +226,131 @@ def test_backbone_in_worker_processes_gives_the_same_features(tmp_path: Path, da
         assert json.loads((out / "features.json").read_text())["threads"] == threads
     for one, two in zip(arrays[1], arrays[2], strict=True):
         np.testing.assert_allclose(one, two, atol=TOLERANCE, rtol=0)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+def test_non_finite_backbone_outputs_are_refused(tmp_path: Path, data: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """"Pretrained" weights whose tensors are all scaled by 1e30 (finite, so the weights stage
+    takes them) overflow to infinity and NaN inside the backbone: the stage says the features
+    would not be finite numbers and what to check, and writes nothing."""
+    state = {k: v * 1e30 if v.is_floating_point() else v for k, v in random_state_dict("resnet18").items()}
+    params = tiny_params(tmp_path / "params.yaml", {"model.weights": str(save_state_dict(state, tmp_path / "huge.pt"))})
+    weights = tmp_path / "models" / "pretrained.pt"
+    stages.weights.main(["--params", str(params), "--out", str(weights)])
+    line = stage_error(stages.features.main, features_argv(params, data, weights, tmp_path / "out"), capsys)
+    assert line.startswith("error: the backbone's outputs for train.npy are not all finite numbers, so the stored "
+                           "features would not be finite numbers: check model.weights"), line
+    assert f"({weights}) and preprocess.mean/std in {params}" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+#: A tmpfs of $SIZE at $MNT, the features stage writing its folder there (its record outside),
+#: and what the stage left on the tmpfs listed into $OUTSIDE, since it vanishes with the namespace.
+FULL_DISK_SCRIPT = r"""
+mount -t tmpfs -o size="$SIZE" tmpfs "$MNT" || exit 97
+"$PY" -m stages.features "$@" --out "$MNT/features" 2> "$OUTSIDE/stderr" > /dev/null
+echo $? > "$OUTSIDE/rc"
+ls -A "$MNT" > "$OUTSIDE/left"
+"""
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    # 2 views of 10 train images and 6 val images of 512 floats: 53,248 bytes, 0.1 MB.
+    pytest.param("8k", "error: the features need about 0.1 MB, but {mnt} has 0.0 MB free: free some space there, "
+                       "or store fewer views (train.feature_extract.views)", id="too-small"),
+    # Room for the arrays' bytes, so the check passes, but not for their 128-byte headers (each
+    # file takes whole pages): the disk fills up while the files are made. Before, the sparse
+    # memory-mapped files filled it only as they were written: SIGBUS (exit 135, no message).
+    pytest.param("53248", f"error: [Errno {errno.ENOSPC}] No space left on device; writing {{mnt}}/features",
+                 id="fills-up"),
+])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, data: Path, weights: Path, size: str,
+                                                    expected: str) -> None:
+    """On a real small file system: exit status 1, one line (never SIGBUS), no temporary folder."""
+    prefix = mount_namespace(tmp_path / "probe")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    params = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.views": 2})
+    argv = features_argv(params, data, weights, tmp_path)
+    env = {**stage_env(), "MNT": str(mnt), "OUTSIDE": str(tmp_path), "SIZE": size, "PY": sys.executable}
+    proc = subprocess.run([*prefix, "sh", "-c", FULL_DISK_SCRIPT, "sh", *argv[:6], *argv[8:]], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"the set-up failed ({proc.returncode}): {proc.stderr}"
+    stderr = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "1", stderr
+    assert error_line(stderr).startswith(expected.format(mnt=mnt)), stderr
+    assert (tmp_path / "left").read_text() == "", "the temporary folder must be gone"
+    assert not (tmp_path / "features.json").exists()
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory, data: Path, weights: Path) -> tuple[Path, Path]:
+    """A params file and the features stage's folder for it."""
+    root = tmp_path_factory.mktemp("stored")
+    params = tiny_params(root / "params.yaml")
+    stages.features.main(features_argv(params, data, weights, root))
+    return params, root / "features"
+
+
+def damage(folder: Path, case: str) -> Path:
+    """Damage one file of the features folder as ``case`` says; the file."""
+    if case == "truncated":
+        path = folder / "train.npy"
+        path.write_bytes(path.read_bytes()[:-1000])
+    elif case == "wrong-shape":
+        path = folder / "val.npy"
+        np.save(path, np.zeros((1, 5, 512), np.float32))
+    elif case == "float64":
+        path = folder / "train.npy"
+        np.save(path, np.load(path).astype(np.float64))
+    elif case == "missing-key":
+        path = folder / "features.json"
+        meta = json.loads(path.read_text())
+        del meta["feature_shape"]
+        path.write_text(json.dumps(meta))
+    else:
+        path = folder / "features.json"
+        path.write_text('{"arch": "resnet18", ')
+    return path
+
+
+@pytest.mark.parametrize(("case", "says"), [
+    ("truncated", "is not a readable array (mmap length is greater than file size)"),
+    ("wrong-shape", "holds a float32 array of shape (1, 5, 512), not float32 of shape (views, 6, 512) as"),
+    ("float64", "holds a float64 array of shape (1, 10, 512), not float32 of shape (views, 10, 512) as"),
+    ("missing-key", "is not what the features stage writes (missing key feature_shape)"),
+    ("not-json", "is not valid JSON ("),
+])
+def test_damaged_stored_features_are_refused(tmp_path: Path, stored: tuple[Path, Path], weights: Path, case: str,
+                                             says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """train@feature_extract reads back a truncated or foreign array, or a damaged
+    features.json: one line that names the file and says to run the features stage again;
+    nothing is trained or written."""
+    params, original = stored
+    folder = tmp_path / "features"
+    shutil.copytree(original, folder)
+    path = damage(folder, case)
+    line = stage_error(stages.train.main, train_argv("feature_extract", params, folder, weights, tmp_path / "out"),
+                       capsys)
+    assert line.startswith(f"error: {path} {says}"), line
+    assert "run the features stage again" in line
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_damaged_batchnorm_file_is_refused(tmp_path: Path, data: Path, weights: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """With ``batchnorm: update`` the best epoch's statistics are read back from batchnorm.pt:
+    a truncated file is one line that names it, and no checkpoint is written."""
+    params = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.batchnorm": "update"})
+    stages.features.main(features_argv(params, data, weights, tmp_path))
+    path = tmp_path / "features" / "batchnorm.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    out = tmp_path / "out"
+    line = stage_error(stages.train.main, train_argv("feature_extract", params, tmp_path / "features", weights, out),
+                       capsys)
+    assert line.startswith(f"error: {path} is not readable ("), line
+    assert line.endswith("; run the features stage again (`dvc repro --force features`)")
+    assert not (out / "feature_extract.pt").exists()

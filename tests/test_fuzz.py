@@ -8,8 +8,8 @@ never another exception. The example counts are small, to keep the suite's time.
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from transfer.schema import read_json
 from transfer.stage import run_stage
 from transfer.stored_features import FeaturesMeta
 
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 COMMITTED = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
 
 #: Values YAML and JSON can hold, nested a little.

@@ -20,14 +20,10 @@ import yaml
 from conftest import DvcRepo, find_metrics
 from dvc_pipeline import (
     CLASSES,
-    EXPERIMENT_LR,
     MODES,
-    Experiments,
     Pipeline,
     bar_axes,
     cache_object,
-    cached_stages,
-    copy_repo,
     datum_point,
     declared_metrics,
     declared_outputs,
@@ -40,6 +36,7 @@ from dvc_pipeline import (
     local_cache,
     page_images,
     page_specs,
+    plain_run,
     plots_show,
     ran_stages,
     read_csv_rows,
@@ -183,36 +180,33 @@ def test_unchanged_pipeline_reruns_nothing(pipeline: Pipeline) -> None:
     assert pipeline.repo.git("status", "--porcelain") == ""
 
 
-def test_changed_param_reruns_its_stages_and_shows_in_diffs(experiments: Experiments, tmp_path: Path) -> None:
-    """Changing train.finetune.lr brings back train@finetune and evaluate@finetune only (from
-    the run-cache: the session's queued experiment "finetune-lr" ran this change, see
-    dvc_pipeline.shared_experiments); ``dvc params diff`` shows the param and ``dvc metrics
-    diff`` the finetune metrics that moved, against the committed first run, and nothing of
-    feature_extract."""
-    repo: DvcRepo = copy_repo(experiments.repo, tmp_path)
-    repo.set_params({"train.finetune.lr": EXPERIMENT_LR})
-    rerun = repo.dvc("repro")
-    assert ran_stages(rerun.stdout) == [], rerun.stdout
-    assert cached_stages(rerun.stdout) == ["train@finetune", "evaluate@finetune", "compare"], rerun.stdout
-    ran = json.loads(repo.git("show", f"{experiments.rev('finetune-lr')}:metrics/finetune.json"))
-    assert json.loads((repo.root / "metrics" / "finetune.json").read_text()) == ran
+def test_changed_param_reruns_its_stages_and_shows_in_diffs(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The README's plain experiment (dvc_pipeline.plain_run: ``dvc exp run -S
+    train.feature_extract.lr=0.0123`` in the workspace) reran train@feature_extract and
+    evaluate@feature_extract only; ``dvc params diff`` shows the param and ``dvc metrics diff``
+    the feature_extract metrics that moved, against the committed first run, and nothing of
+    finetune."""
+    started = plain_run(tmp_path, pipeline)
+    repo: DvcRepo = started.repo
+    assert ran_stages(started.result().stdout) == ["train@feature_extract", "evaluate@feature_extract"]
 
     params = json.loads(repo.dvc("params", "diff", "--json").stdout)
-    assert list(params) == ["params.yaml"] and list(params["params.yaml"]) == ["train.finetune.lr"], params
-    change = params["params.yaml"]["train.finetune.lr"]
-    assert (change["old"], change["new"]) == (0.001, EXPERIMENT_LR)
+    assert list(params) == ["params.yaml"] and list(params["params.yaml"]) == ["train.feature_extract.lr"], params
+    change = params["params.yaml"]["train.feature_extract.lr"]
+    assert (change["old"], change["new"]) == (0.001, 0.0123)
 
     diff = json.loads(repo.dvc("metrics", "diff", "--json").stdout)
-    before = json.loads(repo.git("show", "HEAD:metrics/finetune.json"))
-    after = json.loads((repo.root / "metrics" / "finetune.json").read_text())
+    before = json.loads(repo.git("show", "HEAD:metrics/feature_extract.json"))
+    after = json.loads((repo.root / "metrics" / "feature_extract.json").read_text())
     assert after["loss"] != before["loss"]
-    finetune_diff = find_metrics(diff, "metrics/finetune.json")
-    assert finetune_diff is not None, diff
-    assert finetune_diff["loss"]["old"] == pytest.approx(before["loss"])
-    assert finetune_diff["loss"]["new"] == pytest.approx(after["loss"])
-    assert find_metrics(diff, "metrics/feature_extract.json") is None, diff
+    head_diff = find_metrics(diff, "metrics/feature_extract.json")
+    assert head_diff is not None, diff
+    assert head_diff["loss"]["old"] == pytest.approx(before["loss"])
+    assert head_diff["loss"]["new"] == pytest.approx(after["loss"])
+    assert find_metrics(diff, "metrics/finetune.json") is None, diff
 
-    # Finetune's git-tracked results changed, nothing of feature_extract; run records are DVC's.
+    # feature_extract's git-tracked results changed, nothing of finetune; run records are DVC's.
     changed = {line[3:] for line in repo.git("status", "--porcelain").splitlines()}
-    assert {"params.yaml", "dvc.lock", "metrics/finetune.json", "plots/finetune/predictions.csv"} <= changed
-    assert not any("feature_extract" in path or path.startswith("reports/") for path in changed), changed
+    assert {"params.yaml", "dvc.lock", "metrics/feature_extract.json",
+            "plots/feature_extract/predictions.csv"} <= changed
+    assert not any("finetune" in path or path.startswith("reports/") for path in changed), changed

@@ -84,12 +84,16 @@ def _mps_available() -> bool:
 def available_cores() -> int:
     """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def configure_threads(setting: int | str, processes: int = 1) -> int:
     """Set torch's intra-op threads (``auto``: the available cores shared among ``processes``
     training on this machine); return the count."""
     threads = max(1, available_cores() // processes) if setting == "auto" else int(setting)
     torch.set_num_threads(threads)
     return threads
+
+
 def resolve_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
     """DataLoader worker processes of each of ``processes`` training processes on this machine.
     ``auto`` on the CPU is 0: the model's threads already use every core, and loader processes
@@ -101,11 +105,15 @@ def resolve_workers(setting: int | str, device: torch.device, processes: int = 1
     if device.type == "cpu":
         return 0
     return max(1, min(8, available_cores() // processes - 1))
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it, torch
     emulates bf16 and autocast runs several times slower than float32."""
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def amp_warning(device: torch.device, amp: bool) -> str | None:
     if amp and device.type == "cpu" and not native_bf16():
         return ("warning: train.amp on a CPU without native bfloat16 (AVX512-BF16 or AMX) is emulated "

@@ -8,7 +8,6 @@ processes joins the group and learns its place in it (:class:`World`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -46,12 +45,6 @@ class World:
         """Whether this process writes the outputs and prints progress."""
         return self.rank == 0
 
-    def device(self, device: torch.device) -> torch.device:
-        """Each process of a CUDA run on its own GPU: ``cuda:<local rank>``."""
-        if device.type == "cuda" and self.size > 1:
-            return torch.device("cuda", self.local_rank)
-        return device
-
     def share(self, items: Sequence[T]) -> Sequence[T]:
         """This process's contiguous share of ``items`` (shares differ in length by one at most)."""
         base, extra = divmod(len(items), self.size)
@@ -69,7 +62,7 @@ class World:
 
     def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
         """Each tensor summed over all processes (itself in one process)."""
-        summed = [value.clone() if self.size > 1 else value for value in values]
+        summed = [value.clone() for value in values]
         for value in summed if self.size > 1 else ():
             dist.all_reduce(value)
         return summed
@@ -113,9 +106,7 @@ def current() -> World:
 
 def backend(setting: str, device: torch.device) -> str:
     """``auto``: NCCL for CUDA, gloo otherwise (the CPU)."""
-    if setting != "auto":
-        return setting
-    return "nccl" if device.type == "cuda" else "gloo"
+    return setting if setting != "auto" else "nccl" if device.type == "cuda" else "gloo"
 
 
 def check(settings: DistributedParams, device: torch.device, source: str, *, sync_batchnorm: str | None = None) -> None:
@@ -166,26 +157,35 @@ def run_id(*parts: object) -> str:
 def run_processes(settings: DistributedParams, asked: torch.device, module: str, argv: Sequence[str] | None, *,
                   threads: int, run: str, work: Callable[[World, torch.device], None]) -> None:
     """``work(world, device)`` in this process: alone, or as one of the processes that torchrun
-    started. Where ``settings`` ask for more processes than this one is among, this process
-    starts them instead (each runs ``python -m module argv`` again) and waits for them."""
+    started, in their group (each process of a CUDA run on the GPU of its local rank).
+
+    Where ``settings`` ask for more processes than this one is among, this process starts them
+    instead through torchrun (each runs ``python -m module argv`` again) and returns once all
+    have finished; it raises SystemExit with the status of the one that failed by itself, if
+    any. The processes print their own lines; torchrun's log is silenced. ``threads`` goes to
+    OMP_NUM_THREADS, so that torchrun does not choose one."""
     world = current()
     wanted = processes(settings)
-    if world.size != wanted:
-        if world.size > 1:
-            raise UserError(f"started as one of {world.size} processes, but train.distributed asks for {wanted}: "
-                            "run the stage without torchrun, it starts its own")
-        launch(settings, module, sys.argv[1:] if argv is None else argv, threads=threads, run=run)
+    if world.size == wanted == 1:
+        work(world, asked)
         return
-    device = world.device(asked)
-    with process_group(world, device, backend(settings.backend, asked)):
-        work(world, device)
-
-
-def launch(settings: DistributedParams, module: str, argv: Sequence[str], *, threads: int, run: str) -> None:
-    """Run ``python -m module argv`` in ``settings``' processes through torchrun (in this
-    process), and return once all have finished; raise SystemExit with the status of the one
-    that failed by itself, if any. The processes print their own lines; torchrun's log is
-    silenced. ``threads`` goes to OMP_NUM_THREADS, so that torchrun does not choose one."""
+    if world.size == wanted:
+        cuda = torch.device("cuda", world.local_rank) if asked.type == "cuda" else None
+        name = backend(settings.backend, asked)
+        if cuda:
+            torch.cuda.set_device(cuda)
+        try:
+            dist.init_process_group(name, device_id=cuda)
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot join the training processes' group ({name}): {exc}") from None
+        try:
+            work(world, cuda or asked)
+        finally:
+            dist.destroy_process_group()
+        return
+    if world.size > 1:
+        raise UserError(f"started as one of {world.size} processes, but train.distributed asks for {wanted}: "
+                        "run the stage without torchrun, it starts its own")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args
@@ -196,33 +196,14 @@ def launch(settings: DistributedParams, module: str, argv: Sequence[str], *, thr
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        torchrun(parse_args(torchrun_args(settings, module, argv, run)))
+        torchrun(parse_args(torchrun_args(settings, module, sys.argv[1:] if argv is None else argv, run)))
     except ChildFailedError as exc:
         # The cause: a process that failed by itself (an error, a traceback), not one that
         # torchrun stopped because another had failed.
-        failures = sorted(exc.failures.items(), key=lambda item: (not 0 < item[1].exitcode < 128, item[0]))
-        rank, cause = failures[0]
+        rank, cause = min(exc.failures.items(), key=lambda item: (not 0 < item[1].exitcode < 128, item[0]))
         if cause.exitcode < 0:  # killed by a signal (the kernel's OOM killer, kill -9): nobody else says so
             say(f"error: training process {rank} was killed by signal {-cause.exitcode}")
             raise SystemExit(128 - cause.exitcode) from None
         raise SystemExit(cause.exitcode) from None
     except SignalException as exc:  # torchrun passed the signal on to the processes, which said what they did
         raise SystemExit(128 + int(exc.sigval)) from None
-
-
-@contextlib.contextmanager
-def process_group(world: World, device: torch.device, backend_name: str) -> Iterator[None]:
-    """Join the process group torchrun set up (nothing in one process); leave it at the end."""
-    if world.size == 1:
-        yield
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
-        dist.init_process_group(backend_name, device_id=device if device.type == "cuda" else None)
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot join the training processes' group ({backend_name}): {exc}") from None
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()

@@ -14,7 +14,7 @@ images, ...) in float32; ``batchnorm.pt`` (``update`` only), each epoch's statis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-from torch.utils.data import Dataset
 
 from transfer.errors import UserError
 from transfer.preprocess import Preprocess
@@ -46,72 +45,6 @@ def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
         yield captured
     finally:
         handle.remove()
-
-
-def head_is_last(model: nn.Module, head: nn.Module, sample: torch.Tensor) -> bool:
-    """Whether the model's output is the head's output, so training the head on stored head
-    inputs is training the model. Checked on ``sample`` in eval mode."""
-    outputs: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _module, _args, out: outputs.append(out))
-    was_training = model.training
-    try:
-        with torch.inference_mode():
-            result = model.eval()(sample)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return len(outputs) == 1 and outputs[0].shape == result.shape and torch.equal(outputs[0], result)
-
-
-def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The running statistics of every BatchNorm layer (what ``batchnorm: update`` changes)."""
-    return {
-        f"{name}.{buffer}": getattr(module, buffer).detach().cpu().clone()
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        for buffer in ("running_mean", "running_var", "num_batches_tracked")
-        if getattr(module, buffer, None) is not None
-    }
-
-
-class BackboneOutputs(Dataset[tuple[Sequence[tuple[int, int]], torch.Tensor]]):
-    """Item ``b``: chunk ``b`` of (view, image) pairs and what ``forward`` makes of their
-    pixels, so that DataLoader worker processes can run the backbone itself."""
-
-    def __init__(self, images: Dataset, chunks: Sequence[Sequence[tuple[int, int]]],
-                 forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.images, self.chunks, self.forward = images, chunks, forward
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, b: int) -> tuple[Sequence[tuple[int, int]], torch.Tensor]:
-        pixels = torch.stack([self.images[key][0] for key in self.chunks[b]])
-        return self.chunks[b], self.forward(pixels)
-
-
-@dataclass
-class FeatureWriter:
-    """Fills ``<folder>/train.npy`` and ``val.npy`` batch by batch, memory-mapped, so a large
-    data set's features never have to fit in memory at once."""
-
-    arrays: dict[str, np.ndarray] | None = None
-
-    def open(self, folder: Path, feature_shape: tuple[int, ...], train: tuple[int, int], val: tuple[int, int]) -> None:
-        """``train``/``val``: (views, images) of each array, followed by ``feature_shape``."""
-        self.arrays = {
-            name: np.lib.format.open_memmap(folder / name, mode="w+", dtype=np.float32, shape=(*lead, *feature_shape))
-            for name, lead in ((TRAIN, train), (VAL, val))
-        }
-
-    def write(self, name: str, views: torch.Tensor, indices: torch.Tensor, outputs: torch.Tensor) -> None:
-        assert self.arrays is not None
-        self.arrays[name][views.numpy(), indices.numpy()] = outputs.float().cpu().numpy()
-
-    def close(self) -> None:
-        for array in (self.arrays or {}).values():
-            array.flush()
-        self.arrays = None
 
 
 class FeaturesMeta(Schema):
@@ -143,19 +76,25 @@ class StoredFeatures:
             array = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise UserError(f"{path} is not a readable array ({exc}); {RERUN}") from None
-        images = len(self.meta.samples[split])  # type: ignore[index]
-        if array.ndim < 2 or array.shape[1] != images or list(array.shape[2:]) != self.meta.feature_shape:
-            raise UserError(f"{path} holds an array of shape {array.shape}, not (views, {images}, "
-                            f"{', '.join(map(str, self.meta.feature_shape))}) as {self.folder / META} says; {RERUN}")
+        expected = (len(self.meta.samples[split]), *self.meta.feature_shape)  # type: ignore[index]
+        # A float64 array would reach the head as float64 and fail inside torch; no views at all
+        # would leave training nothing to cycle through.
+        if array.dtype != np.float32 or array.shape[1:] != expected or not len(array):
+            raise UserError(f"{path} holds a {array.dtype} array of shape {array.shape}, not float32 of shape "
+                            f"(views, {', '.join(map(str, expected))}) as {self.folder / META} says; {RERUN}")
         return array
 
     def labels(self, split: str) -> list[int]:
         return [label for _, label in self.meta.samples[split]]  # type: ignore[index]
 
     def batchnorm(self, epoch: int) -> dict[str, torch.Tensor]:
-        state = torch.load(self.folder / BATCHNORM, map_location="cpu", weights_only=True)
+        path = self.folder / BATCHNORM
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: any failure means "not usable"
+            raise UserError(f"{path} is not readable ({' '.join(str(exc).split())[:200]}); {RERUN}") from None
         prefix = f"{epoch}/"
-        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
 
 RERUN = "run the features stage again (`dvc repro --force features`)"
