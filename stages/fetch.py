@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath
 
 from tqdm import tqdm
 
@@ -28,13 +28,16 @@ def _is_zip(path: Path) -> str | None:
     return f"the download is {kind} ({path.stat().st_size} bytes), not the data set's zip"
 
 
-def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
+def zip_folder(src: Path, dest: Path, sha256: str | None) -> Fetched:
     """Store the image-folder data set in the folder ``src`` (or its one subfolder) as a zip at
     ``dest``: only its images, after checking the layout, so that a folder named by mistake
-    never reaches DVC's cache or a remote. Sorted members with a fixed timestamp give the same
-    bytes for the same images; they are stored, not deflated (images are compressed)."""
+    never reaches DVC's cache or a remote. Links are not followed (a link to a folder could
+    loop, a link to a file could pack one from outside). Sorted members with a fixed
+    timestamp (ZipInfo's default) give the same bytes for the same images; they are stored,
+    not deflated (images are compressed)."""
     def folders(parent: Path) -> list[Path]:
-        return sorted(p for p in parent.glob("*") if p.is_dir() and not is_litter(PurePosixPath(p.name)))
+        return sorted(p for p in parent.glob("*")
+                      if p.is_dir() and not p.is_symlink() and not is_litter(PurePath(p.name)))
 
     subfolders = folders(src)
     root = subfolders[0] if not (src / "train").is_dir() and len(subfolders) == 1 else src
@@ -43,7 +46,7 @@ def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
     for split in SPLITS:
         for folder in folders(root / split):
             images = sorted(p for p in folder.rglob("*") if is_image_name(p.name) and p.is_file() and not p.is_symlink()
-                            and not is_litter(PurePosixPath(p.relative_to(folder).as_posix())))
+                            and not is_litter(p.relative_to(folder)))
             counts.setdefault(split, {})[folder.name] = len(images)
             files.extend(images)
     problem = layout_problem(counts, required=("train",))  # unzip may split val/ off train/
@@ -51,9 +54,9 @@ def zip_folder(src: Path, dest: Path, sha256: str | None = None) -> Fetched:
         raise UserError(f"{src} is not an image-folder data set: {problem}; nothing was packed (data.url must name "
                         "a folder of train/ (and val/) class folders, or a zip)")
     with atomic_path(dest) as tmp:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        with zipfile.ZipFile(tmp, "w") as zf:
             for path in tqdm(files, desc=f"zip {src.name}", unit="file", disable=None, leave=False):
-                info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info = zipfile.ZipInfo(path.relative_to(root).as_posix())
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, path.read_bytes())
         packed = Fetched(sha256_of(tmp), tmp.stat().st_size)
@@ -71,17 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    data, net = params.data, params.runtime
+    data = params.data
     out = Path(args.out)
     source = local_path(data.url)
     if source is not None and source.is_dir():  # a local image folder: pack it as the zip
-        fetched = zip_folder(source, out, sha256=data.sha256)
+        fetched = zip_folder(source, out, data.sha256)
     else:
-        hint = f"download {data.url} by hand and set data.url in {args.params} to the file's path"
-        fetched = fetch(
-            data.url, out, sha256=data.sha256, retries=net.download_retries, timeout=net.download_timeout,
-            check=_is_zip, hint=hint,
-        )
+        fetched = fetch(data.url, out, sha256=data.sha256, retries=params.runtime.download_retries,
+                        timeout=params.runtime.download_timeout, check=_is_zip,
+                        hint=f"download {data.url} by hand and set data.url in {args.params} to the file's path")
     write_json(args.report, {"url": data.url, "sha256": fetched.sha256, "bytes": fetched.size,
                              "sha256_pinned": data.sha256 is not None})
     print(f"fetched {data.url} -> {out} ({fetched.size} bytes, sha256 {fetched.sha256})")

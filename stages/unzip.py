@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from transfer.archive import extract_image_folder
 from transfer.atomic import atomic_dir, write_json
+from transfer.imagefolder import SPLITS
 from transfer.params import load_params
 from transfer.stage import run_stage
 
@@ -20,38 +21,36 @@ from transfer.stage import run_stage
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("archive", type=Path, help="the zip fetched by the fetch stage")
-    parser.add_argument("--out", type=Path, default=Path("data/hymenoptera_data"))
-    parser.add_argument("--report", type=Path, default=Path("reports/data.json"))
+    parser.add_argument("--out", type=Path, default="data/hymenoptera_data")
+    parser.add_argument("--report", type=Path, default="reports/data.json")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    per_class = params.data.train_per_class
     with atomic_dir(args.out) as tmp:
         report = extract_image_folder(args.archive, tmp, max_unpacked_mb=params.runtime.max_unpacked_mb,
                                       val_fraction=params.data.val_fraction,
                                       test_fraction=params.data.test_fraction, seed=params.seed,
-                                      train_per_class=params.data.train_per_class)
+                                      train_per_class=per_class)
         # Before the folder is swapped in: a report that cannot be written (a full disk)
         # then leaves the previous folder too, not a new folder beside an old report.
-        write_json(args.report, report.as_metrics())
+        write_json(args.report, report)
 
-    short = sorted(c for c, n in report.counts["train"].items() if n < params.data.train_per_class) \
-        if params.data.train_per_class != "all" else []
+    short = sorted(c for c, n in report["train"]["per_class"].items() if per_class != "all" and n < per_class)
     if short:
-        tqdm.write(f"warning: data.train_per_class is {params.data.train_per_class}, but {', '.join(short)} "
+        tqdm.write(f"warning: data.train_per_class is {per_class}, but {', '.join(short)} "
                    "has fewer training images: all of them are used", file=sys.stderr)
-    for name, reason in sorted(report.skipped.items()):
+    for name, reason in sorted(report["skipped"].items()):
         tqdm.write(f"warning: skipped {name}: {reason}", file=sys.stderr)
-    for names in report.duplicates():
+    for names in report["duplicates_across_splits"]:
         tqdm.write(f"warning: the same image is in two splits, which makes scores optimistic: {', '.join(names)}",
                    file=sys.stderr)
-    summary = ", ".join(
-        f"{split} {sum(c.values())} images" for split, c in sorted(report.counts.items())
-    )
-    print(f"extracted {args.out}: {summary} in {len(report.counts['train'])} classes, "
-          f"{len(report.skipped)} skipped, {report.ignored} hidden/other entries ignored"
-          + (f", {report.left_out_of_train} training images beyond data.train_per_class left out"
-             if report.left_out_of_train else ""))
+    summary = ", ".join(f"{split} {report[split]['images']} images" for split in sorted(SPLITS) if split in report)
+    print(f"extracted {args.out}: {summary} in {report['classes']} classes, {report['skipped_count']} skipped, "
+          f"{report['ignored_entries']} hidden/other entries ignored"
+          + (f", {report['left_out_of_train']} training images beyond data.train_per_class left out"
+             if report["left_out_of_train"] else ""))
 
 
 if __name__ == "__main__":

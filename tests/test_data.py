@@ -16,6 +16,7 @@ from PIL import Image
 
 from transfer.checkpoints import CheckpointMeta, save_checkpoint
 from transfer.datasets import EpochSampler, TrainImages, ValImages
+from transfer.errors import UserError
 from transfer.imagefolder import image_folders
 from transfer.images import ImageCache, decode
 from transfer.preprocess import IMAGENET, ModelInput
@@ -140,3 +141,25 @@ def test_checkpoints_are_byte_identical_for_identical_tensors(tmp_path: Path) ->
     loaded = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     assert (tmp_path / "a" / "model.json").read_bytes() == (tmp_path / "b" / "model.json").read_bytes()
+
+
+def test_links_to_folders_are_not_followed(folders: Path) -> None:
+    """A loop of links inside the data (a class folder linked to its split, a link from a class
+    folder to the top) does not list any image twice: links to folders are not followed."""
+    before = {split: (s.classes, s.samples) for split, s in image_folders(folders).items()}
+    for split in ("train", "val"):
+        (folders / split / "again").symlink_to(".")
+        (folders / split / "ants" / "top").symlink_to("../..")
+    after = {split: (s.classes, s.samples) for split, s in image_folders(folders).items()}
+    assert after == before and len(after["train"][1]) == 10
+
+
+def test_class_folders_spelled_two_ways(folders: Path) -> None:
+    """'bees' composed in train/ and decomposed in val/ print alike: refused with both
+    spellings and their code points, not as two different classes."""
+    (folders / "train" / "bees").rename(folders / "train" / "b\u00e9es")
+    (folders / "val" / "bees").rename(folders / "val" / "be\u0301es")
+    with pytest.raises(UserError) as info:
+        image_folders(folders)
+    assert "'be\\u0301es' (U+0062 U+0065 U+0301 U+0065 U+0073) in val/ and 'b\\xe9es' (U+0062 U+00E9 U+0065 U+0073) " \
+        "in train/" in str(info.value), info.value

@@ -5,6 +5,7 @@ and leaves neither the zip nor the report behind."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import ALWAYS, LoopbackServer, error_line, leftovers, run_module, write_params
+from imagefolders import make_image_folders
 
 from stages import fetch as fetch_stage
 from transfer.download import sha256_of
@@ -203,3 +205,48 @@ def test_local_folder_with_wrong_pin(dataset_zip: Path, tmp_path: Path,
         zf.extractall(folder)
     line = run_failing(tmp_path, {"data.url": str(folder), "data.sha256": "cd" * 32}, capsys)
     assert "sha256 mismatch" in line and "cd" * 32 in line
+
+
+def test_local_folder_with_a_class_spelled_two_ways(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Class folders 'Ants' and 'ants' in one split (one folder on macOS and Windows) are
+    refused by the rule unzip and training apply, with both spellings, before anything is
+    packed."""
+    folder = make_image_folders(tmp_path / "mirror", n_train=2, n_val=1)
+    shutil.copytree(folder / "train" / "ants", folder / "train" / "Ants")
+    line = run_failing(tmp_path, {"data.url": str(folder)}, capsys)
+    assert "nothing was packed" in line and "differ only in Unicode normalisation or letter case" in line, line
+    assert "'Ants' (U+0041 U+006E U+0074 U+0073) in train/ and 'ants' (U+0061 U+006E U+0074 U+0073) in train/ val/" \
+        in line, line
+
+
+def test_links_in_a_local_folder_are_not_packed(tmp_path: Path) -> None:
+    """A loop of links inside the folder (a class folder linked to its split, a link to the
+    top) packs each image once, and a link to a file outside packs nothing from outside."""
+    folder = make_image_folders(tmp_path / "mirror", n_train=2, n_val=1)
+    (folder / "train" / "again").symlink_to(".")
+    (folder / "train" / "ants" / "top").symlink_to("../..")
+    (tmp_path / "secret.png").write_bytes((folder / "val" / "bees" / "bees_val_0.png").read_bytes())
+    (folder / "train" / "bees" / "outside.png").symlink_to(tmp_path / "secret.png")
+    fetch_stage.main(stage_args(tmp_path, {"data.url": str(folder)}))
+    with zipfile.ZipFile(tmp_path / "data" / "d.zip") as zf:
+        names = sorted(zf.namelist())
+    assert names == sorted(f"{split}/{c}/{c}_{split}_{i}.png" for split, n in (("train", 2), ("val", 1))
+                           for c in ("ants", "bees") for i in range(n))
+
+
+@pytest.mark.parametrize("case", ["loop", "too-long", "no-such-user", "bracket"])
+def test_impossible_paths_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    """data.url naming a loop of links, a name too long for the file system, the home folder
+    of a user that does not exist, or a path urllib cannot split: one line naming it."""
+    loop = tmp_path / "loop.zip"
+    loop.symlink_to("loop.zip")
+    url, expected = {
+        "loop": (str(loop), f"{loop} cannot be read: Too many levels of symbolic links"),
+        "too-long": (str(tmp_path / ("n" * 300 + ".zip")), "File name too long"),
+        "no-such-user": ("~nosuchuser/data.zip", "~nosuchuser/data.zip does not exist (~nosuchuser is no user's home "
+                         "folder)"),
+        "bracket": ("//[x/data.zip", "//[x/data.zip is neither a URL nor a path that can be read"),
+    }[case]
+    line = run_failing(tmp_path, {"data.url": url}, capsys)
+    assert expected in line, line
+    assert "writing" not in line, "the source is not what failed to be written"

@@ -1,91 +1,65 @@
 """Safe extraction of an image-folder zip: member names and unpacked sizes are checked before
-anything is written (no absolute paths, ``..`` or symlinks; ``runtime.max_unpacked_mb`` refuses a
-zip bomb from its headers), and every image is decoded on its way out, with the decoder every
-later stage uses, so a file that would not load in training is reported now, by name.
+anything is written (no absolute paths, ``..``, symlinks or names too long to write; no two
+members that would be one file, :func:`clashes`; ``runtime.max_unpacked_mb`` refuses a zip
+bomb from its headers), and every image is decoded on its way out, with the decoder every later
+stage uses, so a file that would not load in training is reported now, by name.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import random
+import shutil
 import stat
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import Any
 
 from tqdm import tqdm
 
+from transfer.download import sha256_of
 from transfer.errors import UserError
-from transfer.imagefolder import SPLITS, is_image_name, is_litter, layout_problem
+from transfer.imagefolder import SPLITS, folded, is_image_name, is_litter, layout_problem
 from transfer.images import ImageTooLarge, decode
-
-#: Members are copied out in pieces of this size, never read whole into memory.
-CHUNK_BYTES = 1 << 20
-
-
-@dataclass
-class ExtractReport:
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    ignored: int = 0
-    val_from_train: float = 0.0
-    test_from_val: float = 0.0
-    train_per_class: int | str = "all"
-    left_out_of_train: int = 0  #: training images beyond train_per_class
-    digests: dict[str, str] = field(default_factory=dict)  #: image -> sha256 of its bytes
-
-    def duplicates(self) -> list[list[str]]:
-        """Images whose bytes are equal and that are in different splits: a leak, which makes
-        validation and test scores optimistic (the same image trained on and scored)."""
-        by_digest: dict[str, list[str]] = {}
-        for name, digest in sorted(self.digests.items()):
-            by_digest.setdefault(digest, []).append(name)
-        return [names for names in by_digest.values() if len({PurePosixPath(n).parts[0] for n in names}) > 1]
-
-    def as_metrics(self) -> dict[str, object]:
-        splits = {
-            split: {"images": sum(classes.values()), "per_class": dict(sorted(classes.items()))}
-            for split, classes in self.counts.items()
-        }
-        return {
-            "classes": len(self.counts.get("train", {})),
-            **splits,
-            "skipped_count": len(self.skipped),
-            "skipped": dict(sorted(self.skipped.items())),
-            "duplicates_across_splits": self.duplicates(),
-            "ignored_entries": self.ignored,
-            "val_split_from_train": self.val_from_train,
-            "test_split_from_val": self.test_from_val,
-            "train_per_class": self.train_per_class,
-            "left_out_of_train": self.left_out_of_train,
-        }
 
 
 def unsafe_reason(info: zipfile.ZipInfo) -> str | None:
-    """Why extracting this member could write outside the target folder, or None."""
+    """Why extracting this member could write outside the target folder, or could not be
+    written (a name past the usual limits of 255 bytes a part; 1,000 in all keeps folders few
+    enough to create), or None."""
     name = info.filename
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+    if not name:
+        return "empty name"
+    if name.startswith(("/", "\\")) or name[1:2] == ":":
         return "absolute path"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if ".." in parts:
         return "path with '..'"
     if stat.S_ISLNK(info.external_attr >> 16):
         return "symbolic link"
+    if len(name.encode()) > 1000 or any(len(part.encode()) > 255 for part in parts):
+        return "name too long"
     return None
 
 
-def _data_root(names: list[PurePosixPath]) -> PurePosixPath:
-    """The folder inside the archive that holds the splits: the top, or a single top folder."""
-    tops = {n.parts[0] for n in names if len(n.parts) > 1}
-    if "train" in tops:
-        return PurePosixPath()
-    if len(tops) == 1:
-        return PurePosixPath(tops.pop())
-    raise UserError(
-        "the archive has no train/ folder at its top or inside a single top folder "
-        f"(top-level folders: {', '.join(sorted(tops)) or 'none'})"
-    )
+def clashes(infos: list[zipfile.ZipInfo]) -> list[str]:
+    """Files of the archive that would be one file, or a file where another needs a folder:
+    the same name twice, or names equal by :func:`transfer.imagefolder.folded` (``a.jpg`` and
+    ``A.jpg``: one file on macOS and Windows). Which copy survived would depend on the order
+    of the members or on the file system. Sorted by their folded parts, a name is followed by
+    the names it clashes with."""
+    keyed = sorted((tuple(folded(str(PurePosixPath(info.filename))).split("/")), info.filename)
+                   for info in infos if not info.filename.endswith("/"))
+    return [f"{first!a} and {then!a}" for (key, first), (later, then) in itertools.pairwise(keyed)
+            if later[:len(key)] == key]
+
+
+def _refuse(archive: Path, what: str, members: list[str]) -> None:
+    if members:
+        more = f" and {len(members) - 5} more" if len(members) > 5 else ""
+        raise UserError(f"{archive} has {what}, nothing extracted: {', '.join(members[:5])}{more}")
 
 
 def split_off(files: list[PurePosixPath], fraction: float, seed: int, source: str = "train",
@@ -95,192 +69,149 @@ def split_off(files: list[PurePosixPath], fraction: float, seed: int, source: st
     Each class keeps at least one image and gives at least one, so the layout check passes
     for every class; a class of a single image cannot be split, and is refused by name.
     """
-    by_class: dict[str, list[PurePosixPath]] = {}
-    for rel in files:
+    by_class: defaultdict[str, list[PurePosixPath]] = defaultdict(list)
+    for rel in sorted(files):
         if rel.parts[0] == source and len(rel.parts) >= 3 and is_image_name(rel.name):
-            by_class.setdefault(rel.parts[1], []).append(rel)
+            by_class[rel.parts[1]].append(rel)
     moved = {}
     rng = random.Random(seed)
-    key = "data.val_fraction" if target == "val" else "data.test_fraction"
-    for label in sorted(by_class):
-        members = sorted(by_class[label])
+    for label, members in sorted(by_class.items()):
         if len(members) < 2:
-            raise UserError(f"{key}: class {label} has {len(members)} image in {source}/, which cannot be split into "
-                            f"{source}/ and {target}/; add images or set {key}: 0")
+            raise UserError(f"data.{target}_fraction: class {label} has 1 image in {source}/, which cannot be split "
+                            f"into {source}/ and {target}/; add images or set data.{target}_fraction: 0")
         count = min(max(round(len(members) * fraction), 1), len(members) - 1)
         for rel in rng.sample(members, count):
             moved[rel] = PurePosixPath(target, *rel.parts[1:])
     return moved
 
 
-def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val_fraction: float = 0.0,
-                         test_fraction: float = 0.0, seed: int = 0, train_per_class: int | str = "all",
-                         ) -> ExtractReport:
-    """Extract ``archive``'s splits into the empty folder ``dest``; return what was kept. A
-    val/ or test/ split the archive lacks is split off train/ or val/ where the fractions ask
-    (:func:`split_off`); then train/ keeps ``train_per_class`` images per class (:func:`subset`)."""
+def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val_fraction: float,
+                         test_fraction: float, seed: int, train_per_class: int | str) -> dict[str, Any]:
+    """Extract ``archive``'s splits into the empty folder ``dest``; return the report of what
+    was kept (reports/data.json). A val/ or test/ split the archive lacks is split off train/
+    or val/ where the fractions ask (:func:`split_off`); then train/ keeps ``train_per_class``
+    images per class: the first of a seeded shuffle of each class's usable images, so that a
+    larger subset holds every smaller one (the 10 images are among the 20) and validation and
+    test images never change with it."""
     try:
         zf = zipfile.ZipFile(archive)
     except FileNotFoundError:
         raise UserError(f"{archive} does not exist: run the fetch stage first") from None
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, UnicodeDecodeError):  # the latter: names flagged UTF-8 that are not
         raise UserError(f"{archive} is not a zip archive") from None
     with zf:
-        unsafe = [f"{i.filename} ({r})" for i in zf.infolist() if (r := unsafe_reason(i))]
-        if unsafe:
-            more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
-            raise UserError(f"{archive} has unsafe members, nothing extracted: {', '.join(unsafe[:5])}{more}")
-        report = ExtractReport()
-        files = _split_files(zf.infolist(), report)
-        moved = split_splits([rel for rel, _ in files], report, val_fraction, test_fraction, seed)
-        images = _images_to_extract(files, moved, report)
-        check_sizes(archive, [info for _, info in images], max_unpacked_mb)
-        for rel, info in tqdm(images, desc="unzip", unit="image", disable=None, leave=False):
-            target = dest.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            digest = copy_member(zf, info, target, archive)
-            problem = decode_problem(target)
-            if problem:
-                _remove(target, up_to=dest)
-                report.skipped[str(rel)] = problem.replace(str(target), str(rel))  # not the temporary folder's name
+        infos = zf.infolist()
+        _refuse(archive, "unsafe members", [f"{i.filename} ({r})" for i in infos if (r := unsafe_reason(i))])
+        _refuse(archive, "members that would overwrite each other (names equal after Unicode normalisation and case "
+                "folding, or a file where a folder must be)", clashes(infos))
+        members = [(path, info) for info in infos if not is_litter(path := PurePosixPath(info.filename))]
+        # The folder holding the splits: the top, or a single top folder.
+        tops = {path.parts[0] for path, info in members if path.parent.name and not info.is_dir()}
+        if "train" not in tops and len(tops) != 1:
+            raise UserError("the archive has no train/ folder at its top or inside a single top folder "
+                            f"(top-level folders: {', '.join(sorted(tops)) or 'none'})")
+        root = PurePosixPath() if "train" in tops else PurePosixPath(*tops)
+        # The files in the splits, by path below the root; class folders count even while
+        # empty, so that the layout check sees them.
+        # split -> class -> usable images; "+= 0" lists a class that has none (yet).
+        counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        files: dict[PurePosixPath, zipfile.ZipInfo] = {}
+        for path, info in members:
+            rel = path.relative_to(root) if path.is_relative_to(root) else PurePosixPath()
+            if (*rel.parts, "")[0] not in SPLITS:  # its first part, if any
+                continue
+            if not info.is_dir():
+                files[rel] = info
+            elif len(rel.parts) == 2:
+                counts[rel.parts[0]][rel.parts[1]] += 0
+        ignored = sum(not info.is_dir() for info in infos) - len(files)
+        # A val/ split off train/ and a test/ split off val/, where asked and the archive has none.
+        fractions = {"val_split_from_train": 0.0, "test_split_from_val": 0.0}
+        for source, target, fraction in (("train", "val", val_fraction), ("val", "test", test_fraction)):
+            if fraction > 0 and target not in {rel.parts[0] for rel in files} | set(counts):
+                moves = split_off(list(files), fraction, seed, source, target)
+                files = {moves.get(rel, rel): info for rel, info in files.items()}
+                fractions[f"{target}_split_from_{source}"] = fraction
+        skipped: dict[str, str] = {}
+        images = []
+        for rel, info in files.items():
+            if len(rel.parts) < 3:
+                skipped[str(rel)] = "not inside a class folder"
+                continue
+            counts[rel.parts[0]][rel.parts[1]] += 0
+            if is_image_name(rel.name):
+                images.append((rel, info))
             else:
-                report.counts[rel.parts[0]][rel.parts[1]] += 1
-                report.digests[str(rel)] = digest
-    problem = layout_problem(report.counts)
+                skipped[str(rel)] = f"unsupported file type '{rel.suffix or rel.name}'"
+        # Refused from the headers before any member is read (naming the largest where it alone
+        # is over): zipfile stops at a member's declared size, so a header that understates it
+        # gives a bad CRC, not more data.
+        cap = max_unpacked_mb * 2**20
+        hint = (f"more than runtime.max_unpacked_mb ({max_unpacked_mb} MB); nothing extracted (a zip bomb? if the "
+                "data set really is that large, raise runtime.max_unpacked_mb in params.yaml)")
+        largest = max((info for _, info in images), key=lambda info: info.file_size, default=zipfile.ZipInfo())
+        if largest.file_size > cap:
+            raise UserError(f"{archive}: {largest.filename} unpacks to {largest.file_size / 2**20:,.1f} MB, {hint}")
+        total = sum(info.file_size for _, info in images)
+        if total > cap:
+            raise UserError(f"{archive}: its {len(images)} images unpack to {total / 2**20:,.1f} MB, {hint}")
+        digests: dict[str, str] = {}  # image -> sha256 of its bytes
+        for rel, info in tqdm(images, desc="unzip", unit="image", disable=None, leave=False):
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as member, target.open("wb") as out:
+                    shutil.copyfileobj(member, out)  # in pieces, never whole in memory
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise UserError(f"{archive} is corrupt at {info.filename}: {exc}; fetch it again") from None
+            except (RuntimeError, NotImplementedError) as exc:  # a password; deflate64, say
+                raise UserError(f"{archive} cannot be extracted at {info.filename}: {exc}; zip the data set again "
+                                "without a password, with deflate compression") from None
+            try:  # decoded fully, as every later stage will
+                decode(target)
+            except ImageTooLarge as exc:
+                problem = str(exc)
+            except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
+                problem = f"does not decode as an image ({exc.__class__.__name__}: {' '.join(str(exc).split())})"[:240]
+            else:
+                counts[rel.parts[0]][rel.parts[1]] += 1
+                digests[str(rel)] = sha256_of(target)
+                continue
+            target.unlink()
+            skipped[str(rel)] = problem.replace(str(target), str(rel))  # not the temporary folder's name
+    problem = layout_problem(counts)
     if problem:
         raise UserError(f"{archive} is not an image-folder data set: {problem}")
+    left_out = 0
     if train_per_class != "all":
-        subset(dest, report, int(train_per_class), seed)
-    return report
+        for label in counts["train"]:
+            names = sorted(name for name in digests if name.startswith(f"train/{label}/"))
+            random.Random(f"train_per_class:{seed}:{label}").shuffle(names)
+            for name in names[int(train_per_class):]:
+                (dest / name).unlink()
+                del digests[name]
+                counts["train"][label] -= 1
+                left_out += 1
+    # The folders that what was left out leaves empty, deepest first, so the output holds only
+    # what the report counts (as before, when only good images were written).
+    for folder in sorted(dest.rglob("*"), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    # Images whose bytes are equal and that are in different splits: a leak, which makes
+    # validation and test scores optimistic (the same image trained on and scored).
+    by_digest: defaultdict[str, list[str]] = defaultdict(list)
+    for name, digest in sorted(digests.items()):
+        by_digest[digest].append(name)
+    leaks = [names for names in by_digest.values() if len({name.split("/")[0] for name in names}) > 1]
+    return {
+        "classes": len(counts["train"]),
+        **{split: {"images": sum(classes.values()), "per_class": classes} for split, classes in counts.items()},
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "duplicates_across_splits": leaks,
+        "ignored_entries": ignored,
+        **fractions,
+        "train_per_class": train_per_class,
+        "left_out_of_train": left_out,
+    }
 
-
-def subset(dest: Path, report: ExtractReport, per_class: int, seed: int) -> None:
-    """Keep ``per_class`` training images of each class (all of a smaller class): the first
-    of a seeded shuffle of its usable images, so that a larger subset holds every smaller one
-    (the 10 images are among the 20) and validation and test images never change with it."""
-    report.train_per_class = per_class
-    for label in sorted(report.counts["train"]):
-        images = sorted(n for n in report.digests if PurePosixPath(n).parts[:2] == ("train", label))
-        random.Random(f"train_per_class:{seed}:{label}").shuffle(images)
-        for name in images[per_class:]:
-            _remove(dest / name, up_to=dest)
-            del report.digests[name]
-        report.counts["train"][label] = min(per_class, len(images))
-        report.left_out_of_train += max(0, len(images) - per_class)
-
-
-def _split_files(infos: list[zipfile.ZipInfo], report: ExtractReport) -> list[tuple[PurePosixPath, zipfile.ZipInfo]]:
-    """The files inside the archive's splits, by path relative to the folder holding them;
-    class folders are counted even while empty, so that the layout check sees them."""
-    members = []
-    for info in infos:
-        path = PurePosixPath(info.filename)
-        if is_litter(path):
-            report.ignored += not info.is_dir()
-        else:
-            members.append((path, info))
-    root = _data_root([p for p, i in members if not i.is_dir()])
-    files = []
-    for path, info in members:
-        rel = path.relative_to(root) if path.is_relative_to(root) else None
-        if rel is None or not rel.parts or rel.parts[0] not in SPLITS:
-            report.ignored += not info.is_dir()
-        elif info.is_dir():
-            if len(rel.parts) == 2:
-                report.counts.setdefault(rel.parts[0], {}).setdefault(rel.parts[1], 0)
-        else:
-            files.append((rel, info))
-    return files
-
-
-def split_splits(files: list[PurePosixPath], report: ExtractReport, val_fraction: float, test_fraction: float,
-                 seed: int) -> dict[PurePosixPath, PurePosixPath]:
-    """Where each file goes: a val/ split off train/ and a test/ split off val/, where the
-    fractions ask for them and the archive has none."""
-    moved: dict[PurePosixPath, PurePosixPath] = {}
-    for source, target, fraction in (("train", "val", val_fraction), ("val", "test", test_fraction)):
-        present = {rel.parts[0] for rel in (moved.get(f, f) for f in files)} | set(report.counts)
-        if fraction <= 0 or target in present:
-            continue
-        now = {moved.get(f, f): f for f in files}
-        for rel, new in split_off(list(now), fraction, seed, source, target).items():
-            moved[now[rel]] = new
-            report.counts.setdefault(target, {}).setdefault(new.parts[1], 0)
-        setattr(report, f"{target}_from_{source}", fraction)
-    return moved
-
-
-def _images_to_extract(files: list[tuple[PurePosixPath, zipfile.ZipInfo]],
-                       moved: dict[PurePosixPath, PurePosixPath],
-                       report: ExtractReport) -> list[tuple[PurePosixPath, zipfile.ZipInfo]]:
-    """The members to extract, each with its path in the output (``moved`` applied); files
-    outside a class folder or of another type than an image are recorded as skipped."""
-    images = []
-    for original, info in files:
-        rel = moved.get(original, original)
-        if len(rel.parts) < 3:
-            report.skipped[str(rel)] = "not inside a class folder"
-            continue
-        report.counts.setdefault(rel.parts[0], {}).setdefault(rel.parts[1], 0)
-        if not is_image_name(rel.name):
-            report.skipped[str(rel)] = f"unsupported file type '{rel.suffix or rel.name}'"
-            continue
-        images.append((rel, info))
-    return images
-
-
-def _remove(path: Path, up_to: Path) -> None:
-    """Delete a file left out, and the folders it leaves empty below ``up_to``, so the
-    output holds only what the report counts (as before, when only good images were
-    written)."""
-    path.unlink()
-    for parent in path.parents:
-        if parent == up_to or any(parent.iterdir()):
-            break
-        parent.rmdir()
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 2**20:,.1f} MB"
-
-
-def check_sizes(archive: Path, infos: list[zipfile.ZipInfo], max_unpacked_mb: int) -> None:
-    """Refuse, before reading any member, members whose declared sizes add up to more than
-    ``max_unpacked_mb`` (naming the largest where it alone is over). ``zipfile`` stops at a
-    member's declared size, so a header that understates it gives a bad CRC, not more data."""
-    cap = max_unpacked_mb * 2**20
-    largest = max(infos, key=lambda info: info.file_size, default=None)
-    hint = ("nothing extracted (a zip bomb? if the data set really is that large, raise "
-            "runtime.max_unpacked_mb in params.yaml)")
-    if largest is not None and largest.file_size > cap:
-        raise UserError(f"{archive}: {largest.filename} unpacks to {_megabytes(largest.file_size)}, more than "
-                        f"runtime.max_unpacked_mb ({max_unpacked_mb} MB); {hint}")
-    total = sum(info.file_size for info in infos)
-    if total > cap:
-        raise UserError(f"{archive}: its {len(infos)} images unpack to {_megabytes(total)}, more than "
-                        f"runtime.max_unpacked_mb ({max_unpacked_mb} MB); {hint}")
-
-
-def copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, archive: Path) -> str:
-    """Copy member ``info`` to ``target`` in pieces, never whole in memory; return its sha256."""
-    digest = hashlib.sha256()
-    try:
-        with zf.open(info) as member, target.open("wb") as out:
-            while chunk := member.read(CHUNK_BYTES):
-                digest.update(chunk)
-                out.write(chunk)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise UserError(f"{archive} is corrupt at {info.filename}: {exc}; fetch it again") from None
-    return digest.hexdigest()
-
-
-def decode_problem(source: str | Path | IO[bytes]) -> str | None:
-    """Decode the image fully, as every later stage will (:func:`transfer.images.decode`);
-    return why it is left out, or None if it is a usable image."""
-    try:
-        decode(source)
-    except ImageTooLarge as exc:
-        return str(exc)
-    except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
-        return f"does not decode as an image ({exc.__class__.__name__}: {' '.join(str(exc).split())})"[:240]
-    return None

@@ -17,9 +17,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from tqdm import tqdm
 
@@ -34,8 +33,7 @@ class _Transient(Exception):
     """A failure worth retrying; the message says what happened."""
 
 
-@dataclass(frozen=True)
-class Fetched:
+class Fetched(NamedTuple):
     sha256: str
     size: int
 
@@ -53,80 +51,81 @@ def fetch(
 ) -> Fetched:
     """Copy ``url`` to ``dest``; verify ``sha256`` if given; return what was seen. ``check``
     gets the complete temporary file and returns a problem or None; ``hint`` (how to get the
-    file by hand) ends every error of a download (not of a local file, nor of writing ``dest``)."""
-    dest = Path(dest)
-    suffix = f"; {hint}" if hint and local_path(url) is None else ""
-    for attempt in range(retries + 1):
+    file by hand) ends every error of a download (not of a local file, nor of writing ``dest``,
+    which are OSErrors)."""
+    path = local_path(url)
+    suffix = f"; {hint}" if hint and path is None else ""
+    attempt = 0
+    while True:
         try:
             with atomic_path(dest) as tmp:
                 with tmp.open("wb") as out:
-                    fetched = _copy(url, out, timeout)
+                    fetched = _copy_http(url, out, timeout) if path is None else _copy_file(path, out)
                 if sha256 and fetched.sha256 != sha256.lower():
-                    raise UserError(
-                        f"sha256 mismatch for {url}: expected {sha256.lower()}, got "
-                        f"{fetched.sha256} ({fetched.size} bytes){suffix}"
-                    )
-                problem = check(tmp) if check else None
-                if problem:
-                    raise UserError(f"{url}: {problem}{suffix}")
+                    raise UserError(f"sha256 mismatch for {url}: expected {sha256.lower()}, got "
+                                    f"{fetched.sha256} ({fetched.size} bytes)")
+                if check and (problem := check(tmp)):
+                    raise UserError(f"{url}: {problem}")
             return fetched
         except _Transient as exc:
             if attempt == retries:
                 tries = f" after {retries + 1} attempts" if retries else ""
                 raise UserError(f"could not download {url}{tries}: {exc}{suffix}") from None
             wait = min(backoff * 2**attempt, 60.0)
-            tqdm.write(f"warning: {exc}; retrying in {wait:g}s ({attempt + 1}/{retries})", file=sys.stderr)
+            attempt += 1
+            tqdm.write(f"warning: {exc}; retrying in {wait:g}s ({attempt}/{retries})", file=sys.stderr)
             time.sleep(wait)
         except UserError as exc:
-            if suffix and str(exc).endswith(suffix):
-                raise
             raise UserError(f"{exc}{suffix}") from None
-    raise AssertionError("unreachable")
 
 
 def local_path(url: str) -> Path | None:
     """The local file a ``file://`` URL or plain path names; None for http(s) URLs."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL": a bracket after //
+        raise UserError(f"{url} is neither a URL nor a path that can be read ({exc})") from None
+    scheme = parts.scheme  # lower case
     if scheme in ("http", "https"):
         return None
     if scheme == "file":
-        return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
-    if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
+        return Path(urllib.request.url2pathname(parts.path))
+    if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise UserError(f"unsupported URL scheme {scheme!r} in {url}: use http(s)://, file:// or a path")
-    return Path(os.path.expanduser(url))  # ~nosuchuser stays as it is, and then does not exist
+    return Path(os.path.expanduser(url))  # ~nosuchuser stays as it is: see _copy_file
 
 
-def _copy(url: str, out: BinaryIO, timeout: float) -> Fetched:
-    path = local_path(url)
-    if path is None:
-        return _copy_http(url, out, timeout)
+def _copy_file(path: Path, out: BinaryIO) -> Fetched:
+    """Copy the local file ``path``. Its errors are UserErrors: raised inside ``atomic_path``,
+    an OSError would read as a failure to write the destination."""
     try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode):  # a named pipe or device would block or never end
-            raise UserError(f"{path} is {'a folder, not a file' if stat.S_ISDIR(mode) else 'not a regular file'}")
-        with path.open("rb") as src:
-            return _stream(src, out, path.stat().st_size, path.name)
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):  # a named pipe or device would block or never end
+            kind = "a folder, not a file" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+            raise UserError(f"{path} is {kind}")
+        src = path.open("rb")
     except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except PermissionError:
-        raise UserError(f"{path} is not readable (permission denied)") from None
+        home = str(path).partition("/")[0]  # ~nosuchuser: os.path.expanduser left it as it was
+        hint = f" ({home} is no user's home folder)" if home.startswith("~") else ""
+        raise UserError(f"{path} does not exist{hint}") from None
+    except OSError as exc:  # a loop of links, a name too long, no permission
+        raise UserError(f"{path} cannot be read: {exc.strerror}") from None
+    with src:
+        return _stream(src, out, status.st_size, path.name)
 
 
 def _copy_http(url: str, out: BinaryIO, timeout: float) -> Fetched:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            name = Path(urllib.parse.urlsplit(url).path).name or url
-            fetched = _stream(response, out, total, name)
-            if total is not None and fetched.size != total:
-                raise _Transient(f"connection closed after {fetched.size} of {total} bytes")
-            return fetched
+            length = response.headers.get("Content-Length", "")  # no .length after a redirect to ftp://
+            total = int(length) if length.isdigit() else None
+            fetched = _stream(response, out, total, Path(url).name)
     except urllib.error.HTTPError as exc:
+        problem = f"server answered HTTP {exc.code} {exc.reason}"
         if exc.code >= 500 or exc.code == 429:
-            raise _Transient(f"server answered HTTP {exc.code} {exc.reason}") from None
-        raise UserError(f"could not download {url}: server answered HTTP {exc.code} {exc.reason}") from None
+            raise _Transient(problem) from None
+        raise UserError(f"could not download {url}: {problem}") from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, socket.gaierror):
@@ -134,28 +133,28 @@ def _copy_http(url: str, out: BinaryIO, timeout: float) -> Fetched:
             raise UserError(f"could not download {url}: cannot resolve host {host!r} (offline?)") from None
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise UserError(f"could not download {url}: TLS certificate not trusted: {reason.verify_message}") from None
-        if isinstance(reason, ConnectionRefusedError):
-            raise _Transient("connection refused") from None
-        if isinstance(reason, (TimeoutError, socket.timeout)):
-            raise _Transient(f"no answer within {timeout:g}s") from None
-        raise _Transient(str(reason)) from None
+        raise _Transient("connection refused" if isinstance(reason, ConnectionRefusedError)
+                         else f"no answer within {timeout:g}s" if isinstance(reason, TimeoutError)
+                         else str(reason)) from None
     except TimeoutError:
         raise _Transient(f"no data within {timeout:g}s") from None
     except (ConnectionError, http.client.HTTPException) as exc:
         raise _Transient(f"connection broke: {exc.__class__.__name__} {exc}".strip()) from None
+    if total is not None and fetched.size != total:
+        raise _Transient(f"connection closed after {fetched.size} of {total} bytes")
+    return fetched
 
 
 def _stream(src: BinaryIO, out: BinaryIO, total: int | None, name: str) -> Fetched:
+    """Copy ``src`` to the new file ``out`` in pieces, with a progress bar; its sha256 and size."""
     digest = hashlib.sha256()
-    size = 0
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
               disable=None, leave=False) as bar:
         while chunk := src.read(CHUNK):
             out.write(chunk)
             digest.update(chunk)
-            size += len(chunk)
             bar.update(len(chunk))
-    return Fetched(digest.hexdigest(), size)
+    return Fetched(digest.hexdigest(), out.tell())
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
