@@ -46,12 +46,11 @@ def validate(model: type[M], raw: Any, source: str, prefix: str = "") -> M:
 def describe(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """The first problem, by dotted key; a union's alternatives together (``an integer or 'auto'``)."""
     errors = exc.errors(include_url=False)
-    key = _key(model, errors[0], prefix)
     first = errors[0]
+    key, known = _key(model, first, prefix)
     if first["type"] == "extra_forbidden":
-        parent, _, _ = key.rpartition(".")
-        known = ", ".join(_fields(model, parent[len(prefix):]))
-        return f"unknown key {key} (known keys in {parent or 'the top level'}: {known})"
+        parent = key.rpartition(".")[0]
+        return f"unknown key {key} (known keys in {parent or 'the top level'}: {', '.join(known)})"
     if first["type"] == "missing":
         return f"missing key {key}"
     if first["type"] == "value_error":
@@ -60,41 +59,29 @@ def describe(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> 
         return f"{key or 'the top level'} must be a mapping of keys, got {_SHORT.repr(first['input'])}"
     if first["type"] == "json_invalid":
         return first["msg"]
-    said = list(dict.fromkeys(e["msg"] for e in errors if _key(model, e, prefix) == key))
+    said = list(dict.fromkeys(e["msg"] for e in errors if _key(model, e, prefix)[0] == key))
     what = " or ".join([said[0], *(m.removeprefix("Input should be ") for m in said[1:])])
     return f"{key + ': ' if key else ''}{what}, got {_SHORT.repr(first['input'])}"
 
 
-def _key(model: type[BaseModel], error: Any, prefix: str) -> str:
-    """The dotted key of an error: its location's field names (a union's member tags and a
-    list's indices dropped), and the field a :class:`Problem` names."""
+def _key(model: type[BaseModel], error: Any, prefix: str) -> tuple[str, list[str]]:
+    """The dotted key of an error (its location's field names, a union's member tags and a
+    list's indices dropped, and the field a :class:`Problem` names), and the keys known where
+    its last part is."""
     parts: list[str] = []
-    node: Any = model
+    fields: dict[str, Any] = model.model_fields
     for part in error["loc"]:
-        fields = getattr(node, "model_fields", None) if isinstance(node, type) else None
-        if fields is None:
-            break
         parts.append(str(part))
-        if part not in fields:
+        node = fields[part].annotation if part in fields else None
+        args = [a for a in typing.get_args(node) if a is not type(None)]  # X of X | None
+        node = args[0] if len(args) == 1 else node
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
             break
-        node = _optional(fields[part].annotation)
+        fields = node.model_fields
     problem = (error.get("ctx") or {}).get("error")
     if isinstance(problem, Problem):
         parts.append(problem.field)
-    return prefix + ".".join(parts)
-
-
-def _optional(annotation: Any) -> Any:
-    """``X`` for ``X | None``, else ``annotation``."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if len(args) == 1 and len(typing.get_args(annotation)) == 2 else annotation
-
-
-def _fields(model: type[BaseModel], dotted: str) -> list[str]:
-    node: Any = model
-    for part in filter(None, dotted.split(".")):
-        node = _optional(node.model_fields[part].annotation)
-    return list(node.model_fields)
+    return prefix + ".".join(parts), list(fields)
 
 
 def read_json(path: Path, model: type[M], writer: str) -> M:
