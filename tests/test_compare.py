@@ -138,7 +138,7 @@ def test_the_verdict_names_the_better_one_only_when_shown() -> None:
 
 
 def test_pairs_must_be_scored_on_the_same_images() -> None:
-    with pytest.raises(ValueError, match=r"A and B were scored on different images \(2 not in both, such as x\)"):
+    with pytest.raises(UserError, match=r"A and B were scored on different images \(2 not in both, such as x\)"):
         pair("A", "B", {"x": True, "y": True}, {"y": True, "z": False})
 
 

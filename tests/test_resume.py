@@ -157,13 +157,13 @@ def test_state_round_trip(tmp_path: Path) -> None:
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        return Training(model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5),
-                        torch.device("cpu"))
+        return {"model": model, "optimizer": optimizer,
+                "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)}
 
     saved = training()
-    saved.model(torch.ones(4, 3)).sum().backward()
-    saved.optimizer.step()
-    saved.scheduler.step()
+    saved["model"](torch.ones(4, 3)).sum().backward()
+    saved["optimizer"].step()
+    saved["scheduler"].step()
     progress = Progress(epoch=1, best_acc=0.5, best_epoch=1, best_state={"w": torch.arange(3.0)},
                         history=[EpochRecord(1, 0.7, 0.5, 0.6, 0.5, 0.1)], epoch_seconds=[1.5],
                         train_seconds=1.0, scaler={})
@@ -182,15 +182,15 @@ def test_state_round_trip(tmp_path: Path) -> None:
     loaded = state.load()
     assert loaded is not None
     fresh = training()
-    got = restore(loaded, fresh)
+    got = restore(loaded, fresh, torch.device("cpu"))
     assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == (draws[0].tolist(), *draws[1:])
     assert got.history == progress.history and got.best_acc == 0.5 and got.epoch_seconds == [1.5]
     assert torch.equal(got.best_state["w"], progress.best_state["w"])
-    for key, value in saved.model.state_dict().items():
-        assert torch.equal(fresh.model.state_dict()[key], value)
-    momentum = [s["momentum_buffer"] for s in fresh.optimizer.state_dict()["state"].values()]
+    for key, value in saved["model"].state_dict().items():
+        assert torch.equal(fresh["model"].state_dict()[key], value)
+    momentum = [s["momentum_buffer"] for s in fresh["optimizer"].state_dict()["state"].values()]
     assert len(momentum) == 2 and all(m.abs().sum() > 0 for m in momentum)
-    assert fresh.scheduler.get_last_lr() == saved.scheduler.get_last_lr() == [0.05]
+    assert fresh["scheduler"].get_last_lr() == saved["scheduler"].get_last_lr() == [0.05]
     assert torch.load(state.path, weights_only=True)["key"] == "1234567890abcdef"
 
     state.remove()

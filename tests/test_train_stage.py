@@ -9,6 +9,7 @@ tensors" cannot pass by accident with freshly initialised ones.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, error_line, leftovers
 from imagefolders import (
     assert_same_run,
     checkpoint,
@@ -26,6 +27,7 @@ from imagefolders import (
     run_training,
     save_state_dict,
     tiny_params,
+    train_argv,
 )
 
 import stages.train
@@ -34,6 +36,7 @@ import transfer.params
 from transfer.checkpoints import CheckpointMeta, PretrainedMeta, read_meta
 from transfer.errors import UserError
 from transfer.params import Params, TrainParams
+from transfer.stage import run_stage
 from transfer.strategies import STRATEGIES, FinetuneRecipe, Strategy
 
 RESNET18_TENSORS = 62  # parameter tensors in resnet18
@@ -294,6 +297,67 @@ def test_not_an_image_folder(tmp_path: Path, pretrained: tuple[Path, dict[str, t
     (empty / "train" / "ants").mkdir(parents=True)
     with pytest.raises(UserError, match=r"is not an image-folder data set: no val/ split"):
         train(tmp_path, "finetune", empty, weights, with_weights(weights))
+
+
+@pytest.mark.parametrize(("failure", "code", "said"), [
+    (OSError(errno.ENOSPC, "No space left on device"), 1,
+     "error: [Errno 28] No space left on device; the stage's outputs are as they were"),
+    (KeyboardInterrupt(), 130, "interrupted by Ctrl-C (SIGINT): nothing was written to the stage's outputs"),
+])
+def test_a_run_stopped_after_its_checkpoint_leaves_the_outputs_as_they_were(
+        failure: BaseException, code: int, said: str, tmp_path: Path, data: Path,
+        pretrained: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The stage writes the checkpoint, then its sidecar, then the run record. A rerun with
+    another lr that fails (a full disk) or is interrupted writing the record, after it wrote the
+    checkpoint, leaves the previous run's checkpoint, sidecar and record byte for byte and no
+    temporary file, with one line and the exit status of its kind; the resume state stays."""
+    weights, _ = pretrained
+    out = train(tmp_path, "finetune", data, weights, with_weights(weights))
+    outputs = [out / "finetune.pt", out / "finetune.json", out / "finetune" / "train.json"]
+    before = [path.read_bytes() for path in outputs]
+    written: list[Path] = []
+    save_checkpoint = stages.train.save_checkpoint
+
+    def recorded_save(path: Path, *args: Any) -> None:
+        save_checkpoint(path, *args)
+        written.append(path)
+
+    def failing_write(path: Path, data: Any) -> None:
+        raise failure
+
+    monkeypatch.setattr(stages.train, "save_checkpoint", recorded_save)
+    monkeypatch.setattr(stages.train, "write_json", failing_write)
+    params = tiny_params(tmp_path / "again.params.yaml", {**with_weights(weights), "train.finetune.lr": 0.01})
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_stage(stages.train.main, train_argv("finetune", params, data, weights, out))
+    assert info.value.code == code
+    err = capsys.readouterr().err
+    (line,) = [error_line(err)] if code == 1 else [line for line in err.splitlines() if line.strip()]
+    assert line == said
+    assert written == [out / "finetune.pt"], "the checkpoint was not written before the record"
+    assert [path.read_bytes() for path in outputs] == before
+    assert leftovers(out) == leftovers(out / "finetune") == []
+    assert len(list((out / ".resume").iterdir())) == 1  # a rerun finishes from the saved state
+
+
+def test_lp_ft_refuses_the_checkpoint_of_another_strategy(tmp_path: Path, data: Path,
+                                                          pretrained: tuple[Path, dict[str, torch.Tensor]],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """lp_ft starts from feature_extract's classifier: given finetune's checkpoint (same arch,
+    weights and classes), it says so in one line before training, and writes nothing."""
+    weights, _ = pretrained
+    out = train(tmp_path, "finetune", data, weights, with_weights(weights))
+    params = tiny_params(tmp_path / "lp_ft.params.yaml", with_weights(weights))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_stage(stages.train.main, train_argv("lp_ft", params, data, out / "finetune.pt", out))
+    assert info.value.code == 1
+    assert error_line(capsys.readouterr().err) == (
+        f"error: {out / 'finetune.pt'} was trained by finetune, but this strategy starts from feature_extract's "
+        "classifier: give --weights its checkpoint")
+    assert not (out / "lp_ft.pt").exists() and not (out / "lp_ft").exists() and not (out / ".resume").exists()
 
 
 # --------------------------------------------------------------------------- strategies

@@ -16,13 +16,12 @@ import random
 import sys
 import types
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from transfer.checkpoints import save_tensors
 from transfer.params import Params
@@ -34,17 +33,20 @@ FOLDER = ".resume"
 FORMAT = 3
 #: The packages whose code decides what a run computes.
 CODE = ("stages", "transfer")
+#: The device types with a random generator of their own.
+GENERATORS = ("cuda", "mps")
 
 
 def tree_digests(root: Path) -> dict[str, str]:
     """SHA-256 of the file ``root``, or of every file under the folder ``root``, by relative
     path: what DVC would see change in an input (a second or two per GB)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    digests = {}
-    for file in files:
-        with file.open("rb") as f:
-            digests[file.relative_to(root).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
-    return digests
+    return {file.relative_to(root).as_posix(): sha256(file) for file in files}
+
+
+def sha256(file: Path) -> str:
+    with file.open("rb") as f:  # in chunks: the stored features may not fit in memory twice
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def code_digests(module: str) -> dict[str, str]:
@@ -59,7 +61,7 @@ def code_digests(module: str) -> dict[str, str]:
             continue
         seen.add(name)
         path = Path(sys.modules[name].__file__ or "").resolve()
-        digests[str(path.relative_to(project))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        digests[str(path.relative_to(project))] = sha256(path)
         for value in vars(sys.modules[name]).values():
             owner = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
             if isinstance(owner, str) and owner.split(".")[0] in CODE:
@@ -84,45 +86,38 @@ def run_key(strategy: str, params: Params, tracked: Iterable[str], inputs: Itera
 
 def rng_states(device: torch.device) -> dict[str, Any]:
     """The state of every random generator this process may draw from (loaders draw worker
-    seeds from torch's, dropout from the device's): torch's, the device's, Python's, NumPy's."""
-    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    seeds from torch's, dropout from the device's): torch's, the device's, Python's, NumPy's
+    (its key array as a tensor: ``weights_only`` loads no NumPy array)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "cached_gaussian": cached},
     }
-    if device.type == "cuda":  # this process's GPU only: another restart may see other GPUs
-        states["device"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        states["device"] = torch.mps.get_rng_state()
+    if device.type in GENERATORS:  # this process's GPU only: another restart may see other GPUs
+        states["device"] = torch.get_device_module(device).get_rng_state(device)
     return states
 
 
 def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
     """Put every generator back in the state :func:`rng_states` recorded, the device's on
-    ``device`` (the GPU this process uses now, whatever its index was when saved)."""
+    ``device`` (the GPU this process uses now, whatever its index was when saved; the run
+    key holds the device type, so a state has one exactly where ``device`` has a generator)."""
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
     numpy = states["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    if device.type == "cuda" and "device" in states:
-        torch.cuda.set_rng_state(states["device"], device)
-    elif device.type == "mps" and "device" in states:
-        torch.mps.set_rng_state(states["device"])
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    if device.type in GENERATORS:
+        torch.get_device_module(device).set_rng_state(states["device"], device)
 
 
 # --------------------------------------------------------------------------- the state file
 
-@dataclass(frozen=True)
-class Training:
-    """What a run trains, whose state is saved and restored."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    device: torch.device
+#: What a run trains, by the name its state is saved under: the model, the optimizer and the
+#: scheduler, saved and restored through their own ``state_dict`` and ``load_state_dict``.
+Training = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -139,8 +134,6 @@ class ResumeState:
 
     def others(self) -> list[Path]:
         """States of this strategy saved by runs with other inputs, params or code."""
-        if not self.folder.is_dir():
-            return []
         return sorted(p for p in self.folder.glob(f"{self.strategy}-*.pt") if p != self.path)
 
     def save(self, training: Training, progress: Progress, rngs: list[dict[str, Any]]) -> None:
@@ -149,11 +142,8 @@ class ResumeState:
         that at most one is kept."""
         state = {
             "format": FORMAT, "key": self.key, "strategy": self.strategy,
-            "model": training.model.state_dict(),
-            "optimizer": training.optimizer.state_dict(),
-            "scheduler": training.scheduler.state_dict(),
-            "progress": {field.name: getattr(progress, field.name) for field in fields(progress)}
-            | {"history": [record.as_row() for record in progress.history]},
+            **{name: part.state_dict() for name, part in training.items()},
+            "progress": vars(progress) | {"history": [record.as_row() for record in progress.history]},
             "rng": rngs,
         }
         save_tensors(self.path, state, now=True)  # through memory: a full disk is then an OSError, said in one line
@@ -176,20 +166,17 @@ class ResumeState:
     def remove(self) -> None:
         """Delete this strategy's states (stale once the outputs hold this run's results), and
         the folder once it is empty."""
-        self.path.unlink(missing_ok=True)
-        for other in self.others():
-            other.unlink(missing_ok=True)
+        for path in [self.path, *self.others()]:
+            path.unlink(missing_ok=True)
         if self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
 
 
-def restore(state: dict[str, Any], training: Training, rank: int = 0) -> Progress:
-    """Load a saved state into ``training`` (model, optimizer, scheduler) and the random
-    generators of process ``rank``; return the loop's progress to start from."""
-    training.model.load_state_dict(state["model"])
-    training.optimizer.load_state_dict(state["optimizer"])
-    training.scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(state["rng"][rank], training.device)
-    progress = dict(state["progress"])
-    progress["history"] = [EpochRecord(**row) for row in progress["history"]]
-    return Progress(**progress)
+def restore(state: dict[str, Any], training: Training, device: torch.device, rank: int = 0) -> Progress:
+    """Load a saved state into ``training`` and the random generators of process ``rank`` (the
+    device's into ``device``); return the loop's progress to start from."""
+    for name, part in training.items():
+        part.load_state_dict(state[name])
+    set_rng_states(state["rng"][rank], device)
+    progress = state["progress"]
+    return Progress(**progress | {"history": [EpochRecord(**row) for row in progress["history"]]})

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+from transfer.errors import UserError
+
 #: Below this p-value a difference is called shown, at the 5% level.
 LEVEL = 0.05
 
@@ -129,7 +131,8 @@ def pair(a: str, b: str, right_a: dict[str, bool], right_b: dict[str, bool]) -> 
     """Compare A's and B's answers (image -> right or not); they must have scored the same images."""
     if right_a.keys() != right_b.keys():
         only = sorted(right_a.keys() ^ right_b.keys())
-        raise ValueError(f"{a} and {b} were scored on different images ({len(only)} not in both, such as {only[0]})")
+        raise UserError(f"{a} and {b} were scored on different images ({len(only)} not in both, such as {only[0]}): "
+                        "evaluate them on the same data (`dvc repro`)")
     a_only = sum(right_a[k] and not right_b[k] for k in right_a)
     b_only = sum(right_b[k] and not right_a[k] for k in right_a)
     return Paired(a, b, len(right_a), sum(right_a.values()), sum(right_b.values()), a_only, b_only)

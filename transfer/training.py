@@ -24,8 +24,6 @@ from transfer.datasets import EpochSampler, Pair, loader_options
 from transfer.devices import accumulator_dtype, autocast, synchronize
 from transfer.distributed import IGNORE, World
 from transfer.errors import UserError
-from transfer.models import Head
-from transfer.strategies import FinetuneRecipe, Recipe
 
 
 class Steps(Sampler[list[tuple[Pair, bool]]]):
@@ -37,9 +35,6 @@ class Steps(Sampler[list[tuple[Pair, bool]]]):
     def __init__(self, sampler: EpochSampler, batch_size: int, world: World, drop_single: bool = False) -> None:
         self.sampler, self.batch_size, self.world = sampler, batch_size, world
         self.drop_single = drop_single
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
 
     def sizes(self) -> list[int]:
         """The images of each step, over all processes (known without looking at a batch)."""
@@ -79,19 +74,6 @@ def make_loader(dataset: Dataset[tuple[torch.Tensor, int]], sampler: EpochSample
     return DataLoader(Shard(dataset), batch_sampler=steps, **loader_options(workers, device))  # type: ignore[arg-type]
 
 
-def param_groups(model: nn.Module, head: Head, recipe: Recipe) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: the head at ``recipe.lr``, first (its lr is the one
-    the history records), then, for a recipe that trains the backbone, the backbone at
-    ``backbone_lr_scale`` times that."""
-    head_params = list(model.get_submodule(head.name).parameters())
-    groups: list[dict[str, Any]] = [{"params": head_params, "lr": recipe.lr}]
-    if isinstance(recipe, FinetuneRecipe):
-        ids = {id(p) for p in head_params}
-        backbone = [p for p in model.parameters() if id(p) not in ids]
-        groups.append({"params": backbone, "lr": recipe.lr * recipe.backbone_lr_scale})
-    return groups
-
-
 @dataclass(frozen=True)
 class WarmUp:
     """The first ``epochs`` epochs train the head alone: the backbone's parameters take no
@@ -101,13 +83,6 @@ class WarmUp:
     epochs: int
     head: nn.Module
     backbone: list[nn.Parameter]
-
-    def frozen(self, epoch: int) -> bool:
-        return epoch <= self.epochs
-
-    def apply(self, epoch: int) -> None:
-        for param in self.backbone:
-            param.requires_grad_(not self.frozen(epoch))
 
 
 @dataclass
@@ -150,50 +125,6 @@ def set_train_mode(model: nn.Module, training: bool, only: nn.Module | None = No
         only.train()
 
 
-@dataclass
-class Loop:
-    """What the phases of an epoch share."""
-
-    net: nn.Module
-    criterion: nn.Module
-    device: torch.device
-    prepare: Callable[[torch.Tensor], torch.Tensor]
-    amp: bool
-    world: World
-    scaler: torch.amp.GradScaler
-
-    def phase(self, loader: DataLoader, desc: str, optimizer: torch.optim.Optimizer | None) -> tuple[float, float]:
-        """One pass over ``loader``, training with ``optimizer`` or validating without one;
-        mean loss and accuracy over the phase's images (all processes'). A step's summed
-        loss is scaled by ``processes / images in the step``, so that DDP's average of the
-        gradients over processes is the mean over the step's images, the tutorial's loss."""
-        sizes = loader.batch_sampler.sizes()  # type: ignore[union-attr]
-        dtype = accumulator_dtype(self.device)
-        loss_sum = torch.zeros((), device=self.device, dtype=dtype)
-        corrects = torch.zeros((), device=self.device, dtype=torch.int64)
-        counted = torch.zeros((), device=self.device, dtype=torch.int64)
-        bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if self.world.main else True)
-        for step, (inputs, labels) in enumerate(bar):
-            inputs, labels = self.prepare(inputs), labels.to(self.device, non_blocking=True)
-            grad_mode = torch.enable_grad() if optimizer else torch.inference_mode()
-            with grad_mode, autocast(self.device, self.amp):
-                outputs = batchnorm_checked(self.net, inputs)
-                _, preds = torch.max(outputs, 1)
-                loss = self.criterion(outputs, labels)  # summed over this process's images
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss * self.world.size / sizes[step]).backward()
-                self.scaler.step(optimizer)
-                self.scaler.update()
-            loss_sum += loss.detach().to(dtype)
-            corrects += torch.sum(preds == labels)
-            counted += torch.sum(labels != IGNORE)
-        loss_sum, corrects, counted = self.world.sum(loss_sum, corrects, counted)
-        total = sum(sizes)
-        assert counted.item() == total, f"{desc}: {counted.item()} of {total} images counted"
-        return loss_sum.item() / total, corrects.item() / total
-
-
 def batchnorm_checked(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """``net(inputs)``, with BatchNorm's refusal of a single value per channel (one image
     at a small crop, in training) said in a user's terms."""
@@ -234,31 +165,64 @@ def train_model(
     if progress.scaler:
         scaler.load_state_dict(progress.scaler)
     prepare = prepare or (lambda batch: batch.to(device, non_blocking=True))
-    net, frozen = None, None
+    dtype = accumulator_dtype(device)
+    net, was_frozen = model, None
     for epoch in range(progress.epoch + 1, num_epochs + 1):
         started = time.perf_counter()
-        if net is None or frozen != (warmup is not None and warmup.frozen(epoch)):
-            frozen = warmup is not None and warmup.frozen(epoch)
-            if warmup is not None:
-                warmup.apply(epoch)
+        frozen = warmup is not None and epoch <= warmup.epochs
+        if frozen != was_frozen:  # the first epoch, and the one the backbone joins in
+            was_frozen = frozen
+            for param in warmup.backbone if warmup else ():
+                param.requires_grad_(not frozen)
             net = world.wrap(model, device)  # DistributedDataParallel over what trains now; the model itself in one
         lr = optimizer.param_groups[0]["lr"]
-        loop, stats = Loop(net, criterion, device, prepare, amp, world, scaler), {}
+        stats: list[float] = []
         for phase in ["train", "val"]:
             training = phase == "train"
             set_train_mode(model, training, warmup.head if frozen and warmup else None)
-            loaders[phase].batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
-            stats[phase] = loop.phase(loaders[phase], f"epoch {epoch}/{num_epochs} {phase}",
-                                      optimizer if training else None)
+            steps: Steps = loaders[phase].batch_sampler  # type: ignore[assignment]
+            steps.sampler.set_epoch(epoch)
+            sizes = steps.sizes()
+            # Summed on the device, so that no step waits for the host.
+            running_loss = torch.zeros((), device=device, dtype=dtype)
+            running_corrects, counted = torch.zeros(2, device=device, dtype=torch.int64)
+            desc = f"epoch {epoch}/{num_epochs} {phase}"
+            bar = tqdm(loaders[phase], desc=desc, unit="batch", leave=False, disable=None if world.main else True)
+            for step, (inputs, labels) in enumerate(bar):
+                inputs, labels = prepare(inputs), labels.to(device, non_blocking=True)
+                with torch.enable_grad() if training else torch.inference_mode(), autocast(device, amp):
+                    outputs = batchnorm_checked(net, inputs)
+                    _, preds = torch.max(outputs, 1)
+                    loss = criterion(outputs, labels)  # summed over this process's images
+                if training:
+                    # Scaled by processes / images in the step: DDP's average of the gradients
+                    # over processes is then the mean over the step's images, the tutorial's loss.
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss * world.size / sizes[step]).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                running_loss += loss.detach().to(dtype)
+                running_corrects += torch.sum(preds == labels)
+                counted += torch.sum(labels != IGNORE)
+            running_loss, running_corrects, counted = world.sum(running_loss, running_corrects, counted)
+            total = sum(sizes)
+            assert counted.item() == total, f"{desc}: {counted.item()} of {total} images counted"
+            stats += [running_loss.item() / total, running_corrects.item() / total]
             if training:
                 scheduler.step()
                 world.broadcast_buffers(model)  # every process validates process 0's model
                 synchronize(device)
                 progress.train_seconds += time.perf_counter() - started
-        record = EpochRecord(epoch, *stats["train"], *stats["val"], lr)
+        record = EpochRecord(epoch, *stats, lr)
         if not all(map(math.isfinite, (record.train_loss, record.val_loss))):
             raise Diverged(f"the loss became {record.train_loss:g} (validation: {record.val_loss:g}) in epoch {epoch}")
-        _end_epoch(progress, model, record, time.perf_counter() - started, scaler)
+        progress.epoch = epoch
+        progress.history.append(record)
+        progress.epoch_seconds.append(time.perf_counter() - started)
+        progress.scaler = scaler.state_dict()
+        if record.val_acc > progress.best_acc:  # strictly better: ties keep the earlier epoch
+            progress.best_acc, progress.best_epoch = record.val_acc, epoch
+            progress.best_state = _cpu_copy(model)
         if on_epoch is not None:
             on_epoch(progress)
         if world.main:
@@ -266,22 +230,6 @@ def train_model(
                        f"val loss {record.val_loss:.4f} acc {record.val_acc:.4f}  lr {lr:.2g}  "
                        f"{progress.epoch_seconds[-1]:.1f}s" + ("  *best" if progress.best_epoch == epoch else ""))
     return progress
-
-
-def _end_epoch(progress: Progress, model: nn.Module, record: EpochRecord, seconds: float,
-               scaler: torch.amp.GradScaler) -> None:
-    progress.epoch = record.epoch
-    progress.history.append(record)
-    progress.epoch_seconds.append(seconds)
-    progress.scaler = scaler.state_dict()
-    if record.val_acc > progress.best_acc:  # strictly better: ties keep the earlier epoch
-        progress.best_acc, progress.best_epoch = record.val_acc, record.epoch
-        progress.best_state = _cpu_copy(model)
-
-
-def images_per_second(progress: Progress, loader: DataLoader) -> float:
-    """Training images per second of training-phase time, over the epochs this run trained."""
-    return sum(loader.batch_sampler.sizes()) * len(progress.history)  # type: ignore[union-attr] / progress.train_seconds if progress.train_seconds else 0.0
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
