@@ -66,12 +66,6 @@ def interval(correct: int, images: int) -> str:
     return f"{correct / images:.4f} (95% CI {low:.3f}-{high:.3f})"
 
 
-def row(paired: Paired) -> tuple[str, ...]:
-    return (f"{paired.a} vs {paired.b}", str(paired.images),
-            f"{paired.a_correct / paired.images:.4f} vs {paired.b_correct / paired.images:.4f}",
-            f"{paired.a_only} vs {paired.b_only}", f"{paired.p_value:.4f}", paired.verdict)
-
-
 def pairs_of(answers: dict[str, dict[str, bool]]) -> list[Paired]:
     return [pair(a, b, answers[a], answers[b]) for a, b in itertools.combinations(answers, 2)]
 
@@ -79,7 +73,8 @@ def pairs_of(answers: dict[str, dict[str, bool]]) -> list[Paired]:
 def within_run(files: list[Path], table: Path, report: Path) -> None:
     """Every pair of the strategies whose predictions ``files`` are (``plots/<strategy>/predictions.csv``)."""
     pairs = pairs_of({file.parent.name: right_answers(file.read_text(encoding="utf-8"), str(file)) for file in files})
-    rows = [row(p) for p in pairs]
+    rows = [(f"{p.a} vs {p.b}", str(p.images), f"{p.a_correct / p.images:.4f} vs {p.b_correct / p.images:.4f}",
+             f"{p.a_only} vs {p.b_only}", f"{p.p_value:.4f}", p.verdict) for p in pairs]
     from transfer.figures import save_table  # matplotlib, for the stage only
 
     save_table(table, HEADER, rows, "Paired comparison of the strategies (McNemar's test, mid-p)")
@@ -156,23 +151,20 @@ def fresh(lock: dict[str, Any], params: dict[str, Any], stage: str) -> bool:
     the params as they are, on inputs as the stages that wrote them left them. An experiment
     that ran some strategies keeps the others' metrics files of the commit, which are not its."""
     stages = lock.get("stages") or {}
-    writers = {out["path"]: (name, out.get("md5")) for name, entry in stages.items() for out in entry.get("outs", [])}
-    todo, seen = [stage], set()
+    outs = {out["path"]: (name, out.get("md5")) for name, entry in stages.items() for out in entry.get("outs", [])}
+    todo, seen = [stage], {stage}
     while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name not in stages:
+        entry = stages.get(todo.pop())
+        locked = flat((entry or {}).get("params", {}).get("params.yaml", {}))
+        if entry is None or any(params.get(key) != value for key, value in locked.items()):
             return False
-        locked = flat((stages[name].get("params") or {}).get("params.yaml") or {})
-        if any(params.get(key) != value for key, value in locked.items()):
-            return False
-        for dep in stages[name].get("deps", []):
-            writer, md5 = writers.get(dep["path"], (None, None))
-            if writer is not None and md5 != dep.get("md5"):
+        for dep in entry.get("deps", []):
+            writer, md5 = outs.get(dep["path"], (None, None))
+            if writer and md5 != dep.get("md5"):
                 return False
-            todo += [writer] if writer else []
+            if writer and writer not in seen:
+                seen.add(writer)
+                todo.append(writer)
     return True
 
 
