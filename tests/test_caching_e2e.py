@@ -94,12 +94,20 @@ def add_remote(repo: DvcRepo, remote: Path) -> None:
     repo.git("commit", "-q", "-m", "a DVC remote", "--", ".dvc/config")
 
 
+RERUN_WEIGHTS = "test_rerun_weights_and_runtime_params_rerun_nothing"
+
+
+@beside_pipeline(RERUN_WEIGHTS, "after")
+def start_weights_rerun(base: Path, pipeline: Pipeline) -> Background:
+    return run_in_background(copy_repo(pipeline.repo, base), ["repro", "--force", "weights"], base)
+
+
 def test_rerun_weights_and_runtime_params_rerun_nothing(pipeline: Pipeline, tmp_path: Path) -> None:
     """``dvc repro --force weights`` rewrites the same weights, so features, train and evaluate
     stay up to date; changing any ``runtime.*`` param (threads, workers, batch size for
     inference, image cache, download retries and timeout, unzip's size cap) reruns no stage."""
-    repo = copy_repo(pipeline.repo, tmp_path)
-    forced = repo.dvc("repro", "--force", "weights")
+    rerun = background(RERUN_WEIGHTS) or start_weights_rerun(tmp_path, pipeline)
+    repo, forced = rerun.repo, rerun.result()
     assert ran_stages(forced.stdout) == ["weights"], forced.stdout
     assert workspace_lock(repo) == head_lock(repo)
     assert changed_files(repo) == set()

@@ -256,10 +256,21 @@ ls -A "$MNT" > "$OUTSIDE/left"
 """
 
 
-@pytest.mark.parametrize(("size", "expected"), [
+def test_too_little_space_is_refused_before_computing(tmp_path: Path, data: Path, weights: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The arrays' size is known before any image is decoded: with less free space than that,
+    one line with the estimate, and nothing written."""
+    params = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.views": 2})
+    monkeypatch.setattr(stages.features.shutil, "disk_usage", lambda _path: shutil._ntuple_diskusage(1, 1, 8192))
+    line = stage_error(stages.features.main, features_argv(params, data, weights, tmp_path), capsys)
     # 2 views of 10 train images and 6 val images of 512 floats: 53,248 bytes, 0.1 MB.
-    pytest.param("8k", "error: the features need about 0.1 MB, but {mnt} has 0.0 MB free: free some space there, "
-                       "or store fewer views (train.feature_extract.views)", id="too-small"),
+    assert line == (f"error: the features need about 0.1 MB, but {tmp_path} has 0.0 MB free: free some space "
+                    "there, or store fewer views (train.feature_extract.views)"), line
+    assert not (tmp_path / "features").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("size", "expected"), [
     # Room for the arrays' bytes, so the check passes, but not for their 128-byte headers (each
     # file takes whole pages): the disk fills up while the files are made. Before, the sparse
     # memory-mapped files filled it only as they were written: SIGBUS (exit 135, no message).
@@ -268,7 +279,8 @@ ls -A "$MNT" > "$OUTSIDE/left"
 ])
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, data: Path, weights: Path, size: str,
                                                     expected: str) -> None:
-    """On a real small file system: exit status 1, one line (never SIGBUS), no temporary folder."""
+    """On a real small file system that fills up as the stage allocates its files: exit status
+    1, one line (never SIGBUS), no temporary folder."""
     prefix = mount_namespace(tmp_path / "probe")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
