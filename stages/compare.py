@@ -136,8 +136,9 @@ def exp_show() -> list[dict[str, Any]]:
         for rev, kind in revs:
             data = rev.get("data") or {}
             params = flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-            lock = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8") if rev["rev"] == "workspace" else
-                                  git_show(rev["rev"], "dvc.lock")) or {}
+            lock = yaml.safe_load(git_show(rev["rev"], "dvc.lock", missing="") if rev["rev"] != "workspace" else
+                                  Path("dvc.lock").read_text(encoding="utf-8") if Path("dvc.lock").exists() else "")
+            lock = lock or {}  # a commit never reproduced has none: nothing of it ran
             metrics = {Path(file).stem: m.get("data") or {} for file, m in (data.get("metrics") or {}).items()}
             records.append({"rev": rev["rev"], "name": rev.get("name") or rev["rev"][:7], "params": params,
                             "kind": kind if rev["rev"] != "workspace" else "workspace",
@@ -168,8 +169,11 @@ def fresh(lock: dict[str, Any], params: dict[str, Any], stage: str) -> bool:
     return True
 
 
-def git_show(rev: str, path: str) -> str:
+def git_show(rev: str, path: str, missing: str | None = None) -> str:
+    """``path`` as committed in ``rev``; ``missing`` where it is not (None: an error)."""
     proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0 and missing is not None:
+        return missing
     if proc.returncode != 0:
         raise UserError(f"cannot read {path} at {rev[:7]}: {' '.join(proc.stderr.split())[:200]}")
     return proc.stdout
@@ -209,10 +213,10 @@ def summary(strategies: list[str] | None, plot: Path) -> None:
     if rows.groupby("group")["seed"].nunique().max() < 2:
         print("\none seed per group: nothing can be said across seeds; each experiment's strategies paired on its "
               "images (McNemar) instead")
-        for name, rev in rows[["experiment", "rev"]].drop_duplicates().itertuples(index=False):
-            for p in pairs_of({s: run_answers(rev, s) for s in rows[rows.experiment == name].strategy}):
-                print(f"  {name}: {p.a} vs {p.b}: right only in each {p.a_only} vs {p.b_only}, mid-p = "
-                      f"{p.p_value:.4f}: {p.verdict}")
+        for (group, seed), runs in rows.groupby(["group", "seed"], sort=False):
+            for p in pairs_of({s: run_answers(rev, s) for rev, s in runs[["rev", "strategy"]].itertuples(index=False)}):
+                print(f"  {group} seed {seed}: {p.a} vs {p.b}: right only in each {p.a_only} vs {p.b_only}, mid-p "
+                      f"= {p.p_value:.4f}: {p.verdict}")
     else:
         print("\ndifferences paired by seed (mean, 95% interval)")
         print_table([("compared", "seeds", "mean difference", "95% CI", "verdict"), *paired_rows(rows, swept)])
@@ -220,8 +224,8 @@ def summary(strategies: list[str] | None, plot: Path) -> None:
     for group, runs_of in rows.groupby("group", sort=False):
         wrong = set.intersection(*({k for k, right in run_answers(rev, s).items() if not right}
                                    for rev, s in runs_of[["rev", "strategy"]].itertuples(index=False)))
-        print(f"  {group}: {len(wrong)} images{': ' if wrong else ''}{', '.join(sorted(wrong)[:8])}"
-              f"{' ...' if len(wrong) > 8 else ''}")
+        print(f"  {group}: {len(wrong)} images" + "".join(f"\n    {image}" for image in sorted(wrong)[:10])
+              + (f"\n    ... and {len(wrong) - 10} more" if len(wrong) > 10 else ""))
     draw(plot, rows, swept)
     print(f"\n-> {plot}")
 
@@ -232,7 +236,7 @@ def draw(plot: Path, rows: Any, swept: list[str]) -> None:
     from transfer.figures import save_sweep  # matplotlib, only to draw
 
     column = swept[0] if len(swept) == 1 else "group"
-    xs = sorted(rows[column].unique(), key=lambda v: (isinstance(v, str), v if not isinstance(v, str) else 0, str(v)))
+    xs = list(rows[column].unique())  # in the rows' order (sweep_rows)
     series = {s: [Spread.of(of[of[column] == x]["accuracy"].tolist()) if (of[column] == x).any() else None
                   for x in xs] for s, of in rows.groupby("strategy", sort=False)}
     seeds = rows.groupby(["group", "strategy"])["seed"].nunique()
@@ -255,7 +259,13 @@ def sweep_rows(runs: list[dict[str, Any]], strategies: list[str] | None) -> tupl
                           **{k: r["params"].get(k) for k in swept}, "strategy": s, "accuracy": m["accuracy"]}
                          for r in runs for s, m in r["metrics"].items()
                          if s in (strategies or STRATEGIES) and isinstance(m.get("accuracy"), int | float)])
-    return rows.drop_duplicates(["group", "seed", "strategy"]), swept  # the newest run of the same params and seed
+    def order(value: Any) -> tuple[bool, Any, str]:  # numbers in order, then words: "all" last
+        return isinstance(value, str), 0 if isinstance(value, str) else value, str(value)
+
+    rows["rank"] = [(tuple(order(r[k]) for k in swept), list(STRATEGIES).index(r["strategy"]))
+                    for _, r in rows.iterrows()]
+    rows = rows.sort_values("rank", kind="stable").drop(columns="rank")
+    return rows.drop_duplicates(["group", "seed", "strategy"]), swept  # one run of the same params and seed
 
 
 def paired_rows(rows: Any, swept: list[str]) -> list[tuple[str, ...]]:
