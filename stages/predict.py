@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import stat
-import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from torchvision.transforms import functional as F
 
 from transfer.checkpoints import CheckpointMeta, read_meta, trained_classifier
 from transfer.devices import resolve_device
-from transfer.errors import UserError
+from transfer.errors import UserError, say
 from transfer.imagefolder import is_image_name, is_litter
 from transfer.images import ImageTooLarge, decode
 from transfer.params import load_params
@@ -28,34 +27,19 @@ from transfer.stage import run_stage
 from transfer.strategies import STRATEGIES
 
 
-def expand(paths: list[Path]) -> list[Path | UserError]:
-    """Files as given, folders replaced by their images; a missing path, or anything but a
-    regular file (a named pipe would block the reader for ever), becomes an error."""
-    found: list[Path | UserError] = []
-    for path in paths:
-        if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if is_image_name(p.name) and not is_litter(p.relative_to(path))
-                            and not p.is_dir())
-            found.extend(images or [UserError(f"{path}: folder holds no images")])
-        else:
-            found.append(path)
-    return [_regular(item) if isinstance(item, Path) else item for item in found]
-
-
-def _regular(path: Path) -> Path | UserError:
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return UserError(f"{path}: no such file or folder")
-    except OSError as exc:
-        return UserError(f"{path}: cannot be read ({exc.strerror})")
-    return path if stat.S_ISREG(mode) else UserError(f"{path}: not a regular file (a pipe, device or socket); "
-                                                     "refused")
-
-
 def load_image(path: Path) -> Image.Image:
     """The image as validation saw its data set's (:func:`transfer.images.decode`: upright,
-    transparency on white, 16-bit scaled); an unreadable or too large file is a UserError."""
+    transparency on white, 16-bit scaled); a missing path, anything but a regular file (a named
+    pipe would block the reader for ever), an unreadable or too large image is a UserError."""
+    try:
+        mode = path.stat().st_mode  # an empty folder given comes here too
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file or folder") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: folder holds no images" if stat.S_ISDIR(mode) else
+                        f"{path}: not a regular file (a pipe, device or socket); refused")
     try:
         return decode(path)
     except ImageTooLarge as exc:
@@ -81,27 +65,30 @@ def main(argv: list[str] | None = None) -> None:
     model, prepare, classes = trained_classifier(path, meta, device), ModelInput(meta.preprocess, device), meta.classes
 
     results, failures = [], 0
-    for item in expand(args.paths):
-        try:
-            if isinstance(item, UserError):
-                raise item
-            batch = prepare(F.pil_to_tensor(val_crop(load_image(item), meta.preprocess)).unsqueeze(0))
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        with torch.inference_mode():
-            probs = model(batch).float().softmax(dim=1)[0].cpu()
-        best = int(probs.argmax())
-        result = {"path": str(item), "class": classes[best], "confidence": round(float(probs[best]), 6),
-                  "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)}}
-        results.append(result)
-        if not args.json:
-            print(f"{item}\t{result['class']}\t{result['confidence']:.4f}", flush=True)
+    for path in args.paths:
+        # A folder stands for its images, at any depth; one without any stays itself, for
+        # load_image to report.
+        images = sorted(p for p in path.rglob("*") if is_image_name(p.name) and not is_litter(p.relative_to(path))
+                        and not p.is_dir()) if path.is_dir() else []
+        for item in images or [path]:
+            try:
+                batch = prepare(F.pil_to_tensor(val_crop(load_image(item), meta.preprocess))[None])
+            except UserError as exc:
+                say(f"error: {exc}")
+                failures += 1
+                continue
+            with torch.inference_mode():
+                probs = model(batch).float().softmax(dim=1)[0].cpu()
+            confidence, best = probs.max(0)
+            result = {"path": str(item), "class": classes[best], "confidence": round(float(confidence), 6),
+                      "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)}}
+            results.append(result)
+            if not args.json:
+                print(f"{item}\t{result['class']}\t{result['confidence']:.4f}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
     if failures:
-        sys.exit(1)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from transfer.download import fetch, sha256_of
 from transfer.errors import UserError
 from transfer.models import (
     STATE_SUFFIXES,
-    TIMM_PREFIX,
     create_backbone,
     load_backbone_state,
     pretrained_preprocess,
@@ -26,62 +25,52 @@ from transfer.models import (
     torchvision_weights,
     weights_hash_prefix,
 )
-from transfer.params import RuntimeParams, load_params
+from transfer.params import load_params
 from transfer.stage import run_stage
-
-
-def download_torchvision_weights(arch: str, name: str, net: RuntimeParams, params_file: str) -> tuple[Path, str]:
-    """Return the verified local file of torchvision's weights ``name`` and its URL."""
-    url = torchvision_weights(arch, name, params_file).url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    prefix = weights_hash_prefix(url)
-
-    def matches_prefix(path: Path) -> str | None:
-        digest = sha256_of(path)
-        if prefix and not digest.startswith(prefix):
-            return f"sha256 {digest} does not start with {prefix}, as the file name says it must"
-        return None
-
-    if cached.is_file():
-        problem = matches_prefix(cached)
-        if problem is None:
-            return cached, url
-        raise UserError(f"cached weights {cached} are damaged ({problem}); delete the file and rerun")
-    hint = (f"download {url} by hand into {cached.parent}/ (or set model.weights in {params_file} "
-            "to a local .pth file)")
-    fetch(url, cached, retries=net.download_retries, timeout=net.download_timeout, check=matches_prefix, hint=hint)
-    return cached, url
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", type=Path, default=Path("models/pretrained.pt"))
+    parser.add_argument("--out", type=Path, default="models/pretrained.pt")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
     arch, weights = params.model.arch, params.model.weights
     model = create_backbone(arch, args.params)  # validates the arch before anything is downloaded
-    sha256 = None
+    path: Path | None = None
     if weights.lower() == "none":
         state: dict[str, torch.Tensor] = {}
         source = "none (random initialisation from seed)"
     elif weights.endswith(STATE_SUFFIXES):
         path = Path(os.path.expanduser(weights))  # ~nosuchuser stays as it is, and then does not exist
-        state = read_state_dict(path)
-        load_backbone_state(model, state, f"weights file {path}")
-        source, sha256 = str(path), sha256_of(path)
-    elif arch.startswith(TIMM_PREFIX):
+        source = str(path)
+    elif arch.startswith("timm/"):
         model = timm_pretrained(arch, weights, args.params)
-        state = model.state_dict()
-        source = f"timm {model.pretrained_cfg.get('hf_hub_id') or arch}"
-    else:
-        path, source = download_torchvision_weights(arch, weights, params.runtime, args.params)
+        state, source = model.state_dict(), f"timm {model.pretrained_cfg.get('hf_hub_id') or arch}"
+    else:  # torchvision's: from torch's cache, or downloaded into it, where torchvision puts it
+        source = torchvision_weights(arch, weights, args.params).url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(source).name
+        prefix = weights_hash_prefix(source) or ""
+
+        def matches_prefix(file: Path) -> str | None:
+            digest = sha256_of(file)
+            if not digest.startswith(prefix):
+                return f"sha256 {digest} does not start with {prefix}, as the file name says it must"
+            return None
+
+        if not path.is_file():
+            net = params.runtime
+            fetch(source, path, retries=net.download_retries, timeout=net.download_timeout, check=matches_prefix,
+                  hint=f"download {source} by hand into {path.parent}/ (or set model.weights in {args.params} to a "
+                  "local .pth file)")
+        elif problem := matches_prefix(path):
+            raise UserError(f"cached weights {path} are damaged ({problem}); delete the file and rerun")
+    if path:  # a state_dict file: checked against the arch
         state = read_state_dict(path)
         load_backbone_state(model, state, f"weights file {path}")
-        sha256 = sha256_of(path)
     save_checkpoint(args.out, state, PretrainedMeta(
-        arch=arch, weights=weights, pretrained=weights.lower() != "none", source=source, sha256=sha256,
+        arch=arch, weights=weights, pretrained=bool(state), source=source, sha256=sha256_of(path) if path else None,
         preprocess=pretrained_preprocess(arch, weights, model)))
     print(f"weights for {arch}: {source} -> {args.out}")
 

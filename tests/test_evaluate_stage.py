@@ -11,6 +11,7 @@ byte-identical files, so DVC sees an unchanged stage as unchanged.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
@@ -339,3 +340,44 @@ def test_preview_draws_one_seeded_training_batch(trained: Trained, tmp_path: Pat
     other_seed = tiny_params(tmp_path / "params-seed1.yaml", {**EVAL_PARAMS, "seed": 1})
     assert preview(tmp_path / "c.png", other_seed) == 0
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk full", "ctrl-c"])
+def test_failure_while_drawing_leaves_every_output_as_it_was(
+        trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        failure: BaseException) -> None:
+    """The metrics and CSVs are written before the pictures: a run that fails (out of disk) or is
+    interrupted (Ctrl-C) while drawing its second picture, on data that would change every
+    output, leaves all of them (the first picture too) byte-identical to the last good run, and
+    its one line, which says so, is true."""
+    out = tmp_path / "out"
+    assert evaluate(trained, out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {*OUTPUTS, "record.json"}
+    data = trained.copy_data(tmp_path / "data")
+    for decoy in data.glob("val/*/decoy_*"):  # every output differs without them: accuracy 1, no mistakes
+        decoy.unlink()
+    real, drawn = evaluate_stage.save_image_grid, []
+
+    def fail_on_the_second(path: Path, *args: Any, **kwargs: Any) -> None:
+        if drawn:
+            raise failure
+        drawn.append(path)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_stage, "save_image_grid", fail_on_the_second)
+    capsys.readouterr()
+    code = evaluate(trained, out, data=data)
+    assert drawn == [out / "predictions.png"], "the failure did not come after the metrics, CSVs and a picture"
+    captured = capsys.readouterr()
+    assert "accuracy 1.0000" in captured.out, "the run did get to new numbers"
+    if isinstance(failure, OSError):
+        assert code == 1
+        line = error_line(captured.err)
+        assert "No space left on device" in line and line.endswith("the stage's outputs are as they were")
+    else:
+        assert code == 130
+        assert captured.err.splitlines() == [
+            "interrupted by Ctrl-C (SIGINT): nothing was written to the stage's outputs"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

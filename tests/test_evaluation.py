@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transfer.evaluation import classification_report, confusion_matrix, predict
+from transfer.evaluation import classification_report, predict
 from transfer.statistics import wilson_interval
 
 CLASSES = ["ants", "bees", "wasps"]
@@ -32,13 +32,21 @@ PREDICTED = torch.tensor([0, 0, 1, 0, 1, 1, 0, 0, 1, 0])
 HAND_MATRIX = [[3, 1, 0], [1, 2, 0], [2, 1, 0]]
 
 
-def test_confusion_matrix_rows_are_actual_columns_predicted() -> None:
-    """The matrix is indexed [actual, predicted]; an asymmetric case tells the axes apart."""
-    matrix = confusion_matrix(LABELS, PREDICTED, len(CLASSES))
-    assert matrix.tolist() == HAND_MATRIX
-    assert matrix.sum().item() == len(LABELS)
-    one = confusion_matrix(torch.tensor([2]), torch.tensor([0]), 3)
-    assert one.tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 0]]
+def test_rows_are_actual_columns_predicted() -> None:
+    """The counts behind the report are the matrix above: support is a row's sum (actual),
+    precision's denominator a column's (predicted), the true positives its diagonal; an
+    asymmetric case tells the axes apart."""
+    report = classification_report(LABELS, PREDICTED, CLASSES)
+    assert report.images == sum(map(sum, HAND_MATRIX)) == len(LABELS)
+    for i, name in enumerate(CLASSES):
+        row, column, right = sum(HAND_MATRIX[i]), sum(r[i] for r in HAND_MATRIX), HAND_MATRIX[i][i]
+        numbers = report.per_class[name]
+        assert numbers["support"] == row, name
+        assert numbers["recall"] == pytest.approx(right / row), name
+        assert numbers["precision"] == pytest.approx(right / column if column else 0.0), name
+    one = classification_report(torch.tensor([2]), torch.tensor([0]), CLASSES).per_class  # a wasp called an ant
+    assert [one[name]["support"] for name in CLASSES] == [0, 0, 1]
+    assert one["ants"]["precision"] == one["wasps"]["recall"] == 0.0
 
 
 def test_report_matches_hand_computed_numbers() -> None:
@@ -120,7 +128,7 @@ def test_predict_keeps_order_and_averages_loss_per_image() -> None:
     model = nn.Sequential(nn.Dropout(p=0.5), Logits())
     model.train()
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=2, shuffle=False)
-    preds = predict(model, loader, torch.device("cpu"))
+    preds = predict(model, loader, torch.device("cpu"), lambda batch: batch, "test")
     assert not model.training, "evaluation must run in eval mode (no dropout, fixed BatchNorm)"
     assert preds.labels.tolist() == [0, 1, 1]
     assert preds.probabilities.flatten().tolist() == pytest.approx([0.5, 0.5, 0.75, 0.25, 0.25, 0.75])

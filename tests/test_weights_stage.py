@@ -236,3 +236,19 @@ def test_download_that_does_not_match_its_name_is_not_kept(
     assert line.startswith(f"error: {url}: sha256 {hashlib.sha256(body).hexdigest()} does not start with ")
     assert f"download {url} by hand into {torch_home}/" in line
     assert list(torch_home.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["unknown user", "symlink loop", "name too long"])
+def test_weights_path_that_cannot_be_opened(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    """``~nosuchuser/`` is no home folder (``expanduser`` leaves it as written, a path that does
+    not exist), a link to itself never reaches a file, a name past the file system's 255 bytes
+    cannot be looked up: each is one true line naming the path, not a traceback, nothing written."""
+    loop = tmp_path / "loop.pt"
+    loop.symlink_to(loop)
+    weights, says = {
+        "unknown user": ("~nosuchuser/w.pt", "weights file ~nosuchuser/w.pt does not exist"),
+        "symlink loop": (str(loop), "Too many levels of symbolic links"),
+        "name too long": (str(tmp_path / f"{'w' * 300}.pt"), "File name too long"),
+    }[kind]
+    line = weights_error(tmp_path, weights, capsys)
+    assert weights in line and says in line, line

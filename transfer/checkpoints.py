@@ -55,7 +55,7 @@ class CheckpointMeta(Schema):
 
     @model_validator(mode="after")
     def _classes(self) -> CheckpointMeta:
-        if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
+        if not 2 <= len(set(self.classes)) == len(self.classes):
             raise Problem("classes", f"must be 2 or more different names, got {self.classes}")
         return self
 
@@ -102,7 +102,7 @@ def pretrained_classifier(path: Path, meta: PretrainedMeta, num_classes: int, cr
     Every stage that builds the classifier calls this after seeding, so the new head starts
     from the same random weights in each of them.
     """
-    model = create_backbone(meta.arch, source=str(sidecar_path(path)), key="arch")
+    model = create_backbone(meta.arch, str(sidecar_path(path)), "arch")
     if meta.pretrained:
         load_backbone_state(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
     head = replace_head(model, num_classes)
@@ -112,14 +112,14 @@ def pretrained_classifier(path: Path, meta: PretrainedMeta, num_classes: int, cr
 
 def trained_classifier(path: Path, meta: CheckpointMeta, device: torch.device) -> nn.Module:
     """The classifier ``path`` holds, on ``device``, in eval mode."""
-    model = create_backbone(meta.arch, source=str(sidecar_path(path)), key="arch")
+    model = create_backbone(meta.arch, str(sidecar_path(path)), "arch")
     replace_head(model, len(meta.classes))
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:  # any failure here means the file is not the checkpoint its sidecar describes
         raise UserError(f"cannot load checkpoint {path}: {' '.join(str(exc).split())[:200]}") from None
-    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+    if any(v.is_floating_point() and not v.isfinite().all() for v in state.values()):
         raise UserError(f"checkpoint {path} holds weights that are not finite numbers (NaN or infinity), whose "
                         "predictions mean nothing: train it again (`dvc repro --force`)")
     return model.to(device).eval()
