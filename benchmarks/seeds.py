@@ -7,7 +7,8 @@ The backbone is EfficientNet-Lite1 from the PyPI package ``efficientnet-lite1-py
 (the ``bench`` extra; see benchmarks/strategies.py, whose conversion it uses). On 2 CPU cores
 the image-trained strategies (finetune, lp_ft) cost about 4 minutes a seed at 10 epochs, the
 frozen backbone's head seconds after its features: so feature_extract gets ``--seeds``
-seeds and the others ``--image-seeds``.
+seeds and the others ``--image-seeds``, and the learning curve (``data.train_per_class``) is
+drawn for feature_extract alone.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> None:
         queue(copy, "queue-images", "-S", f"seed=range(1,{args.image_seeds + 1})")
         queue(copy, "queue-head", "-S", f"seed=range(1,{args.seeds + 1})", "evaluate@feature_extract")
         queue(copy, "queue-curve", "-S", f"data.train_per_class={args.sizes}", "-S",
-              f"seed=range(1,{args.curve_seeds + 1})")
+              f"seed=range(1,{args.curve_seeds + 1})", "evaluate@feature_extract")
         with (work / "logs" / "queue-start.out").open("wb") as log:  # a file: the workers inherit it
             subprocess.run(dvc("queue", "start", "--jobs", "1"), cwd=copy.root, env=copy.env, stdout=log,
                            stderr=subprocess.STDOUT, check=True)  # one at a time: each uses every core
