@@ -7,8 +7,9 @@ The backbone is EfficientNet-Lite1 from the PyPI package ``efficientnet-lite1-py
 (the ``bench`` extra; see benchmarks/strategies.py, whose conversion it uses). On 2 CPU cores
 the image-trained strategies (finetune, lp_ft) cost about 4 minutes a seed at 10 epochs, the
 frozen backbone's head seconds after its features: so feature_extract gets ``--seeds``
-seeds and the others ``--image-seeds``, and the learning curve (``data.train_per_class``) is
-drawn for feature_extract alone.
+seeds and the others ``--image-seeds``. The learning curve (``data.train_per_class``) is
+queued twice: for feature_extract first (minutes), then for every strategy (the features and
+the head come back from the run-cache), so that an interrupted run still has the cheap curve.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> None:
         queue(copy, "queue-head", "-S", f"seed=range(1,{args.seeds + 1})", "evaluate@feature_extract")
         queue(copy, "queue-curve", "-S", f"data.train_per_class={args.sizes}", "-S",
               f"seed=range(1,{args.curve_seeds + 1})", "evaluate@feature_extract")
+        queue(copy, "queue-curve-all", "-S", f"data.train_per_class={args.sizes}", "-S",
+              f"seed=range(1,{args.curve_seeds + 1})")
         with (work / "logs" / "queue-start.out").open("wb") as log:  # a file: the workers inherit it
             subprocess.run(dvc("queue", "start", "--jobs", "1"), cwd=copy.root, env=copy.env, stdout=log,
                            stderr=subprocess.STDOUT, check=True)  # one at a time: each uses every core
