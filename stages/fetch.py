@@ -12,7 +12,7 @@ from pathlib import Path, PurePath
 from tqdm import tqdm
 
 from transfer.atomic import atomic_path, write_json
-from transfer.download import Fetched, fetch, local_path, sha256_of
+from transfer.download import Fetched, fetch, local_path, verified
 from transfer.errors import UserError
 from transfer.imagefolder import SPLITS, is_image_name, is_litter, layout_problem
 from transfer.params import load_params
@@ -49,8 +49,7 @@ def zip_folder(src: Path, dest: Path, sha256: str | None) -> Fetched:
                             and not is_litter(p.relative_to(folder)))
             counts.setdefault(split, {})[folder.name] = len(images)
             files.extend(images)
-    problem = layout_problem(counts, required=("train",))  # unzip may split val/ off train/
-    if problem:
+    if problem := layout_problem(counts, required=("train",)):  # unzip may split val/ off train/
         raise UserError(f"{src} is not an image-folder data set: {problem}; nothing was packed (data.url must name "
                         "a folder of train/ (and val/) class folders, or a zip)")
     with atomic_path(dest) as tmp:
@@ -59,11 +58,7 @@ def zip_folder(src: Path, dest: Path, sha256: str | None) -> Fetched:
                 info = zipfile.ZipInfo(path.relative_to(root).as_posix())
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, path.read_bytes())
-        packed = Fetched(sha256_of(tmp), tmp.stat().st_size)
-        if sha256 and packed.sha256 != sha256.lower():
-            raise UserError(f"sha256 mismatch for the zip of {src}: expected {sha256.lower()}, got "
-                            f"{packed.sha256}; update data.sha256 if the folder changed on purpose")
-    return packed
+        return verified(tmp, sha256, f"the zip of {src}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -179,8 +179,7 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
                 continue
             target.unlink()
             skipped[str(rel)] = problem.replace(str(target), str(rel))  # not the temporary folder's name
-    problem = layout_problem(counts)
-    if problem:
+    if problem := layout_problem(counts):
         raise UserError(f"{archive} is not an image-folder data set: {problem}")
     left_out = 0
     if train_per_class != "all":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -60,10 +61,11 @@ def fetch(
         try:
             with atomic_path(dest) as tmp:
                 with tmp.open("wb") as out:
-                    fetched = _copy_http(url, out, timeout) if path is None else _copy_file(path, out)
-                if sha256 and fetched.sha256 != sha256.lower():
-                    raise UserError(f"sha256 mismatch for {url}: expected {sha256.lower()}, got "
-                                    f"{fetched.sha256} ({fetched.size} bytes)")
+                    if path is None:
+                        _copy_http(url, out, timeout)
+                    else:
+                        _copy_file(path, out)
+                fetched = verified(tmp, sha256, url)
                 if check and (problem := check(tmp)):
                     raise UserError(f"{url}: {problem}")
             return fetched
@@ -95,7 +97,7 @@ def local_path(url: str) -> Path | None:
     return Path(os.path.expanduser(url))  # ~nosuchuser stays as it is: see _copy_file
 
 
-def _copy_file(path: Path, out: BinaryIO) -> Fetched:
+def _copy_file(path: Path, out: BinaryIO) -> None:
     """Copy the local file ``path``. Its errors are UserErrors: raised inside ``atomic_path``,
     an OSError would read as a failure to write the destination."""
     try:
@@ -111,16 +113,16 @@ def _copy_file(path: Path, out: BinaryIO) -> Fetched:
     except OSError as exc:  # a loop of links, a name too long, no permission
         raise UserError(f"{path} cannot be read: {exc.strerror}") from None
     with src:
-        return _stream(src, out, status.st_size, path.name)
+        _stream(src, out, status.st_size, path.name)
 
 
-def _copy_http(url: str, out: BinaryIO, timeout: float) -> Fetched:
+def _copy_http(url: str, out: BinaryIO, timeout: float) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length", "")  # no .length after a redirect to ftp://
             total = int(length) if length.isdigit() else None
-            fetched = _stream(response, out, total, Path(url).name)
+            _stream(response, out, total, Path(url).name)
     except urllib.error.HTTPError as exc:
         problem = f"server answered HTTP {exc.code} {exc.reason}"
         if exc.code >= 500 or exc.code == 429:
@@ -140,21 +142,24 @@ def _copy_http(url: str, out: BinaryIO, timeout: float) -> Fetched:
         raise _Transient(f"no data within {timeout:g}s") from None
     except (ConnectionError, http.client.HTTPException) as exc:
         raise _Transient(f"connection broke: {exc.__class__.__name__} {exc}".strip()) from None
-    if total is not None and fetched.size != total:
-        raise _Transient(f"connection closed after {fetched.size} of {total} bytes")
+    if total is not None and out.tell() != total:
+        raise _Transient(f"connection closed after {out.tell()} of {total} bytes")
+
+
+def _stream(src: BinaryIO, out: BinaryIO, total: int | None, name: str) -> None:
+    """Copy ``src`` to the new file ``out`` in pieces, with a progress bar."""
+    with tqdm.wrapattr(src, "read", total=total, desc=name, disable=None, leave=False) as reader:
+        shutil.copyfileobj(reader, out, CHUNK)
+
+
+def verified(path: Path, sha256: str | None, what: str) -> Fetched:
+    """The sha256 and size of the complete file ``path``; a UserError where a pinned ``sha256``
+    (in any letter case) differs."""
+    fetched = Fetched(sha256_of(path), path.stat().st_size)
+    if sha256 and fetched.sha256 != sha256.lower():
+        raise UserError(f"sha256 mismatch for {what}: expected {sha256.lower()}, got {fetched.sha256} "
+                        f"({fetched.size} bytes)")
     return fetched
-
-
-def _stream(src: BinaryIO, out: BinaryIO, total: int | None, name: str) -> Fetched:
-    """Copy ``src`` to the new file ``out`` in pieces, with a progress bar; its sha256 and size."""
-    digest = hashlib.sha256()
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-              disable=None, leave=False) as bar:
-        while chunk := src.read(CHUNK):
-            out.write(chunk)
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return Fetched(digest.hexdigest(), out.tell())
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:

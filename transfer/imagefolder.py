@@ -47,8 +47,7 @@ def layout_problem(counts: Mapping[str, Mapping[str, int]], required: tuple[str,
         f"{split}: " + (", ".join(f"{c} ({n})" for c, n in sorted(classes.items())) or "no classes")
         for split, classes in sorted(counts.items())
     ) or "nothing"
-    missing = [s for s in required if s not in counts]
-    if missing:
+    if missing := [s for s in required if s not in counts]:
         return f"no {' or '.join(m + '/' for m in missing)} split (found {found})"
     # Class folders equal by folded(), in one split or in two: one class spelled two ways, which
     # would be two labels that print alike (or, on another file system, one folder).
@@ -101,8 +100,7 @@ def image_folders(root: Path) -> dict[str, Split]:
     found = {split: {folder.name: _images(folder) for folder in sorted((root / split).iterdir())
                      if folder.is_dir() and not folder.is_symlink()}
              for split in SPLITS if (root / split).is_dir()}
-    problem = layout_problem({split: {c: len(files) for c, files in found[split].items()} for split in found})
-    if problem:
+    if problem := layout_problem({split: {c: len(files) for c, files in found[split].items()} for split in found}):
         raise UserError(f"{root} is not an image-folder data set: {problem}")
     classes = sorted(found["train"])
     return {split: Split(classes, [(path, label) for label, name in enumerate(classes) for path in folders[name]])
