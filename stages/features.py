@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from transfer import distributed
@@ -101,7 +101,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
     # Frozen: each image is decoded once and all its views made in a row, so nothing needs
     # caching. Update: every epoch goes over all images again, so they are decoded once and kept.
     budget = params.runtime.image_cache_mb * 2**20 if update else 0
-    views = recipe.epochs if update or recipe.views == "auto" else recipe.views  # 0: no augmentation
+    views = recipe.epochs if recipe.views == "auto" else recipe.views  # 0: no augmentation; update: auto
     stored = max(views, 1)  # no augmentation still stores one view: the validation crop
     n_train, n_val, batch = len(split["train"]), len(split["val"]), params.runtime.inference_batch_size
     val_views = recipe.epochs if update else 1
@@ -112,7 +112,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
     in_loader = device.type == "cpu" and not update and threads > 1 and WORKER_START == "fork"
     workers = threads if in_loader else resolve_workers(params.runtime.num_workers, device,
                                                         params.train.distributed.nproc_per_node)
-    with atomic_dir(args.out) if world.main else contextlib.nullcontext(None) as tmp:
+    with atomic_dir(args.out) if world.main else contextlib.nullcontext() as tmp:
         arrays = {} if tmp is None else allocate(tmp, {TRAIN: (stored, n_train, *feature_shape),
                                                        VAL: (val_views, n_val, *feature_shape)})
         val = ValImages(split["val"], pre, cache_bytes=budget)
@@ -123,7 +123,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
 
         def run(dataset: Dataset, pairs: list[Pair], batch_size: int, name: str, desc: str) -> None:
             """The backbone over (view, image) pairs in batches, into ``arrays[name]``."""
-            chunks = [pairs[start:start + batch_size] for start in range(0, len(pairs), batch_size)]
+            chunks = list(BatchSampler(pairs, batch_size, drop_last=False))
 
             def load(chunk: list[Pair]) -> tuple[list[Pair], torch.Tensor]:  # in a loader process, if any
                 pixels = default_collate([dataset[key] for key in chunk])[0]

@@ -16,12 +16,12 @@ from conftest import error_line
 from imagefolders import tiny_params, train_argv
 
 import stages.train
-from transfer.devices import _mps_available, describe_device, resolve_device
+from transfer.devices import describe_device, resolve_device
 from transfer.errors import UserError
 from transfer.stage import run_stage
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-no_mps = pytest.mark.skipif(_mps_available(), reason="this machine has MPS")
+no_mps = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
 
 
 @no_cuda

@@ -5,7 +5,6 @@ run record says it)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 
@@ -25,25 +24,18 @@ def resolve_device(spec: str, source: str = "params.yaml") -> torch.device:
     """
     if not _SPEC.fullmatch(spec):
         raise ParamError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {spec!r}", source)
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device {spec!r} was asked for, but CUDA is not available on this machine "
-                            "(set device: auto or cpu in the params)")
-        index = int(spec.split(":")[1]) if ":" in spec else 0
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise UserError(f"device {spec!r} was asked for, but this machine has {count} CUDA "
-                            f"device(s): use cuda:0..cuda:{count - 1}")
-    if spec == "mps" and not _mps_available():
-        raise UserError("device 'mps' was asked for, but MPS is not available on this machine "
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if spec == "auto":  # the first available, in this order
+        spec = next(kind for kind, present in available.items() if present)
+    device = torch.device(spec)
+    if not available[device.type]:
+        raise UserError(f"device {spec!r} was asked for, but {device.type.upper()} is not available on this machine "
                         "(set device: auto or cpu in the params)")
-    return torch.device(spec)
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise UserError(f"device {spec!r} was asked for, but this machine has {count} CUDA "
+                        f"device(s): use cuda:0..cuda:{count - 1}")
+    return device
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:
@@ -52,21 +44,17 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[None]:
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """Mixed precision: float16 on CUDA, bfloat16 elsewhere; a no-op when disabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                          enabled=enabled)
 
 
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device``, so that a timing covers it (GPUs run ahead of
     the Python code that queues their work)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def describe_device(device: torch.device) -> str:
@@ -75,10 +63,6 @@ def describe_device(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return device.type
-
-
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def available_cores() -> int:

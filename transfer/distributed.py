@@ -104,11 +104,6 @@ def current() -> World:
                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def backend(setting: str, device: torch.device) -> str:
-    """``auto``: NCCL for CUDA, gloo otherwise (the CPU)."""
-    return setting if setting != "auto" else "nccl" if device.type == "cuda" else "gloo"
-
-
 def check(settings: DistributedParams, device: torch.device, source: str, *, sync_batchnorm: str | None = None) -> None:
     """Fail at start-up, with one line, on a distributed setting this machine cannot run
     (``sync_batchnorm``: the key of a true sync_batchnorm param, if any)."""
@@ -120,8 +115,6 @@ def check(settings: DistributedParams, device: torch.device, source: str, *, syn
     if device.type not in ("cpu", "cuda"):
         raise ParamError("train.distributed.nproc_per_node", f"must be 1 on {device.type}: torch.distributed "
                          "runs on CUDA and the CPU", source)
-    if backend(settings.backend, device) == "nccl" and device.type != "cuda":
-        raise ParamError("train.distributed.backend", "nccl needs CUDA; use gloo (or auto) on the CPU", source)
     if device.type == "cuda":
         if device.index is not None:
             raise ParamError("device", f"must be cuda or auto with several processes (each uses the GPU of its "
@@ -129,7 +122,9 @@ def check(settings: DistributedParams, device: torch.device, source: str, *, syn
         if settings.nproc_per_node > torch.cuda.device_count():
             raise ParamError("train.distributed.nproc_per_node", f"is {settings.nproc_per_node}, but this machine "
                              f"has {torch.cuda.device_count()} CUDA device(s): one process per GPU", source)
-    if sync_batchnorm and device.type != "cuda":
+    elif settings.backend == "nccl":
+        raise ParamError("train.distributed.backend", "nccl needs CUDA; use gloo (or auto) on the CPU", source)
+    elif sync_batchnorm:
         raise ParamError(sync_batchnorm, "needs CUDA: torch's SyncBatchNorm does not run "
                          "on the CPU (set it to false)", source)
 
@@ -171,7 +166,7 @@ def run_processes(settings: DistributedParams, asked: torch.device, module: str,
         return
     if world.size == wanted:
         cuda = torch.device("cuda", world.local_rank) if asked.type == "cuda" else None
-        name = backend(settings.backend, asked)
+        name = settings.backend if settings.backend != "auto" else "nccl" if cuda else "gloo"  # auto: by device
         if cuda:
             torch.cuda.set_device(cuda)
         try:

@@ -40,11 +40,8 @@ PARAMS = ("seed", "device", "model", "preprocess", "train.batch_size", "train.am
 def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collects what ``head`` receives during the forward passes inside the block."""
     captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
-    try:
+    with head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach())):
         yield captured
-    finally:
-        handle.remove()
 
 
 class FeaturesMeta(Schema):
