@@ -78,8 +78,7 @@ def within_run(files: list[Path], table: Path, report: Path) -> None:
     from transfer.figures import save_table  # matplotlib, for the stage only
 
     save_table(table, HEADER, rows, "Paired comparison of the strategies (McNemar's test, mid-p)")
-    write_json(report, {"pairs": [{**vars(p), "p_value": p.p_value, "p_exact": p.p_exact, "verdict": p.verdict}
-                                  for p in pairs]})
+    write_json(report, {"pairs": [vars(p) | {"verdict": p.verdict} for p in pairs]})
     print_table([HEADER, *rows])
 
 
@@ -121,30 +120,29 @@ def shown(value: Any) -> str:
 
 def exp_show() -> list[dict[str, Any]]:
     """``dvc exp show --json``, which keeps params and metrics apart, by file: one record per
-    row (the workspace, the commit, each experiment), with its params, the metrics of each
-    strategy it ran with them (``metrics/<strategy>.json``, see :func:`fresh`) and the params of
-    the commit the experiments started from."""
+    row (the workspace, the commit, each experiment), with its params and the metrics of each
+    strategy it ran with them (``metrics/<strategy>.json``, see :func:`fresh`)."""
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
         raise UserError(f"dvc exp show failed: {' '.join(proc.stderr.split())[:300]}")
     records = []
     for baseline in json.loads(proc.stdout):
-        revs = [(baseline, "baseline")] + [(e["revs"][0], "experiment") for e in baseline.get("experiments") or []]
-        if baseline["rev"] == "workspace":
-            baseline["name"] = "workspace"
+        kind = "workspace" if baseline["rev"] == "workspace" else "baseline"
+        revs = [(baseline, kind)] + [(e["revs"][0], "experiment") for e in baseline.get("experiments") or []]
         for rev, kind in revs:
             data = rev.get("data") or {}
             params = flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-            lock = yaml.safe_load(git_show(rev["rev"], "dvc.lock", missing="") if rev["rev"] != "workspace" else
-                                  Path("dvc.lock").read_text(encoding="utf-8") if Path("dvc.lock").exists() else "")
-            lock = lock or {}  # a commit never reproduced has none: nothing of it ran
+            if kind == "workspace":
+                lock = Path("dvc.lock").read_text(encoding="utf-8") if Path("dvc.lock").exists() else ""
+            else:
+                lock = git_show(rev["rev"], "dvc.lock", missing="")
+            lock = yaml.safe_load(lock) or {}  # a commit never reproduced has none: nothing of it ran
             metrics = {Path(file).stem: m.get("data") or {} for file, m in (data.get("metrics") or {}).items()}
-            records.append({"rev": rev["rev"], "name": rev.get("name") or rev["rev"][:7], "params": params,
-                            "kind": kind if rev["rev"] != "workspace" else "workspace",
+            name = "workspace" if kind == "workspace" else rev.get("name") or rev["rev"][:7]
+            records.append({"rev": rev["rev"], "name": name, "kind": kind, "params": params,
                             "metrics": {s: m for s, m in metrics.items() if fresh(lock, params, f"evaluate@{s}")}})
-    commit = next((r["params"] for r in records if r["kind"] == "baseline"), {})
-    return [r | {"commit": commit} for r in records]
+    return records
 
 
 def fresh(lock: dict[str, Any], params: dict[str, Any], stage: str) -> bool:
@@ -153,18 +151,19 @@ def fresh(lock: dict[str, Any], params: dict[str, Any], stage: str) -> bool:
     that ran some strategies keeps the others' metrics files of the commit, which are not its."""
     stages = lock.get("stages") or {}
     outs = {out["path"]: (name, out.get("md5")) for name, entry in stages.items() for out in entry.get("outs", [])}
-    todo, seen = [stage], {stage}
-    while todo:
-        entry = stages.get(todo.pop())
-        locked = flat((entry or {}).get("params", {}).get("params.yaml", {}))
-        if entry is None or any(params.get(key) != value for key, value in locked.items()):
+    todo = [stage]
+    for name in todo:  # grows by each stage upstream, once
+        entry = stages.get(name)
+        if entry is None:
+            return False
+        locked = flat(entry.get("params", {}).get("params.yaml", {}))
+        if any(params.get(key) != value for key, value in locked.items()):
             return False
         for dep in entry.get("deps", []):
             writer, md5 = outs.get(dep["path"], (None, None))
             if writer and md5 != dep.get("md5"):
                 return False
-            if writer and writer not in seen:
-                seen.add(writer)
+            if writer and writer not in todo:
                 todo.append(writer)
     return True
 
@@ -182,20 +181,21 @@ def git_show(rev: str, path: str, missing: str | None = None) -> str:
 def experiments(strategies: list[str] | None) -> None:
     """The workspace, its commit and each experiment: accuracies, and params not as committed."""
     records = exp_show()
+    commit = next((r["params"] for r in records if r["kind"] == "baseline"), {})
     strategies = strategies or [s for s in STRATEGIES if any(s in r["metrics"] for r in records)]
     table = [("experiment", *strategies, "params changed from the commit")]
     for r in records:
         name = r["name"] if r["kind"] != "experiment" else f"{r['rev'][:7]} [{r['name']}]"
-        changed = " ".join(f"{k}={shown(v)}" for k, v in r["params"].items() if r["commit"].get(k) != v)
+        changed = " ".join(f"{k}={shown(v)}" for k, v in r["params"].items() if commit.get(k) != v)
         accuracies = [r["metrics"].get(s, {}).get("accuracy") for s in strategies]
         table.append((name, *(f"{a:.4f}" if isinstance(a, float | int) else "-" for a in accuracies), changed))
     print_table(table)
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for line in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -205,48 +205,57 @@ def summary(strategies: list[str] | None, plot: Path) -> None:
     rows, swept = sweep_rows([r for r in exp_show() if r["kind"] == "experiment"], strategies)
     print(f"{rows['experiment'].nunique()} experiments in {rows['group'].nunique()} groups (by "
           f"{', '.join(swept) or 'nothing but the seed'}); accuracy over seeds, mean with its 95% interval")
-    accuracies = rows.groupby(["group", "strategy"], sort=False)["accuracy"].agg(list)
-    print_table([("group", "strategy", "n", "mean", "sd", "min-max", "95% CI of the mean"), *(
-        (g, s, str(sp.n), f"{sp.mean:.4f}", "-" if sp.sd is None else f"{sp.sd:.4f}",
-         f"{min(values):.4f}-{max(values):.4f}", interval_of(sp))
-        for (g, s), values in accuracies.items() if (sp := Spread.of(values)))])
+    table, spreads = [("group", "strategy", "n", "mean", "sd", "min-max", "95% CI of the mean")], {}
+    for (group, strategy), values in rows.groupby(["group", "strategy"], sort=False)["accuracy"].agg(list).items():
+        spread = spreads[group, strategy] = Spread.of(values)
+        table.append((group, strategy, str(spread.n), f"{spread.mean:.4f}", "-" if spread.sd is None else
+                      f"{spread.sd:.4f}", f"{min(values):.4f}-{max(values):.4f}", interval_of(spread)))
+    print_table(table)
+    rows["right"] = [run_answers(rev, s) for rev, s in zip(rows["rev"], rows["strategy"], strict=True)]
     if rows.groupby("group")["seed"].nunique().max() < 2:
         print("\none seed per group: nothing can be said across seeds; each experiment's strategies paired on its "
               "images (McNemar) instead")
         for (group, seed), runs in rows.groupby(["group", "seed"], sort=False):
-            for p in pairs_of({s: run_answers(rev, s) for rev, s in runs[["rev", "strategy"]].itertuples(index=False)}):
+            for p in pairs_of(dict(zip(runs["strategy"], runs["right"], strict=True))):
                 print(f"  {group} seed {seed}: {p.a} vs {p.b}: right only in each {p.a_only} vs {p.b_only}, mid-p "
                       f"= {p.p_value:.4f}: {p.verdict}")
     else:
         print("\ndifferences paired by seed (mean, 95% interval)")
         print_table([("compared", "seeds", "mean difference", "95% CI", "verdict"), *paired_rows(rows, swept)])
     print("\nwrong in every run of the group (label noise or hard cases to look at)")
-    for group, runs_of in rows.groupby("group", sort=False):
-        wrong = set.intersection(*({k for k, right in run_answers(rev, s).items() if not right}
-                                   for rev, s in runs_of[["rev", "strategy"]].itertuples(index=False)))
-        print(f"  {group}: {len(wrong)} images" + "".join(f"\n    {image}" for image in sorted(wrong)[:10])
-              + (f"\n    ... and {len(wrong) - 10} more" if len(wrong) > 10 else ""))
-    draw(plot, rows, swept)
+    for group, runs in rows.groupby("group", sort=False):
+        wrong = sorted(set.intersection(*({image for image, right in answers.items() if not right}
+                                          for answers in runs["right"])))
+        print(f"  {group}: {len(wrong)} image{'' if len(wrong) == 1 else 's'}")
+        for image in wrong[:10]:
+            print(f"    {image}")
+        if len(wrong) > 10:
+            print(f"    ... and {len(wrong) - 10} more")
+    draw(plot, rows, swept, spreads)
     print(f"\n-> {plot}")
 
 
-def draw(plot: Path, rows: Any, swept: list[str]) -> None:
-    """Accuracy against the swept param (numbers in order, then words: ``all`` last), or
-    against each group where several were swept."""
+def draw(plot: Path, rows: Any, swept: list[str], spreads: dict[tuple[str, str], Spread]) -> None:
+    """Each strategy's accuracy (``spreads``, by group and strategy) against the swept param, or
+    against each group where several were swept: where one was, each group is one of its values.
+    In the rows' order: numbers, then words, ``all`` last."""
     from transfer.figures import save_sweep  # matplotlib, only to draw
 
+    groups = rows.drop_duplicates("group")
+    xs = list(groups["group"])
+    series: dict[str, dict[int, Spread]] = {}
+    for (group, strategy), spread in spreads.items():
+        series.setdefault(strategy, {})[xs.index(group)] = spread
     column = swept[0] if len(swept) == 1 else "group"
-    xs = list(rows[column].unique())  # in the rows' order (sweep_rows)
-    series = {s: [Spread.of(of[of[column] == x]["accuracy"].tolist()) if (of[column] == x).any() else None
-                  for x in xs] for s, of in rows.groupby("strategy", sort=False)}
-    seeds = rows.groupby(["group", "strategy"])["seed"].nunique()
-    save_sweep(plot, [str(x) for x in xs], series, column, f"accuracy over {seeds.min()}-{seeds.max()} seeds"
-               if seeds.min() != seeds.max() else f"accuracy over {seeds.min()} seeds")
+    low, high = min(s.n for s in spreads.values()), max(s.n for s in spreads.values())
+    seeds = f"{low}" if low == high else f"{low}-{high}"
+    save_sweep(plot, list(groups[column]), series, column, f"accuracy over {seeds} seeds")
 
 
 def sweep_rows(runs: list[dict[str, Any]], strategies: list[str] | None) -> tuple[Any, list[str]]:
     """One row per experiment and strategy it ran: its accuracy, its seed, and its group, the
-    values of the params (``swept``) that differ between the experiments, the seed aside."""
+    values of the params (``swept``) that differ between the experiments, the seed aside, as
+    params.yaml writes them."""
     import pandas as pd
 
     runs = [r for r in runs if r["metrics"]]
@@ -254,43 +263,41 @@ def sweep_rows(runs: list[dict[str, Any]], strategies: list[str] | None) -> tupl
         raise UserError("no finished experiments of this commit to sum up: queue some, e.g. dvc exp run --queue "
                         "-S 'seed=range(1,6)', then dvc queue start")
     swept = [k for k in runs[0]["params"] if k != "seed" and len({shown(r["params"].get(k)) for r in runs}) > 1]
+
+    def order(value: Any) -> tuple[bool, Any, str]:  # numbers in order, then words: "all" last
+        number = isinstance(value, int | float)
+        return not number, value if number else 0, str(value)
+
+    scored = sorted(((r, s, m["accuracy"]) for r in runs for s, m in r["metrics"].items()
+                     if s in (strategies or STRATEGIES) and isinstance(m.get("accuracy"), int | float)),
+                    key=lambda row: ([order(row[0]["params"].get(k)) for k in swept], list(STRATEGIES).index(row[1])))
     rows = pd.DataFrame([{"experiment": r["name"], "rev": r["rev"], "seed": r["params"].get("seed"),
                           "group": " ".join(f"{k}={shown(r['params'].get(k))}" for k in swept) or "all",
-                          **{k: r["params"].get(k) for k in swept}, "strategy": s, "accuracy": m["accuracy"]}
-                         for r in runs for s, m in r["metrics"].items()
-                         if s in (strategies or STRATEGIES) and isinstance(m.get("accuracy"), int | float)])
-    def order(value: Any) -> tuple[bool, Any, str]:  # numbers in order, then words: "all" last
-        return isinstance(value, str), 0 if isinstance(value, str) else value, str(value)
-
-    rows["rank"] = [(tuple(order(r[k]) for k in swept), list(STRATEGIES).index(r["strategy"]))
-                    for _, r in rows.iterrows()]
-    rows = rows.sort_values("rank", kind="stable").drop(columns="rank")
+                          **{k: shown(r["params"].get(k)) for k in swept}, "strategy": s, "accuracy": accuracy}
+                         for r, s, accuracy in scored])
     return rows.drop_duplicates(["group", "seed", "strategy"]), swept  # one run of the same params and seed
 
 
 def paired_rows(rows: Any, swept: list[str]) -> list[tuple[str, ...]]:
     """Strategies against each other within each group, and each strategy between two groups
-    that differ in one param, their runs paired by seed."""
-    table = rows.pivot_table(index=["group", "seed"], columns="strategy", values="accuracy")
-    out = []
-    for group, by_seed in table.groupby(level="group", sort=False):
-        for a, b in itertools.combinations([s for s in STRATEGIES if s in by_seed], 2):
-            out.append(compared(f"{group}: {a} - {b}", (by_seed[a] - by_seed[b]).dropna().tolist(), a, b))
+    that differ in one param, their runs paired by seed; in the rows' order (:func:`sweep_rows`),
+    and only where both sides ran with at least one seed in common."""
+    table = rows.pivot_table(index=["group", "seed"], columns="strategy", values="accuracy", sort=False)
+    ran = [s for s in STRATEGIES if s in table]
+    out = [compared(f"{group}: {a} - {b}", by_seed[a] - by_seed[b], a, b)
+           for group, by_seed in table.groupby(level="group", sort=False) for a, b in itertools.combinations(ran, 2)]
     groups = rows.drop_duplicates("group").set_index("group")[swept]
     for (g1, v1), (g2, v2) in itertools.combinations(groups.iterrows(), 2):
-        differ = [k for k in swept if shown(v1[k]) != shown(v2[k])]
-        if len(differ) != 1:
-            continue
-        key = differ[0]
-        for s in [s for s in STRATEGIES if s in table]:
-            diffs = (table.loc[g2][s] - table.loc[g1][s]).dropna().tolist()
-            a, b = f"{key}={shown(v2[key])}", f"{key}={shown(v1[key])}"
-            out.append(compared(f"{s}: {a} - {shown(v1[key])}", diffs, a, b))
-    return out
+        differ = [k for k in swept if v1[k] != v2[k]]
+        if len(differ) == 1:
+            a, b = f"{differ[0]}={v2[differ[0]]}", f"{differ[0]}={v1[differ[0]]}"
+            out += [compared(f"{s}: {a} - {v1[differ[0]]}", table.loc[g2][s] - table.loc[g1][s], a, b) for s in ran]
+    return [row for row in out if row[1] != "0"]
 
 
-def compared(label: str, diffs: list[float], a: str, b: str) -> tuple[str, ...]:
-    spread = Spread.of(diffs)
+def compared(label: str, diffs: Any, a: str, b: str) -> tuple[str, ...]:
+    """A row of paired differences A - B (a pandas Series by seed; the seeds only one ran are NaN)."""
+    spread = Spread.of(diffs.dropna().tolist())
     return label, str(spread.n), f"{spread.mean:+.4f}", interval_of(spread, "+"), spread.verdict(a, b)
 
 

@@ -97,6 +97,23 @@ def test_a_sweep_is_grouped_by_its_params_but_the_seed_and_paired_by_seed() -> N
         compare_stage.sweep_rows([{**run("c", 1, {}), "metrics": {}}], None)
 
 
+def test_a_learning_curve_is_paired_in_the_order_of_its_sizes_and_only_where_both_ran() -> None:
+    """Sizes 5, 10, 50 and all (as strings they would sort 10, 5, 50): feature_extract at every
+    size, finetune at 5 and 10 alone. No row pairs finetune with a size it never ran at."""
+    runs = [run(f"e{seed}{size}", seed, {"feature_extract": 0.8 + seed / 100 + rank / 50}
+                | ({"finetune": 0.9 + seed / 100 + rank / 50} if size in (5, 10) else {}),
+                **{"data.train_per_class": size})
+            for rank, size in enumerate((50, "all", 10, 5)) for seed in (1, 2)]
+    rows, swept = compare_stage.sweep_rows(runs, None)
+    assert list(rows.drop_duplicates("group")["group"]) == [f"data.train_per_class={n}" for n in (5, 10, 50, "all")]
+    labels = [r[0] for r in compare_stage.paired_rows(rows, swept)]
+    assert labels == ["data.train_per_class=5: finetune - feature_extract",
+                      "data.train_per_class=10: finetune - feature_extract",
+                      "finetune: data.train_per_class=10 - 5",
+                      *(f"feature_extract: data.train_per_class={b} - {a}" for a, b in
+                        ((5, 10), (5, 50), (5, "all"), (10, 50), (10, "all"), (50, "all")))]
+
+
 def test_a_strategy_counts_only_where_it_ran_with_the_experiments_params() -> None:
     """An experiment that ran feature_extract alone keeps the commit's finetune results: its
     dvc.lock says finetune ran with another seed, or on another data folder, than the experiment's."""

@@ -265,10 +265,12 @@ def test_a_sweep_of_seeds_is_summed_up_as_by_hand(experiments: Experiments, tmp_
             f"data.train_per_class={group}", "feature_extract", "3", f"{mean:.4f}", f"{sd:.4f}",
             f"{min(values):.4f}-{max(values):.4f}", f"{low:.4f}", "to", f"{high:.4f}"], out
         wrong = set.intersection(*(r["wrong"] for r in of))
-        assert line_of(f"data.train_per_class={group}:")[1:3] == [str(len(wrong)), "images"], out
+        noun = "image" if len(wrong) == 1 else "images"
+        assert line_of(f"data.train_per_class={group}:")[1:3] == [str(len(wrong)), noun], out
         assert all(image in out for image in wrong)
     (row,) = [line for line in lines if line.startswith("feature_extract: data.train_per_class=")]
-    first, second = (2, "all") if row.startswith("feature_extract: data.train_per_class=2 ") else ("all", 2)
+    assert row.startswith("feature_extract: data.train_per_class=all - 2 "), "the later size minus the earlier"
+    first, second = "all", 2
     mean, _, low, high = by_hand([a - b for a, b in zip(by_seed[first], by_seed[second], strict=True)])
     verdict = "not shown to differ across 3 seeds" if low <= 0 <= high else \
         f"data.train_per_class={first if mean > 0 else second} is better across 3 seeds"

@@ -45,17 +45,14 @@ def save_image_grid(
     for i, (image, title) in enumerate(zip(images, titles, strict=True)):
         ax = axes.flat[i]
         ax.imshow(image.permute(1, 2, 0).cpu().numpy())
-        if mistakes is not None:
-            colour = MISTAKE if mistakes[i] else CORRECT
-            ax.set_title(title, color=colour, fontsize=10, fontweight="bold" if mistakes[i] else "normal")
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(4 if mistakes[i] else 1)
-        else:
+        if mistakes is None:
             ax.set_title(title, fontsize=10)
+            continue
+        colour = MISTAKE if mistakes[i] else CORRECT
+        ax.set_title(title, color=colour, fontsize=10, fontweight="bold" if mistakes[i] else "normal")
+        ax.axis("on")
+        ax.set(xticks=[], yticks=[])
+        plt.setp(ax.spines.values(), edgecolor=colour, linewidth=4 if mistakes[i] else 1)
     if suptitle:
         fig.suptitle(suptitle)
     save_png(fig, path)
@@ -65,8 +62,7 @@ def save_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]],
     """Save a table of text as a picture (for ``dvc plots show``, which shows images as they are)."""
     fig, ax = plt.subplots(figsize=(2.2 * len(header), 0.45 * (len(rows) + 2) + 0.4))
     ax.axis("off")
-    table = ax.table(cellText=[list(r) for r in rows] or [[""] * len(header)], colLabels=list(header), loc="center",
-                     cellLoc="left")
+    table = ax.table(cellText=rows or [[""] * len(header)], colLabels=header, loc="center", cellLoc="left")
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.auto_set_column_width(list(range(len(header))))
@@ -83,15 +79,15 @@ def save_png(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def save_sweep(path: Path, xs: Sequence[str], series: dict[str, list[Any]], xlabel: str, title: str) -> None:
-    """Each strategy's accuracy (``series``: a :class:`transfer.statistics.Spread` or None per
-    x) against ``xs``, the mean with its 95% interval over seeds: ``compare --summary``."""
+def save_sweep(path: Path, xs: Sequence[str], series: dict[str, dict[int, Any]], xlabel: str, title: str) -> None:
+    """Each strategy's accuracy (``series``: the index in ``xs`` of each x it ran at, and a
+    :class:`transfer.statistics.Spread` there) against ``xs``, the mean with its 95% interval
+    over seeds (none for one seed): ``compare --summary``."""
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(xs)), 4.5))
     for strategy, spreads in series.items():
-        at = [(i, s) for i, s in enumerate(spreads) if s is not None]
-        ax.errorbar([i for i, _ in at], [s.mean for _, s in at], capsize=4, marker="o", label=strategy,
-                    yerr=[[s.mean - s.low if s.low is not None else 0 for _, s in at],
-                          [s.high - s.mean if s.high is not None else 0 for _, s in at]])
+        ax.errorbar(list(spreads), [s.mean for s in spreads.values()], capsize=4, marker="o", label=strategy,
+                    yerr=[[0 if s.low is None else s.mean - s.low for s in spreads.values()],
+                          [0 if s.high is None else s.high - s.mean for s in spreads.values()]])
     ax.set_xticks(range(len(xs)), list(xs))
     ax.set(xlabel=xlabel, ylabel="accuracy (mean and 95% interval over seeds)", title=title)
     ax.legend(title="strategy")

@@ -8,8 +8,8 @@ Plain Python: the compare stage and command use it without importing torch.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
-from fractions import Fraction
 
 from transfer.errors import UserError
 
@@ -42,25 +42,20 @@ def mcnemar(a_only: int, b_only: int) -> tuple[float, float]:
     for i in range(k):
         term = term * (n - i) // (i + 1)
         tail += term
-    return min(1.0, float(Fraction(2 * tail, 2**n))), min(1.0, float(Fraction(2 * tail - term, 2**n)))
+    return min(1.0, 2 * tail / 2**n), min(1.0, (2 * tail - term) / 2**n)  # int / int is correctly rounded
 
 
 def t_quantile(df: int, level: float = 0.95) -> float:
     """The ``t`` with P(|T| <= t) = ``level`` for Student's t with ``df`` degrees of freedom,
     by bisection on its exact distribution for whole ``df`` (Abramowitz and Stegun 26.7.3-4)."""
     def inside(t: float) -> float:
-        theta = math.atan(t / math.sqrt(df))
-        cos2, total, term = math.cos(theta) ** 2, 0.0, 1.0
-        if df % 2 == 0:
-            for j in range(df // 2):
-                total += term
-                term *= cos2 * (2 * j + 1) / (2 * j + 2)
-            return math.sin(theta) * total
-        term = math.cos(theta)
-        for j in range(1, (df - 1) // 2 + 1):
+        # one series for both parities: odd df starts at cos(theta) and adds 2/pi * theta
+        theta, odd = math.atan(t / math.sqrt(df)), df % 2
+        cos2, total, term = math.cos(theta) ** 2, 0.0, math.cos(theta) ** odd
+        for j in range(df // 2):
             total += term
-            term *= cos2 * (2 * j) / (2 * j + 1)
-        return 2 / math.pi * (theta + math.sin(theta) * total)
+            term *= cos2 * (2 * j + 1 + odd) / (2 * j + 2 + odd)
+        return 2 / math.pi * (theta + math.sin(theta) * total) if odd else math.sin(theta) * total
 
     low, high = 0.0, 1e6
     for _ in range(200):
@@ -85,7 +80,7 @@ class Spread:
         n, mean = len(values), sum(values) / max(len(values), 1)
         if n < 2:
             return cls(n, mean, None, None, None)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        sd = statistics.stdev(values)
         half = t_quantile(n - 1) * sd / math.sqrt(n)
         return cls(n, mean, sd, mean - half, mean + half)
 
@@ -109,15 +104,8 @@ class Paired:
     b_correct: int
     a_only: int  #: images A gets right and B wrong
     b_only: int
-
-    @property
-    def p_value(self) -> float:
-        """The mid-p-value, which the verdict rests on."""
-        return mcnemar(self.a_only, self.b_only)[1]
-
-    @property
-    def p_exact(self) -> float:
-        return mcnemar(self.a_only, self.b_only)[0]
+    p_value: float  #: McNemar's mid-p-value, which the verdict rests on
+    p_exact: float
 
     @property
     def verdict(self) -> str:
@@ -135,4 +123,5 @@ def pair(a: str, b: str, right_a: dict[str, bool], right_b: dict[str, bool]) -> 
                         "evaluate them on the same data (`dvc repro`)")
     a_only = sum(right_a[k] and not right_b[k] for k in right_a)
     b_only = sum(right_b[k] and not right_a[k] for k in right_a)
-    return Paired(a, b, len(right_a), sum(right_a.values()), sum(right_b.values()), a_only, b_only)
+    p_exact, p_value = mcnemar(a_only, b_only)
+    return Paired(a, b, len(right_a), sum(right_a.values()), sum(right_b.values()), a_only, b_only, p_value, p_exact)
