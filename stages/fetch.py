@@ -5,9 +5,8 @@ report, so that a change upstream shows (``data.sha256`` pins it).
 
 from __future__ import annotations
 
-import argparse
 import zipfile
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -16,7 +15,7 @@ from transfer.download import Fetched, fetch, local_path, verified
 from transfer.errors import UserError
 from transfer.imagefolder import SPLITS, is_image_name, is_litter, layout_problem
 from transfer.params import load_params
-from transfer.stage import run_stage
+from transfer.stage import run_stage, stage_parser
 
 
 def _is_zip(path: Path) -> str | None:
@@ -37,7 +36,7 @@ def zip_folder(src: Path, dest: Path, sha256: str | None) -> Fetched:
     not deflated (images are compressed)."""
     def folders(parent: Path) -> list[Path]:
         return sorted(p for p in parent.glob("*")
-                      if p.is_dir() and not p.is_symlink() and not is_litter(PurePath(p.name)))
+                      if p.is_dir() and not p.is_symlink() and not is_litter(Path(p.name)))
 
     subfolders = folders(src)
     root = subfolders[0] if not (src / "train").is_dir() and len(subfolders) == 1 else src
@@ -62,8 +61,7 @@ def zip_folder(src: Path, dest: Path, sha256: str | None) -> Fetched:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__)
     parser.add_argument("--out", default="data/hymenoptera_data.zip", help="where the zip goes")
     parser.add_argument("--report", default="reports/fetch.json", help="URL, digest and size seen")
     args = parser.parse_args(argv)
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     data = params.data
     out = Path(args.out)
     source = local_path(data.url)
-    if source is not None and source.is_dir():  # a local image folder: pack it as the zip
+    if source and source.is_dir():  # a local image folder: pack it as the zip
         fetched = zip_folder(source, out, data.sha256)
     else:
         fetched = fetch(data.url, out, sha256=data.sha256, retries=params.runtime.download_retries,

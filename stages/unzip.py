@@ -5,25 +5,21 @@ images found in two splits.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-
-from tqdm import tqdm
 
 from transfer.archive import extract_image_folder
 from transfer.atomic import atomic_dir, write_json
+from transfer.errors import say
 from transfer.imagefolder import SPLITS
 from transfer.params import load_params
-from transfer.stage import run_stage
+from transfer.stage import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("archive", type=Path, help="the zip fetched by the fetch stage")
     parser.add_argument("--out", type=Path, default="data/hymenoptera_data")
     parser.add_argument("--report", type=Path, default="reports/data.json")
-    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
@@ -37,15 +33,13 @@ def main(argv: list[str] | None = None) -> None:
         # then leaves the previous folder too, not a new folder beside an old report.
         write_json(args.report, report)
 
-    short = sorted(c for c, n in report["train"]["per_class"].items() if per_class != "all" and n < per_class)
-    if short:
-        tqdm.write(f"warning: data.train_per_class is {per_class}, but {', '.join(short)} "
-                   "has fewer training images: all of them are used", file=sys.stderr)
+    if short := sorted(c for c, n in report["train"]["per_class"].items() if per_class != "all" and n < per_class):
+        say(f"warning: data.train_per_class is {per_class}, but {', '.join(short)} has fewer training images: all of "
+            "them are used")
     for name, reason in sorted(report["skipped"].items()):
-        tqdm.write(f"warning: skipped {name}: {reason}", file=sys.stderr)
+        say(f"warning: skipped {name}: {reason}")
     for names in report["duplicates_across_splits"]:
-        tqdm.write(f"warning: the same image is in two splits, which makes scores optimistic: {', '.join(names)}",
-                   file=sys.stderr)
+        say(f"warning: the same image is in two splits, which makes scores optimistic: {', '.join(names)}")
     summary = ", ".join(f"{split} {report[split]['images']} images" for split in sorted(SPLITS) if split in report)
     print(f"extracted {args.out}: {summary} in {report['classes']} classes, {report['skipped_count']} skipped, "
           f"{report['ignored_entries']} hidden/other entries ignored"

@@ -6,7 +6,6 @@ the weights came from and the preprocessing they expect.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -26,12 +25,11 @@ from transfer.models import (
     weights_hash_prefix,
 )
 from transfer.params import load_params
-from transfer.stage import run_stage
+from transfer.stage import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__)
     parser.add_argument("--out", type=Path, default="models/pretrained.pt")
     args = parser.parse_args(argv)
 
@@ -60,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
             return None
 
         if not path.is_file():
-            net = params.runtime
-            fetch(source, path, retries=net.download_retries, timeout=net.download_timeout, check=matches_prefix,
+            fetch(source, path, retries=params.runtime.download_retries, timeout=params.runtime.download_timeout,
+                  check=matches_prefix,
                   hint=f"download {source} by hand into {path.parent}/ (or set model.weights in {args.params} to a "
                   "local .pth file)")
         elif problem := matches_prefix(path):

@@ -14,6 +14,7 @@ import torch
 from imagefolders import preprocess, tutorial_transform
 from PIL import Image
 
+from transfer import images
 from transfer.checkpoints import CheckpointMeta, save_checkpoint
 from transfer.datasets import EpochSampler, TrainImages, ValImages
 from transfer.errors import UserError
@@ -75,7 +76,7 @@ def test_views_by_epoch(cycle: int | None, views: list[int]) -> None:
     assert seen == views
 
 
-def test_cache_keeps_images_up_to_its_budget(tmp_path: Path) -> None:
+def test_cache_keeps_images_up_to_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoded images are kept while they fit the budget; past it they are decoded again on
     each access (the latest one excepted), and every access returns the same pixels."""
     paths = write_photos(tmp_path, [(100, 80)] * 5, fmt="PNG")
@@ -84,8 +85,7 @@ def test_cache_keeps_images_up_to_its_budget(tmp_path: Path) -> None:
     cache.fill("test")
     assert sorted(cache.arrays) == [0, 1] and cache.used == 2 * one
     loads = []
-    original = cache.load
-    cache.load = lambda index: loads.append(index) or original(index)  # type: ignore[method-assign]
+    monkeypatch.setattr(images, "decode", lambda path: loads.append(paths.index(path)) or decode(path))
     for index in (0, 1, 3, 3, 4, 3):
         assert np.array_equal(cache.get(index), np.asarray(decode(paths[index])))
     assert loads == [3, 4, 3], "cached images are not decoded again; past the budget, only the latest is kept"

@@ -62,7 +62,7 @@ def _replace(tmp: Path, dest: Path) -> None:
         return
     old = dest.parent / f".{dest.name}.old"
     _remove(old)
-    if dest.exists() or dest.is_symlink():
+    if os.path.lexists(dest):  # a link to a folder too, even a dangling one
         os.replace(dest, old)
     os.replace(tmp, dest)
     _remove(old)
@@ -76,14 +76,18 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _atomic(dest: str | os.PathLike[str], folder: bool, now: bool, size: int | None = None) -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike[str], *, now: bool = False, size: int | None = None,
+                folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write to (``folder``: an empty folder); on success it replaces
+    ``dest`` (``size``: its bytes, where known, for the message of a failure)."""
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        names = {"prefix": f".{dest.name}.", "suffix": ".tmp", "dir": dest.parent}
         if folder:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+            tmp = Path(tempfile.mkdtemp(**names))
         else:
-            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            fd, name = tempfile.mkstemp(**names)
             os.close(fd)
             tmp = Path(name)
     except OSError as exc:
@@ -91,7 +95,7 @@ def _atomic(dest: str | os.PathLike[str], folder: bool, now: bool, size: int | N
         raise
     try:
         yield tmp
-        os.chmod(tmp, 0o755 if folder else 0o644)  # mkstemp/mkdtemp make them private
+        tmp.chmod(0o755 if folder else 0o644)  # mkstemp/mkdtemp make them private
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):
@@ -105,26 +109,19 @@ def _atomic(dest: str | os.PathLike[str], folder: bool, now: bool, size: int | N
         _staged[dest] = tmp
 
 
-def atomic_path(dest: str | os.PathLike[str], *, now: bool = False,
-                size: int | None = None) -> contextlib.AbstractContextManager[Path]:
-    """Yield a temporary path to write to; on success it replaces ``dest`` (``size``: its
-    bytes, where known, for the message of a failure)."""
-    return _atomic(dest, folder=False, now=now, size=size)
-
-
 def atomic_dir(dest: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
     """Yield an empty temporary folder; on success it replaces the folder ``dest``."""
-    return _atomic(dest, folder=True, now=False)
-
-
-def write_text(dest: str | os.PathLike[str], text: str, *, now: bool = False) -> None:
-    with atomic_path(dest, now=now) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    return atomic_path(dest, folder=True)
 
 
 def write_bytes(dest: str | os.PathLike[str], data: bytes, *, now: bool = False) -> None:
     with atomic_path(dest, now=now, size=len(data)) as tmp:
         tmp.write_bytes(data)
+
+
+def write_text(dest: str | os.PathLike[str], text: str, *, now: bool = False) -> None:
+    """As UTF-8, its newlines untranslated on every platform."""
+    write_bytes(dest, text.encode(), now=now)
 
 
 def write_json(dest: str | os.PathLike[str], data: Any) -> None:

@@ -28,31 +28,21 @@ class Crop(NamedTuple):
     flip: bool
 
 
-def view_rng(seed: int, view: int, index: int) -> random.Random:
-    """The random source of view ``view`` of image ``index``. String seeds are hashed with
-    SHA-512, so the stream is the same on every platform and Python process."""
-    return random.Random(f"augment:{seed}:{view}:{index}")
-
-
 def sample_crop(rng: random.Random, width: int, height: int) -> Crop:
     """A ``RandomResizedCrop`` box (and the flip) for a ``width`` x ``height`` image."""
-    area = width * height
-    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
     for _ in range(10):
-        target_area = area * rng.uniform(*SCALE)
-        aspect = math.exp(rng.uniform(*log_ratio))
+        target_area = width * height * rng.uniform(*SCALE)
+        aspect = math.exp(rng.uniform(*map(math.log, RATIO)))
         w = round(math.sqrt(target_area * aspect))
         h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            return Crop(top, left, h, w, rng.random() < 0.5)
+            return Crop(rng.randint(0, height - h), rng.randint(0, width - w), h, w, rng.random() < 0.5)
     # Fall back to a centre crop whose aspect ratio is the closest one allowed.
+    w, h = width, height
     if width / height < RATIO[0]:
-        w, h = width, round(width / RATIO[0])
+        h = round(width / RATIO[0])
     elif width / height > RATIO[1]:
-        w, h = round(height * RATIO[1]), height
-    else:
-        w, h = width, height
+        w = round(height * RATIO[1])
     return Crop((height - h) // 2, (width - w) // 2, h, w, rng.random() < 0.5)
 
 
@@ -65,4 +55,6 @@ def apply_crop(image: Image.Image, box: Crop, pre: Preprocess) -> Image.Image:
 
 def augmented_view(image: Image.Image, pre: Preprocess, seed: int, view: int, index: int) -> Image.Image:
     """View ``view`` of image ``index``: its seeded random crop, resized to ``pre.crop``, maybe flipped."""
-    return apply_crop(image, sample_crop(view_rng(seed, view, index), image.width, image.height), pre)
+    # A string seed is hashed with SHA-512: the same stream on every platform and in every process.
+    rng = random.Random(f"augment:{seed}:{view}:{index}")
+    return apply_crop(image, sample_crop(rng, image.width, image.height), pre)

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import functional as F
 
@@ -30,12 +31,9 @@ WORKER_START = "fork" if sys.platform == "linux" else None
 Pair = tuple[int, int]  #: (view, index)
 
 
-
-
 def derived_seed(*parts: object) -> int:
     """A 63-bit seed from ``parts`` (``"shuffle", seed, epoch``), stable across processes."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 class EpochSampler(Sampler[Pair]):
@@ -60,10 +58,19 @@ class EpochSampler(Sampler[Pair]):
         else:
             order = range(self.size)
         view = self.epoch - 1 if self.cycle is None else (self.epoch - 1) % self.cycle
-        return iter([(view, index) for index in order])
+        return ((view, index) for index in order)
 
 
-class TrainImages(Dataset[tuple[torch.Tensor, int]]):
+class Labelled(Dataset[tuple[torch.Tensor, int]]):
+    """Samples and their ``labels``, one each."""
+
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class TrainImages(Labelled):
     """``(view, index)`` -> view ``view`` of training image ``index`` (seeded random crop and
     flip) as uint8 CHW pixels, and its label; ``augment=False`` gives the validation crop."""
 
@@ -72,17 +79,14 @@ class TrainImages(Dataset[tuple[torch.Tensor, int]]):
         self.pre, self.seed, self.augment = pre, seed, augment
         self.images = ImageCache(split.paths, None, cache_bytes)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __getitem__(self, key: Pair) -> tuple[torch.Tensor, int]:
         view, index = key
-        image = self.images.image(index)
+        image = Image.fromarray(self.images.get(index))
         out = augmented_view(image, self.pre, self.seed, view, index) if self.augment else val_crop(image, self.pre)
         return F.pil_to_tensor(out), self.labels[index]
 
 
-class ValImages(Dataset[tuple[torch.Tensor, int]]):
+class ValImages(Labelled):
     """``(view, index)`` -> the validation crop of image ``index`` (uint8 CHW) and its label;
     the crop is fixed, so the cache holds it rather than the whole image."""
 
@@ -90,38 +94,32 @@ class ValImages(Dataset[tuple[torch.Tensor, int]]):
         self.labels = split.labels
         self.images = ImageCache(split.paths, functools.partial(val_crop, pre=pre), cache_bytes)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __getitem__(self, key: Pair) -> tuple[torch.Tensor, int]:
         _, index = key
         return torch.from_numpy(self.images.get(index)).permute(2, 0, 1), self.labels[index]
 
 
-class FeatureViews(Dataset[tuple[torch.Tensor, int]]):
+class FeatureViews(Labelled):
     """``(view, index)`` -> the stored backbone output of view ``view`` of sample ``index``, from
     an array (views, samples, ...), memory-mapped and read a batch at a time."""
 
     def __init__(self, features: np.ndarray, labels: list[int]) -> None:
         self.features, self.labels = features, labels
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __getitem__(self, key: Pair) -> tuple[torch.Tensor, int]:
         view, index = key
-        return torch.from_numpy(np.array(self.features[view, index])), self.labels[index]
+        return torch.tensor(self.features[view, index]), self.labels[index]  # a copy, off the memory map
 
 
 def loader_options(workers: int, device: torch.device) -> dict[str, object]:
     """Pinned memory for non-blocking copies to CUDA; workers that end quietly on Ctrl-C and
     SIGTERM (leaving the message to the main process), started as :data:`WORKER_START` says."""
     return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-            "worker_init_fn": quiet_loader_worker if workers else None,
+            "worker_init_fn": quiet_loader_worker,
             "multiprocessing_context": WORKER_START if workers else None}
 
 
-def ordered_loader(dataset: Dataset[tuple[torch.Tensor, int]], pairs: Sequence[Pair], *, batch_size: int,
+def ordered_loader(dataset: Labelled, pairs: Sequence[Pair], *, batch_size: int,
                    workers: int, device: torch.device) -> DataLoader:
     """A loader over ``pairs`` in their order, for passes that only predict."""
     return DataLoader(dataset, batch_size=batch_size, sampler=pairs, **loader_options(workers, device))  # type: ignore[arg-type]

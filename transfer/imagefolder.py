@@ -60,15 +60,14 @@ def layout_problem(counts: Mapping[str, Mapping[str, int]], required: tuple[str,
         if folded(name) == folded(other):
             return (f"class folders that differ only in Unicode normalisation or letter case: {spelled(name)} and "
                     f"{spelled(other)}; give the class one spelling in every split")
-    if not counts["train"]:
+    if not (train := counts["train"]):  # every caller requires train/
         return f"train/ holds no class folders (found {found})"
     for split in SPLITS[1:]:
-        if counts.get(split, counts["train"]).keys() != counts["train"].keys():
+        if counts.get(split, train).keys() != train.keys():
             return f"train/ and {split}/ have different class folders (found {found})"
-    empty = sorted(f"{s}/{c}" for s, classes in counts.items() for c, n in classes.items() if not n)
-    if empty:
+    if empty := sorted(f"{s}/{c}" for s, classes in counts.items() for c, n in classes.items() if not n):
         return f"class folders without images: {', '.join(empty)} (found {found})"
-    if len(counts["train"]) < 2:
+    if len(train) < 2:
         return f"at least 2 classes are needed to train a classifier (found {found})"
     return None
 

@@ -74,10 +74,6 @@ class ImageCache:
         caches itself, cheaper than copying the whole cache through a pipe to every worker."""
         return {**self.__dict__, "arrays": {}, "used": 0, "last": {}}
 
-    def load(self, index: int) -> np.ndarray:
-        image = decode(self.paths[index])
-        return np.array(self.prepare(image) if self.prepare else image)  # a writable copy, as torch wants
-
     def fill(self, desc: str) -> None:
         """Decode images in order until the budget is spent, with a progress bar."""
         for index in tqdm(range(len(self.paths)), desc=desc, unit="image", leave=False, disable=None):
@@ -90,13 +86,11 @@ class ImageCache:
         too, so several views of one image in a row decode it once."""
         array = self.arrays.get(index, self.last.get(index))
         if array is None:
-            array = self.load(index)
+            image = decode(self.paths[index])
+            array = np.array(self.prepare(image) if self.prepare else image)  # a writable copy, as torch wants
             if self.used + array.nbytes <= self.budget:
                 self.arrays[index] = array
                 self.used += array.nbytes
             else:
                 self.last = {index: array}
         return array
-
-    def image(self, index: int) -> Image.Image:
-        return Image.fromarray(self.get(index))

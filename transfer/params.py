@@ -8,8 +8,10 @@ whatever is wrong fails at start-up with one line naming the file and the key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,6 +41,9 @@ Text = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
 Auto = Literal["auto"]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 Side = Annotated[int, Field(gt=0, le=MAX_SIDE)]
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+Mean = Annotated[list[float], Field(min_length=3, max_length=3)]
+Std = Annotated[list[Positive], Field(min_length=3, max_length=3)]
 
 
 class DataParams(Schema):
@@ -59,9 +64,9 @@ class PreprocessParams(Schema):
 
     resize: Side | Auto
     crop: Side | Auto
-    interpolation: Literal["nearest", "bilinear", "bicubic", "auto"]
-    mean: Annotated[list[float], Field(min_length=3, max_length=3)] | Auto
-    std: Annotated[list[Positive], Field(min_length=3, max_length=3)] | Auto
+    interpolation: Literal[Interpolation, "auto"]
+    mean: Mean | Auto
+    std: Std | Auto
 
 
 class DistributedParams(Schema):
@@ -112,19 +117,13 @@ class Params(Schema):
 
     def select(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of dotted ``keys`` (``train.finetune``, ``seed``), as plain data."""
-        values, tree = {}, self.model_dump()
-        for key in keys:
-            node: Any = tree
-            for part in key.split("."):
-                node = node[part]
-            values[key] = node
-        return values
+        tree = self.model_dump()
+        return {key: functools.reduce(operator.getitem, key.split("."), tree) for key in keys}
 
     def digest(self, keys: Iterable[str]) -> str:
         """A short hash of the params ``keys`` (those a stage declares), recorded beside its
         outputs to trace their origin."""
-        blob = json.dumps(self.select(keys), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.select(keys), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ParamsLoader(yaml.SafeLoader):

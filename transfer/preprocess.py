@@ -6,26 +6,21 @@ the tutorial's ``ToTensor()`` + ``Normalize()`` (the tests hold it to them).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import typing
 
 import torch
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
-from transfer.params import PreprocessParams, Side
+from transfer.params import Interpolation, Mean, PreprocessParams, Side, Std
 from transfer.schema import Problem, Schema, validate
 
-INTERPOLATIONS = {
-    "nearest": transforms.InterpolationMode.NEAREST,
-    "bilinear": transforms.InterpolationMode.BILINEAR,
-    "bicubic": transforms.InterpolationMode.BICUBIC,
-}
+INTERPOLATIONS = {name: transforms.InterpolationMode(name) for name in typing.get_args(Interpolation)}
 #: Normalised pixels beyond this overflow a network's sums (std 1e-30 gives 1e30 and NaN
 #: features); real data sets' means are 0-1 and their stds 0.1-0.5, which gives about 3.
 MAX_INPUT = 1000.0
-Triple = Annotated[list[float], Field(min_length=3, max_length=3)]
 
 
 class Preprocess(Schema):
@@ -33,9 +28,9 @@ class Preprocess(Schema):
 
     resize: Side
     crop: Side
-    interpolation: Literal["nearest", "bilinear", "bicubic"]
-    mean: Triple
-    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]
+    interpolation: Interpolation
+    mean: Mean
+    std: Std
 
     @model_validator(mode="after")
     def _sound(self) -> Preprocess:
@@ -58,15 +53,14 @@ def resolve_preprocess(params: PreprocessParams, pretrained: Preprocess | None,
                        source: str = "params.yaml") -> Preprocess:
     """Each ``auto`` of the ``preprocess`` params is taken from the weights' metadata, or else
     from :data:`IMAGENET`; the result is checked once all values are known."""
-    defaults = pretrained or IMAGENET
-    values = {key: getattr(defaults, key) if value == "auto" else value for key, value in params.model_dump().items()}
+    values = {key: getattr(pretrained or IMAGENET, key) if value == "auto" else value
+              for key, value in params.model_dump().items()}
     return validate(Preprocess, values, source, prefix="preprocess.")
 
 
 def val_crop(image: Image.Image, pre: Preprocess) -> Image.Image:
     """The tutorial's validation geometry: ``Resize(resize)`` then ``CenterCrop(crop)``."""
-    resized = F.resize(image, pre.resize, interpolation=INTERPOLATIONS[pre.interpolation])
-    return F.center_crop(resized, pre.crop)
+    return F.center_crop(F.resize(image, pre.resize, interpolation=INTERPOLATIONS[pre.interpolation]), pre.crop)
 
 
 class ModelInput:
@@ -80,8 +74,7 @@ class ModelInput:
 
     def __init__(self, pre: Preprocess, device: torch.device) -> None:
         self.device = device
-        self.mean = torch.tensor(pre.mean, device=device).view(-1, 1, 1)
-        self.std = torch.tensor(pre.std, device=device).view(-1, 1, 1)
+        self.mean, self.std = (torch.tensor(values, device=device).view(-1, 1, 1) for values in (pre.mean, pre.std))
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         pixels = batch.to(self.device, non_blocking=True)

@@ -18,7 +18,7 @@ from transfer.devices import available_cores, describe_device
 
 def _git(*args: str) -> str | None:
     try:
-        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False)
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -28,11 +28,8 @@ def git_state() -> dict[str, Any]:
     """The commit the working tree is based on, and whether code, params or config differ
     from it (outputs the pipeline itself rewrites, dvc.lock, metrics/ and plots/, aside)."""
     commit = _git("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": None, "dirty": None}
-    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                   ":!dvc.lock", ":!metrics", ":!plots")
-    return {"commit": commit, "dirty": bool(changed)}
+    return {"commit": commit, "dirty": None if commit is None else bool(
+        _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!metrics", ":!plots"))}
 
 
 def _version(package: str) -> str | None:
@@ -45,9 +42,8 @@ def _version(package: str) -> str | None:
 def peak_memory_mib() -> float:
     """Peak resident memory of this process or of the largest of its finished loader workers
     (the features stage runs its backbone in them), whichever is larger."""
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2  # ru_maxrss: KiB on Linux, bytes on macOS
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return round(peak * scale, 1)
+    return round(peak / (1024**2 if sys.platform == "darwin" else 1024), 1)  # ru_maxrss: bytes on macOS, else KiB
 
 
 def run_record(device: torch.device, threads: int, workers: int, **details: Any) -> dict[str, Any]:

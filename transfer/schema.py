@@ -7,9 +7,8 @@ names the file, the key and, for a file a stage wrote, the stage that writes it.
 from __future__ import annotations
 
 import reprlib
-import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -45,20 +44,21 @@ def validate(model: type[M], raw: Any, source: str, prefix: str = "") -> M:
 
 def describe(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """The first problem, by dotted key; a union's alternatives together (``an integer or 'auto'``)."""
-    errors = exc.errors(include_url=False)
+    errors = exc.errors()
     first = errors[0]
     key, known = _key(model, first, prefix)
-    if first["type"] == "extra_forbidden":
-        parent = key.rpartition(".")[0]
-        return f"unknown key {key} (known keys in {parent or 'the top level'}: {', '.join(known)})"
-    if first["type"] == "missing":
-        return f"missing key {key}"
-    if first["type"] == "value_error":
-        return f"{key} {first['ctx']['error']}"
-    if first["type"] == "model_type":
-        return f"{key or 'the top level'} must be a mapping of keys, got {_SHORT.repr(first['input'])}"
-    if first["type"] == "json_invalid":
-        return first["msg"]
+    match first["type"]:
+        case "extra_forbidden":
+            parent = key.rpartition(".")[0]
+            return f"unknown key {key} (known keys in {parent or 'the top level'}: {', '.join(known)})"
+        case "missing":
+            return f"missing key {key}"
+        case "value_error":
+            return f"{key} {first['ctx']['error']}"
+        case "model_type":
+            return f"{key or 'the top level'} must be a mapping of keys, got {_SHORT.repr(first['input'])}"
+        case "json_invalid":
+            return first["msg"]
     said = list(dict.fromkeys(e["msg"] for e in errors if _key(model, e, prefix)[0] == key))
     what = " or ".join([said[0], *(m.removeprefix("Input should be ") for m in said[1:])])
     return f"{key + ': ' if key else ''}{what}, got {_SHORT.repr(first['input'])}"
@@ -73,7 +73,7 @@ def _key(model: type[BaseModel], error: Any, prefix: str) -> tuple[str, list[str
     for part in error["loc"]:
         parts.append(str(part))
         node = fields[part].annotation if part in fields else None
-        args = [a for a in typing.get_args(node) if a is not type(None)]  # X of X | None
+        args = [a for a in get_args(node) if a is not type(None)]  # X of X | None
         node = args[0] if len(args) == 1 else node
         if not (isinstance(node, type) and issubclass(node, BaseModel)):
             break

@@ -7,6 +7,7 @@ ends quietly, as Unix tools do. Its outputs are replaced together at its end, or
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -17,6 +18,13 @@ from transfer.errors import UserError, say
 from transfer.interrupts import Interrupted, interrupts_raise
 
 UNCHANGED = "the stage's outputs are as they were"
+
+
+def stage_parser(doc: str) -> argparse.ArgumentParser:
+    """A stage's command line: the first line of its ``doc`` as the description, and ``--params``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    return parser
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
@@ -30,20 +38,19 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(128 + signal.SIGPIPE)
     except UserError as exc:
-        fail(str(exc))
+        message = str(exc)
     except OSError as exc:
-        fail("; ".join([str(exc), *getattr(exc, "__notes__", ())]) + f"; {UNCHANGED}")
+        message = "; ".join([str(exc), *getattr(exc, "__notes__", ())]) + f"; {UNCHANGED}"
     except MemoryError:
-        fail("out of memory: lower preprocess.resize and crop, train.batch_size, runtime.inference_batch_size or "
-             f"runtime.image_cache_mb; {UNCHANGED}")
+        message = ("out of memory: lower preprocess.resize and crop, train.batch_size, runtime.inference_batch_size "
+                   f"or runtime.image_cache_mb; {UNCHANGED}")
     except KeyboardInterrupt as exc:
         interrupted = Interrupted.of(exc)
         detail = interrupted.detail or "nothing was written to the stage's outputs"
         if os.environ.get("RANK", "0") == "0":  # of several training processes, the first speaks for all
             say(f"interrupted by {interrupted.signal_name}: {detail}")
         sys.exit(interrupted.exit_code)
-
-
-def fail(message: str) -> None:
+    else:
+        return
     say(f"error: {' '.join(message.splitlines())}")
     sys.exit(1)

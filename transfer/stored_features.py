@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import NonNegativeInt, PositiveInt
 from torch import nn
 
 from transfer.errors import UserError
@@ -51,11 +51,11 @@ class FeaturesMeta(Schema):
     weights: str
     head: str
     classes: list[str]
-    feature_shape: list[Annotated[int, Field(gt=0)]]
-    views: Annotated[int, Field(ge=0)]
+    feature_shape: list[PositiveInt]
+    views: NonNegativeInt
     batchnorm: Literal["frozen", "update"]
     preprocess: Preprocess
-    samples: dict[Literal["train", "val"], list[tuple[str, Annotated[int, Field(ge=0)]]]]
+    samples: dict[Literal["train", "val"], list[tuple[str, NonNegativeInt]]]
     params_digest: str
 
 
