@@ -6,7 +6,6 @@ optimistic), with the preprocessing its sidecar records; metrics, predictions an
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -26,7 +25,7 @@ from transfer.imagefolder import image_folders
 from transfer.params import load_params
 from transfer.preprocess import ModelInput
 from transfer.record import run_record
-from transfer.stage import run_stage
+from transfer.stage import run_stage, stage_parser
 from transfer.statistics import wilson_interval
 
 #: The params this stage reads that can change its outputs, as dvc.yaml declares them.
@@ -34,9 +33,8 @@ PARAMS = ("seed", "device", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("--strategy", required=True, help="the strategy's name, for titles and lines")
-    parser.add_argument("--params", default="params.yaml")
     for name, text in (("--data", "the image folders"), ("--model", "the checkpoint"), ("--metrics", None),
                        ("--plots", "folder for predictions.csv, classes.csv, predictions.png and mistakes.png"),
                        ("--record", "run record (timings, versions, device)")):

@@ -33,13 +33,12 @@ from transfer.params import Params, load_params
 from transfer.preprocess import ModelInput, resolve_preprocess
 from transfer.record import run_record
 from transfer.reproducibility import configure_backends, seed_everything
-from transfer.stage import run_stage
+from transfer.stage import run_stage, stage_parser
 from transfer.stored_features import BATCHNORM, META, PARAMS, TRAIN, VAL, head_inputs
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__)
     parser.add_argument("--data", type=Path, required=True, help="the image folders")
     parser.add_argument("--weights", type=Path, required=True, help="the weights stage's output")
     parser.add_argument("--out", type=Path, required=True)
