@@ -78,7 +78,7 @@ def within_run(files: list[Path], table: Path, report: Path) -> None:
     from transfer.figures import save_table  # matplotlib, for the stage only
 
     save_table(table, HEADER, rows, "Paired comparison of the strategies (McNemar's test, mid-p)")
-    write_json(report, {"pairs": [vars(p) | {"verdict": p.verdict} for p in pairs]})
+    write_json(report, {"pairs": [p._asdict() | {"verdict": p.verdict} for p in pairs]})
     print_table([HEADER, *rows])
 
 
@@ -120,26 +120,22 @@ def shown(value: Any) -> str:
 
 def exp_show() -> list[dict[str, Any]]:
     """``dvc exp show --json``, which keeps params and metrics apart, by file: one record per
-    row (the workspace, the commit, each experiment), with its params and the metrics of each
-    strategy it ran with them (``metrics/<strategy>.json``, see :func:`fresh`)."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise UserError(f"dvc exp show failed: {' '.join(proc.stderr.split())[:300]}")
+    row (the workspace, the commit, each experiment), named as ``--experiments`` shows it, with
+    its params and the metrics of each strategy it ran with them (``metrics/<strategy>.json``, see :func:`fresh`)."""
     records = []
-    for baseline in json.loads(proc.stdout):
-        kind = "workspace" if baseline["rev"] == "workspace" else "baseline"
-        revs = [(baseline, kind)] + [(e["revs"][0], "experiment") for e in baseline.get("experiments") or []]
-        for rev, kind in revs:
+    for baseline in json.loads(output([sys.executable, "-m", "dvc", "exp", "show", "--json"], "dvc exp show failed")):
+        for rev in [baseline, *(e["revs"][0] for e in baseline.get("experiments") or [])]:
             data = rev.get("data") or {}
             params = flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-            if kind == "workspace":
+            if rev["rev"] == "workspace":  # a baseline too, with no name, and its dvc.lock not committed
+                kind = name = "workspace"
                 lock = Path("dvc.lock").read_text(encoding="utf-8") if Path("dvc.lock").exists() else ""
             else:
-                lock = git_show(rev["rev"], "dvc.lock", missing="")
+                name = rev.get("name") or rev["rev"][:7]
+                kind, name = ("baseline", name) if rev is baseline else ("experiment", f"{rev['rev'][:7]} [{name}]")
+                lock = output(["git", "show", f"{rev['rev']}:dvc.lock"])
             lock = yaml.safe_load(lock) or {}  # a commit never reproduced has none: nothing of it ran
             metrics = {Path(file).stem: m.get("data") or {} for file, m in (data.get("metrics") or {}).items()}
-            name = "workspace" if kind == "workspace" else rev.get("name") or rev["rev"][:7]
             records.append({"rev": rev["rev"], "name": name, "kind": kind, "params": params,
                             "metrics": {s: m for s, m in metrics.items() if fresh(lock, params, f"evaluate@{s}")}})
     return records
@@ -154,28 +150,25 @@ def fresh(lock: dict[str, Any], params: dict[str, Any], stage: str) -> bool:
     todo = [stage]
     for name in todo:  # grows by each stage upstream, once
         entry = stages.get(name)
-        if entry is None:
-            return False
-        locked = flat(entry.get("params", {}).get("params.yaml", {}))
-        if any(params.get(key) != value for key, value in locked.items()):
+        if entry is None or any(params.get(key) != value for key, value in
+                                flat(entry.get("params", {}).get("params.yaml", {})).items()):
             return False
         for dep in entry.get("deps", []):
-            writer, md5 = outs.get(dep["path"], (None, None))
-            if writer and md5 != dep.get("md5"):
-                return False
-            if writer and writer not in todo:
-                todo.append(writer)
+            if dep["path"] in outs:
+                writer, md5 = outs[dep["path"]]
+                if md5 != dep.get("md5"):
+                    return False
+                if writer not in todo:
+                    todo.append(writer)
     return True
 
 
-def git_show(rev: str, path: str, missing: str | None = None) -> str:
-    """``path`` as committed in ``rev``; ``missing`` where it is not (None: an error)."""
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
-    if proc.returncode != 0 and missing is not None:
-        return missing
-    if proc.returncode != 0:
-        raise UserError(f"cannot read {path} at {rev[:7]}: {' '.join(proc.stderr.split())[:200]}")
-    return proc.stdout
+def output(command: list[str], failure: str = "") -> str:
+    """What ``command`` prints; where it fails, a UserError ``failure: what it said``, or "" without a ``failure``."""
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 and failure:
+        raise UserError(f"{failure}: {' '.join(proc.stderr.split())[:300]}")
+    return proc.stdout if proc.returncode == 0 else ""
 
 
 def experiments(strategies: list[str] | None) -> None:
@@ -185,10 +178,9 @@ def experiments(strategies: list[str] | None) -> None:
     strategies = strategies or [s for s in STRATEGIES if any(s in r["metrics"] for r in records)]
     table = [("experiment", *strategies, "params changed from the commit")]
     for r in records:
-        name = r["name"] if r["kind"] != "experiment" else f"{r['rev'][:7]} [{r['name']}]"
         changed = " ".join(f"{k}={shown(v)}" for k, v in r["params"].items() if commit.get(k) != v)
         accuracies = [r["metrics"].get(s, {}).get("accuracy") for s in strategies]
-        table.append((name, *(f"{a:.4f}" if isinstance(a, float | int) else "-" for a in accuracies), changed))
+        table.append((r["name"], *(f"{a:.4f}" if isinstance(a, float | int) else "-" for a in accuracies), changed))
     print_table(table)
 
 
@@ -203,11 +195,12 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 def summary(strategies: list[str] | None, plot: Path) -> None:
     """The experiments of this commit, grouped by their params other than the seed."""
     rows, swept = sweep_rows([r for r in exp_show() if r["kind"] == "experiment"], strategies)
-    print(f"{rows['experiment'].nunique()} experiments in {rows['group'].nunique()} groups (by "
+    print(f"{rows['rev'].nunique()} experiments in {rows['group'].nunique()} groups (by "
           f"{', '.join(swept) or 'nothing but the seed'}); accuracy over seeds, mean with its 95% interval")
-    table, spreads = [("group", "strategy", "n", "mean", "sd", "min-max", "95% CI of the mean")], {}
+    table, series = [("group", "strategy", "n", "mean", "sd", "min-max", "95% CI of the mean")], {}
+    groups = list(dict.fromkeys(rows["group"]))
     for (group, strategy), values in rows.groupby(["group", "strategy"], sort=False)["accuracy"].agg(list).items():
-        spread = spreads[group, strategy] = Spread.of(values)
+        spread = series.setdefault(strategy, {})[groups.index(group)] = Spread.of(values)
         table.append((group, strategy, str(spread.n), f"{spread.mean:.4f}", "-" if spread.sd is None else
                       f"{spread.sd:.4f}", f"{min(values):.4f}-{max(values):.4f}", interval_of(spread)))
     print_table(table)
@@ -231,25 +224,20 @@ def summary(strategies: list[str] | None, plot: Path) -> None:
             print(f"    {image}")
         if len(wrong) > 10:
             print(f"    ... and {len(wrong) - 10} more")
-    draw(plot, rows, swept, spreads)
+    draw(plot, rows, swept, series)
     print(f"\n-> {plot}")
 
 
-def draw(plot: Path, rows: Any, swept: list[str], spreads: dict[tuple[str, str], Spread]) -> None:
-    """Each strategy's accuracy (``spreads``, by group and strategy) against the swept param, or
-    against each group where several were swept: where one was, each group is one of its values.
-    In the rows' order: numbers, then words, ``all`` last."""
+def draw(plot: Path, rows: Any, swept: list[str], series: dict[str, dict[int, Spread]]) -> None:
+    """Each strategy's accuracy (``series``: by the index of each group it ran in) against the
+    swept param, or against each group where several were swept: where one was, each group is
+    one of its values. In the rows' order: numbers, then words, ``all`` last."""
     from transfer.figures import save_sweep  # matplotlib, only to draw
 
-    groups = rows.drop_duplicates("group")
-    xs = list(groups["group"])
-    series: dict[str, dict[int, Spread]] = {}
-    for (group, strategy), spread in spreads.items():
-        series.setdefault(strategy, {})[xs.index(group)] = spread
     column = swept[0] if len(swept) == 1 else "group"
-    low, high = min(s.n for s in spreads.values()), max(s.n for s in spreads.values())
-    seeds = f"{low}" if low == high else f"{low}-{high}"
-    save_sweep(plot, list(groups[column]), series, column, f"accuracy over {seeds} seeds")
+    runs = rows.groupby(["group", "strategy"]).size()  # each spread's n
+    seeds = f"{runs.min()}" if runs.min() == runs.max() else f"{runs.min()}-{runs.max()}"
+    save_sweep(plot, list(rows.drop_duplicates("group")[column]), series, column, f"accuracy over {seeds} seeds")
 
 
 def sweep_rows(runs: list[dict[str, Any]], strategies: list[str] | None) -> tuple[Any, list[str]]:
@@ -271,7 +259,7 @@ def sweep_rows(runs: list[dict[str, Any]], strategies: list[str] | None) -> tupl
     scored = sorted(((r, s, m["accuracy"]) for r in runs for s, m in r["metrics"].items()
                      if s in (strategies or STRATEGIES) and isinstance(m.get("accuracy"), int | float)),
                     key=lambda row: ([order(row[0]["params"].get(k)) for k in swept], list(STRATEGIES).index(row[1])))
-    rows = pd.DataFrame([{"experiment": r["name"], "rev": r["rev"], "seed": r["params"].get("seed"),
+    rows = pd.DataFrame([{"rev": r["rev"], "seed": r["params"].get("seed"),
                           "group": " ".join(f"{k}={shown(r['params'].get(k))}" for k in swept) or "all",
                           **{k: shown(r["params"].get(k)) for k in swept}, "strategy": s, "accuracy": accuracy}
                          for r, s, accuracy in scored])
@@ -290,8 +278,9 @@ def paired_rows(rows: Any, swept: list[str]) -> list[tuple[str, ...]]:
     for (g1, v1), (g2, v2) in itertools.combinations(groups.iterrows(), 2):
         differ = [k for k in swept if v1[k] != v2[k]]
         if len(differ) == 1:
-            a, b = f"{differ[0]}={v2[differ[0]]}", f"{differ[0]}={v1[differ[0]]}"
-            out += [compared(f"{s}: {a} - {v1[differ[0]]}", table.loc[g2][s] - table.loc[g1][s], a, b) for s in ran]
+            (k,) = differ
+            a, b = f"{k}={v2[k]}", f"{k}={v1[k]}"
+            out += [compared(f"{s}: {a} - {v1[k]}", table.loc[g2][s] - table.loc[g1][s], a, b) for s in ran]
     return [row for row in out if row[1] != "0"]
 
 
@@ -308,7 +297,8 @@ def interval_of(spread: Spread, sign: str = "") -> str:
 def run_answers(rev: str, strategy: str) -> dict[str, bool]:
     """An experiment's predictions (kept in git: evaluate's plots are ``cache: false``)."""
     path = f"plots/{strategy}/predictions.csv"
-    return right_answers(git_show(rev, path), f"{path} at {rev[:7]}")
+    source = f"{path} at {rev[:7]}"
+    return right_answers(output(["git", "show", f"{rev}:{path}"], f"cannot read {source}"), source)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -218,3 +218,13 @@ def test_the_stage_refuses_what_it_cannot_pair(tmp_path: Path, capsys: pytest.Ca
         assert exit_code(compare_stage.main, [str(a), str(other), *out]) == 1
         assert f"{other} {expected}" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "t.png").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_params_are_flattened_to_dotted_names_with_their_own_types() -> None:
+    """As ``dvc.lock`` and the changed-params column name them; a flag stays a bool (``false``,
+    as params.yaml writes it), an empty mapping adds nothing."""
+    tree = {"seed": 1, "train": {"finetune": {"lr": 0.001}}, "data": {"sha256": None, "test": False}, "none": {}}
+    params = compare_stage.flat(tree)
+    assert params == {"seed": 1, "train.finetune.lr": 0.001, "data.sha256": None, "data.test": False}
+    assert [compare_stage.shown(v) for v in params.values()] == ["1", "0.001", "null", "false"]
+    assert compare_stage.flat({}) == {}

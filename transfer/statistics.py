@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from transfer.errors import UserError
 
@@ -64,8 +64,7 @@ def t_quantile(df: int, level: float = 0.95) -> float:
     return (low + high) / 2
 
 
-@dataclass(frozen=True)
-class Spread:
+class Spread(NamedTuple):
     """Values over repeated runs (seeds): their mean and spread, and a 95% t-interval of the
     mean (None for a single run, which says nothing about the spread)."""
 
@@ -93,8 +92,7 @@ class Spread:
         return f"{a if self.mean > 0 else b} is better across {self.n} seeds"
 
 
-@dataclass(frozen=True)
-class Paired:
+class Paired(NamedTuple):
     """Two classifiers' answers on the same images, and what they say of each other."""
 
     a: str
