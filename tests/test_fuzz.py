@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import REPO_ROOT, error_line, set_keys
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import stages.fetch
@@ -81,6 +81,7 @@ def test_any_text_as_params_loads_or_names_one_problem(tmp_path: Path, text: str
 @FUZZ
 @given(lines=st.lists(st.lists(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=8), max_size=5),
                       max_size=5), header=st.booleans())
+@example(lines=[["a.png", "ants\r", "ants", "0.9"]], header=True)  # found so: a carriage return was a traceback
 def test_any_predictions_csv_is_read_or_refused_in_one_line(lines: list[list[str]], header: bool) -> None:
     rows = [["path", "actual", "predicted", "confidence"]] * header + lines
     text = "\n".join(",".join(row) for row in rows)
