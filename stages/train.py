@@ -15,6 +15,7 @@ import csv
 import io
 import sys
 import time
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,11 @@ from transfer.record import run_record
 from transfer.reproducibility import check_deterministic, configure_backends, seed_everything
 from transfer.resume import FOLDER as RESUME_FOLDER
 from transfer.resume import ResumeState, restore, rng_states, run_key
-from transfer.stage import run_stage
+from transfer.stage import run_stage, stage_parser
 from transfer.stored_features import PARAMS as FEATURE_PARAMS
 from transfer.stored_features import TRAIN, VAL, read_features
 from transfer.strategies import STRATEGIES, FinetuneRecipe, Recipe
-from transfer.training import Diverged, EpochRecord, Progress, WarmUp, make_loader, train_model
+from transfer.training import Diverged, EpochRecord, Progress, WarmUp, cpu_state, make_loader, train_model
 
 #: How many processes train, and how they talk: with several, each computes on its share of
 #: a batch and the sums differ in their last bits. ``rdzv_endpoint`` only says where they meet.
@@ -68,14 +69,13 @@ def history_csv(history: list[EpochRecord]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(EpochRecord.__dataclass_fields__)
-    writer.writerows([v if isinstance(v, int) else round(v, 6) for v in record.as_row().values()] for record in history)
+    writer.writerows([round(v, 6) for v in astuple(record)] for record in history)  # the epoch stays an int
     return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("--strategy", choices=STRATEGIES, required=True)
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--inputs", type=Path, required=True, help="the image folders, or the features stage's folder")
     parser.add_argument("--weights", type=Path, required=True, help="what training starts from: models/pretrained.pt, "
                         "or the checkpoint of the strategy this one starts from")
@@ -109,6 +109,7 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
     # What it trains on: loaders of the images or of the stored features, and how a batch
     # becomes the model's input.
     meta = read_start(args.weights, CheckpointMeta if strategy.start else PretrainedMeta, params.model)
+    pretrained = isinstance(meta, PretrainedMeta)
     pre = resolve_preprocess(params.preprocess, meta.preprocess, args.params)
     workers, prepare, features = 0, None, None
     if strategy.inputs == "images":  # decoded once and cached; a fresh augmented view of each per epoch
@@ -139,7 +140,7 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
     # What the loop trains (the classifier, or its head alone), and how.
     # It starts from the pretrained backbone with a new head, or from the trained classifier of
     # the strategy this one starts from.
-    if isinstance(meta, PretrainedMeta):
+    if pretrained:
         model, head = pretrained_classifier(args.weights, meta, len(classes), pre.crop)
     elif meta.classes != classes:
         raise UserError(f"{args.weights} was trained on the classes {meta.classes}, the data has {classes}: run "
@@ -151,30 +152,30 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
         model = trained_classifier(args.weights, meta, torch.device("cpu"))
         head = find_head(model)
     classifier = model.get_submodule(head.name)  # the same module after a conversion to SyncBatchNorm
+    head_params = list(classifier.parameters())
+    groups: list[dict[str, Any]] = [{"params": head_params}]  # first, at SGD's lr: the lr the history records
+    warmup = None
     if strategy.trains == "head":  # from the stored outputs of the frozen backbone
         freeze_backbone(model, head)
         trained = classifier.to(device)
     else:
-        if isinstance(recipe, FinetuneRecipe) and recipe.sync_batchnorm and world.size > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same state_dict keys as BatchNorm
+        if isinstance(recipe, FinetuneRecipe):  # the backbone at its scale of the head's lr
+            if recipe.sync_batchnorm and world.size > 1:  # the same parameters and state_dict keys as BatchNorm
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            backbone = [p for p in model.parameters() if all(p is not q for q in head_params)]
+            groups.append({"params": backbone, "lr": recipe.lr * recipe.backbone_lr_scale})
+            if recipe.freeze_epochs:
+                warmup = WarmUp(recipe.freeze_epochs, classifier, backbone)
         trained = model.to(device, memory_format=torch.channels_last)
         check_deterministic(model, device, params.train.deterministic, pre.crop, args.params)
-    head_params = list(classifier.parameters())
-    groups: list[dict[str, Any]] = [{"params": head_params, "lr": recipe.lr}]  # first: the lr the history records
-    warmup = None
-    if strategy.trains == "all" and isinstance(recipe, FinetuneRecipe):  # the backbone at its scale of the head's lr
-        backbone = [p for p in model.parameters() if all(p is not q for q in head_params)]
-        groups.append({"params": backbone, "lr": recipe.lr * recipe.backbone_lr_scale})
-        if recipe.freeze_epochs:
-            warmup = WarmUp(recipe.freeze_epochs, classifier, backbone)
     # Fused on CUDA: one kernel per step, and the AMP scaler's step then needs no host sync.
     optimizer = optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                           fused=device.type == "cuda" or None)
     scheduler = lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
     training = {"model": trained, "optimizer": optimizer, "scheduler": scheduler}
     if world.main:
-        trainable = sum(p.numel() for group in groups for p in group["params"])
-        source = meta.source if isinstance(meta, PretrainedMeta) else args.weights
+        trainable = sum(p.numel() for p in trained.parameters())  # what the optimizer's groups hold
+        source = meta.source if pretrained else args.weights
         print(f"train@{name}: {params.model.arch} ({source}), {len(classes)} classes {classes}, {len(data)} train / "
               f"{len(val)} val images, {trainable:,} trainable parameters, {describe_device(device)}"
               f"{f', {world.size} processes' if world.size > 1 else ''}, {threads} threads")
@@ -183,9 +184,9 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
     # hands it to the others.
     state, saved = None, None
     if world.main:  # the one process that writes: the state it saves is the whole run's
-        key = run_key(name, params, tracked_params(name), [args.inputs, args.weights, sidecar_path(args.weights)],
-                      device, __name__)
-        state = ResumeState(args.model_out.parent / RESUME_FOLDER, name, key)
+        state = ResumeState(args.model_out.parent / RESUME_FOLDER, name, run_key(
+            name, params, tracked_params(name), [args.inputs, args.weights, sidecar_path(args.weights)], device,
+            __name__))
         for other in state.others():  # saying so spares a user who expected a resume from wondering
             print(f"train@{name}: not resuming from {other}: it is the state of a run with other inputs, params "
                   "or code (it is deleted once this run has finished an epoch)")
@@ -196,7 +197,7 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
     saved = world.broadcast_object(saved)
     start = restore(saved, training, device, world.rank) if saved is not None else None
     done = start.epoch if start else 0  # the last epoch whose state is on disk
-    if start is not None and state is not None:  # the finished epochs, for `dvc plots` until the next one ends
+    if start and state:  # the finished epochs, for `dvc plots` until the next one ends
         print(f"train@{name}: resuming after epoch {done} of {recipe.epochs} (state from {state.path})")
         write_text(args.history, history_csv(start.history), now=True)
 
@@ -238,22 +239,20 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
         classifier.load_state_dict(best)
         if features and features.meta.batchnorm == "update":  # the best epoch's statistics
             model.load_state_dict(features.batchnorm(progress.best_epoch), strict=False)
-        best = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    pretrained = isinstance(meta, PretrainedMeta)
+        best = cpu_state(model)
     save_checkpoint(args.model_out, best, CheckpointMeta(
         strategy=name, arch=params.model.arch, classes=classes, head=head.name, epoch=progress.best_epoch,
         val_acc=progress.best_acc, weights=params.model.weights,
         weights_source=meta.source if pretrained else meta.weights_source,
         weights_sha256=meta.sha256 if pretrained else meta.weights_sha256,
         preprocess=pre, params_digest=params.digest(tracked_params(name))))
-    epochs = len(progress.history)
     write_json(args.record, run_record(
-        device, threads, workers, best_epoch=progress.best_epoch, best_val_acc=progress.best_acc, epochs=epochs,
+        device, threads, workers, best_epoch=progress.best_epoch, best_val_acc=progress.best_acc, epochs=recipe.epochs,
         final={k: v for k, v in progress.history[-1].as_row().items() if k not in ("epoch", "lr")},
         wall_seconds=round(time.perf_counter() - started, 2),
         epoch_seconds=[round(s, 3) for s in progress.epoch_seconds],
         # over the training phases' time of the epochs this run and those it resumed trained
-        train_images_per_second=round(sum(loaders["train"].batch_sampler.sizes()) * epochs  # type: ignore[union-attr]
+        train_images_per_second=round(sum(loaders["train"].batch_sampler.sizes()) * recipe.epochs  # type: ignore[union-attr]
                                       / progress.train_seconds, 2),
         resumed_after_epoch=start.epoch if start else None, processes=world.size,
     ))

@@ -28,21 +28,14 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, signum: int = signal.SIGINT, detail: str | None = None) -> None:
         self.signum, self.detail = signum, detail
+        self.signal_name = NAMES.get(signum, f"signal {signum}")
+        self.exit_code = 128 + signum  # what a shell reports for a process the signal ended
         super().__init__(self.signal_name)
-
-    @property
-    def signal_name(self) -> str:
-        return NAMES.get(self.signum, f"signal {self.signum}")
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal's number, what a shell reports for a process the signal ended."""
-        return 128 + self.signum
 
     @classmethod
     def of(cls, exc: KeyboardInterrupt) -> Interrupted:
         """``exc`` as an :class:`Interrupted` (a plain KeyboardInterrupt is a SIGINT)."""
-        return exc if isinstance(exc, Interrupted) else cls(signal.SIGINT)
+        return exc if isinstance(exc, Interrupted) else cls()
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
@@ -65,18 +58,16 @@ def interrupts_raise(exiting: bool = False) -> Iterator[None]:
     for signum, handler in previous.items():
         if handler is not signal.SIG_IGN:
             signal.signal(signum, _raise)
+    restore = True
     try:
         yield
-    except BaseException as exc:
-        if not (exiting and isinstance(exc, KeyboardInterrupt)):
-            _restore(previous)
+    except KeyboardInterrupt:
+        restore = not exiting
         raise
-    _restore(previous)
-
-
-def _restore(handlers: dict[int, Any]) -> None:
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    finally:
+        if restore:
+            for signum, handler in previous.items():  # None: not set from Python, so the default
+                signal.signal(signum, handler or signal.SIG_DFL)
 
 
 @contextlib.contextmanager

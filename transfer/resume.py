@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from transfer.checkpoints import save_tensors
+from transfer.download import sha256_of
 from transfer.params import Params
 from transfer.training import EpochRecord, Progress
 
 #: The folder, beside a stage's checkpoint, that holds the states of interrupted runs.
 FOLDER = ".resume"
 #: Bumped when what a state file holds changes, so an older file is not misread.
-FORMAT = 3
+FORMAT = 4
 #: The packages whose code decides what a run computes.
 CODE = ("stages", "transfer")
 #: The device types with a random generator of their own.
@@ -41,32 +42,25 @@ def tree_digests(root: Path) -> dict[str, str]:
     """SHA-256 of the file ``root``, or of every file under the folder ``root``, by relative
     path: what DVC would see change in an input (a second or two per GB)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {file.relative_to(root).as_posix(): sha256(file) for file in files}
-
-
-def sha256(file: Path) -> str:
-    with file.open("rb") as f:  # in chunks: the stored features may not fit in memory twice
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return {file.relative_to(root).as_posix(): sha256_of(file) for file in files}
 
 
 def code_digests(module: str) -> dict[str, str]:
     """The files of ``module`` (the stage) and of the project modules it imports, transitively
     (read from their globals: the modules and the functions and classes taken from them), not
     of stages it never loads: a run resumes only under the code that saved its state."""
-    project, digests = Path(__file__).resolve().parents[1], {}
-    todo, seen = [module], set()
+    todo, files = [module], {}
     while todo:
         name = todo.pop()
-        if name in seen or name not in sys.modules:
+        if name in files or name not in sys.modules:
             continue
-        seen.add(name)
-        path = Path(sys.modules[name].__file__ or "").resolve()
-        digests[str(path.relative_to(project))] = sha256(path)
+        files[name] = Path(sys.modules[name].__file__ or "").resolve()
         for value in vars(sys.modules[name]).values():
             owner = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
             if isinstance(owner, str) and owner.split(".")[0] in CODE:
                 todo.append(owner)
-    return dict(sorted(digests.items()))
+    project = Path(__file__).resolve().parents[1]
+    return {str(path.relative_to(project)): sha256_of(path) for path in sorted(files.values())}
 
 
 def run_key(strategy: str, params: Params, tracked: Iterable[str], inputs: Iterable[Path],
@@ -87,13 +81,10 @@ def run_key(strategy: str, params: Params, tracked: Iterable[str], inputs: Itera
 def rng_states(device: torch.device) -> dict[str, Any]:
     """The state of every random generator this process may draw from (loaders draw worker
     seeds from torch's, dropout from the device's): torch's, the device's, Python's, NumPy's
-    (its key array as a tensor: ``weights_only`` loads no NumPy array)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    (its key array as a list: ``weights_only`` loads no NumPy array)."""
+    name, keys, *rest = np.random.get_state()
     states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                  "cached_gaussian": cached},
+        "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": [name, keys.tolist(), *rest],
     }
     if device.type in GENERATORS:  # this process's GPU only: another restart may see other GPUs
         states["device"] = torch.get_device_module(device).get_rng_state(device)
@@ -106,9 +97,7 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
     key holds the device type, so a state has one exactly where ``device`` has a generator)."""
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
-    numpy = states["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
+    np.random.set_state(states["numpy"])
     if device.type in GENERATORS:
         torch.get_device_module(device).set_rng_state(states["device"], device)
 

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from typing import Any
 
 import torch
@@ -26,15 +27,17 @@ from transfer.distributed import IGNORE, World
 from transfer.errors import UserError
 
 
+@dataclass
 class Steps(Sampler[list[tuple[Pair, bool]]]):
     """The optimisation steps of ``sampler``'s epoch, ``batch_size`` pairs each: this process's
     share of each, as ``(pair, real)`` lists; a process left without an image gets a stand-in
     (``real`` False), so that every process takes every step. ``drop_single``: leave out a
     last step of a single image, on which BatchNorm cannot train."""
 
-    def __init__(self, sampler: EpochSampler, batch_size: int, world: World, drop_single: bool = False) -> None:
-        self.sampler, self.batch_size, self.world = sampler, batch_size, world
-        self.drop_single = drop_single
+    sampler: EpochSampler
+    batch_size: int
+    world: World
+    drop_single: bool = False
 
     def sizes(self) -> list[int]:
         """The images of each step, over all processes (known without looking at a batch)."""
@@ -45,21 +48,19 @@ class Steps(Sampler[list[tuple[Pair, bool]]]):
         return len(self.sizes())
 
     def __iter__(self) -> Iterator[list[tuple[Pair, bool]]]:
-        pairs = list(self.sampler)
-        for start, size in zip(range(0, len(pairs), self.batch_size), self.sizes(), strict=False):
-            step = pairs[start:start + size]
+        pairs = iter(self.sampler)
+        for size in self.sizes():
+            step = list(islice(pairs, size))
             share = self.world.share(step)
             yield [(pair, True) for pair in share] if share else [(step[0], False)]
 
 
+@dataclass
 class Shard(Dataset[tuple[torch.Tensor, int]]):
-    """``(pair, real)`` -> the item of ``dataset``, labelled :data:`IGNORE` where not ``real``."""
+    """``(pair, real)`` -> the item of ``dataset``, labelled :data:`IGNORE` where not ``real``
+    (the loader's length is its :class:`Steps`', so it needs no length of its own)."""
 
-    def __init__(self, dataset: Dataset[tuple[torch.Tensor, int]]) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+    dataset: Dataset[tuple[torch.Tensor, int]]
 
     def __getitem__(self, key: tuple[Pair, bool]) -> tuple[torch.Tensor, int]:
         pair, real = key
@@ -70,8 +71,8 @@ class Shard(Dataset[tuple[torch.Tensor, int]]):
 def make_loader(dataset: Dataset[tuple[torch.Tensor, int]], sampler: EpochSampler, *, batch_size: int, workers: int,
                 device: torch.device, world: World | None = None, drop_single: bool = False) -> DataLoader:
     """The training loop's loader: :class:`Steps` of ``sampler``'s pairs, this process's share."""
-    steps = Steps(sampler, batch_size, world or World(), drop_single)
-    return DataLoader(Shard(dataset), batch_sampler=steps, **loader_options(workers, device))  # type: ignore[arg-type]
+    return DataLoader(Shard(dataset), batch_sampler=Steps(sampler, batch_size, world or World(), drop_single),
+                      **loader_options(workers, device))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def train_model(
     run's progress (the caller restored the rest); ``on_epoch`` gets the progress after every
     epoch. Raises :class:`Diverged` for a non-finite loss."""
     world = world or World()
-    progress = start or Progress(best_state=_cpu_copy(model))
+    progress = start or Progress()  # best_acc -1: epoch 1's state replaces the empty best_state
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     if progress.scaler:
         scaler.load_state_dict(progress.scaler)
@@ -187,8 +188,8 @@ def train_model(
             running_loss = torch.zeros((), device=device, dtype=dtype)
             running_corrects, counted = torch.zeros(2, device=device, dtype=torch.int64)
             desc = f"epoch {epoch}/{num_epochs} {phase}"
-            bar = tqdm(loaders[phase], desc=desc, unit="batch", leave=False, disable=None if world.main else True)
-            for step, (inputs, labels) in enumerate(bar):
+            for step, (inputs, labels) in enumerate(tqdm(loaders[phase], desc=desc, unit="batch", leave=False,
+                                                         disable=None if world.main else True)):
                 inputs, labels = prepare(inputs), labels.to(device, non_blocking=True)
                 with torch.enable_grad() if training else torch.inference_mode(), autocast(device, amp):
                     outputs = batchnorm_checked(net, inputs)
@@ -222,7 +223,7 @@ def train_model(
         progress.scaler = scaler.state_dict()
         if record.val_acc > progress.best_acc:  # strictly better: ties keep the earlier epoch
             progress.best_acc, progress.best_epoch = record.val_acc, epoch
-            progress.best_state = _cpu_copy(model)
+            progress.best_state = cpu_state(model)
         if on_epoch is not None:
             on_epoch(progress)
         if world.main:
@@ -232,5 +233,6 @@ def train_model(
     return progress
 
 
-def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state on the CPU, which later training leaves as it is."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
