@@ -12,7 +12,6 @@ import contextlib
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from transfer.atomic import atomic_dir, write_json
 from transfer.checkpoints import PretrainedMeta, pretrained_classifier, read_start, save_tensors
 from transfer.datasets import WORKER_START, EpochSampler, Pair, TrainImages, ValImages, loader_options
 from transfer.devices import amp_warning, autocast, configure_threads, resolve_device, resolve_workers
-from transfer.errors import UserError
+from transfer.errors import UserError, say
 from transfer.imagefolder import image_folders
 from transfer.params import Params, load_params
 from transfer.preprocess import ModelInput, resolve_preprocess
@@ -70,7 +69,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
     if update and world.size > 1:
         raise UserError("batchnorm: update is computed by one process: run the features stage without torchrun")
     if (warning := amp_warning(device, params.train.amp)) and world.main:
-        print(warning, file=sys.stderr)
+        say(warning)
     configure_backends(device, params.train.deterministic)
     seed_everything(params.seed)
     split = image_folders(args.data)
@@ -87,7 +86,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
             raise UserError(f"{params.model.arch} computes more after its classification head ({head.name}), "
                             "so its frozen backbone's outputs cannot be stored for feature_extract; train it with "
                             "finetune")
-    feature_shape = tuple(captured[0].shape[1:])
+    feature_shape = captured[0].shape[1:]
     model = model.to(device, memory_format=torch.channels_last)
     prepare = ModelInput(pre, device)
 
@@ -103,7 +102,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
     views = recipe.epochs if recipe.views == "auto" else recipe.views  # 0: no augmentation; update: auto
     stored = max(views, 1)  # no augmentation still stores one view: the validation crop
     n_train, n_val, batch = len(split["train"]), len(split["val"]), params.runtime.inference_batch_size
-    val_views = recipe.epochs if update else 1
+    passes = recipe.epochs if update else 1  # update: each epoch's statistics and val outputs; frozen: one pass
     # On the CPU the frozen backbone runs in loader processes, one thread each: on two cores two
     # single-threaded processes get through about 20% more images per second than one process
     # whose two threads wait for each other at every layer. They get the backbone, closures
@@ -113,7 +112,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
                                                         params.train.distributed.nproc_per_node)
     with atomic_dir(args.out) if world.main else contextlib.nullcontext() as tmp:
         arrays = {} if tmp is None else allocate(tmp, {TRAIN: (stored, n_train, *feature_shape),
-                                                       VAL: (val_views, n_val, *feature_shape)})
+                                                       VAL: (passes, n_val, *feature_shape)})
         val = ValImages(split["val"], pre, cache_bytes=budget)
         val.images.fill("decode val")
         train = TrainImages(split["train"], pre, seed=params.seed, cache_bytes=budget - val.images.used,
@@ -145,7 +144,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
         # them, so each epoch's outputs and statistics are computed in turn.
         sampler = EpochSampler(n_train, seed=params.seed, shuffle=True, cycle=None)
         statistics: dict[str, torch.Tensor] = {}
-        for epoch in range(1, recipe.epochs + 1 if update else 2):
+        for epoch in range(1, passes + 1):
             sampler.set_epoch(epoch)
             # Training leaves out a last step of a single image, so these do too.
             pairs = (list(sampler)[:n_train - (n_train % params.train.batch_size == 1)] if update else
@@ -171,7 +170,7 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
             "params_digest": params.digest(PARAMS),
         })
     seconds = time.perf_counter() - started
-    images = stored * n_train + n_val * val_views
+    images = stored * n_train + n_val * passes
     write_json(args.record, run_record(device, threads, workers, wall_seconds=round(seconds, 2),
                                        backbone_passes=images, images_per_second=round(images / seconds, 2),
                                        processes=world.size))

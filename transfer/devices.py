@@ -25,9 +25,8 @@ def resolve_device(spec: str, source: str = "params.yaml") -> torch.device:
     if not _SPEC.fullmatch(spec):
         raise ParamError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {spec!r}", source)
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if spec == "auto":  # the first available, in this order
-        spec = next(kind for kind, present in available.items() if present)
-    device = torch.device(spec)
+    # auto: the first available, in this order
+    device = torch.device(next(kind for kind, present in available.items() if present) if spec == "auto" else spec)
     if not available[device.type]:
         raise UserError(f"device {spec!r} was asked for, but {device.type.upper()} is not available on this machine "
                         "(set device: auto or cpu in the params)")
@@ -86,16 +85,13 @@ def resolve_workers(setting: int | str, device: torch.device, processes: int = 1
     computes: the spare cores shared among the processes, at least one each, at most 8."""
     if setting != "auto":
         return int(setting)
-    if device.type == "cpu":
-        return 0
-    return max(1, min(8, available_cores() // processes - 1))
+    return 0 if device.type == "cpu" else max(1, min(8, available_cores() // processes - 1))
 
 
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it, torch
     emulates bf16 and autocast runs several times slower than float32."""
-    capabilities = torch.cpu.get_capabilities()
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return any(torch.cpu.get_capabilities().get(name) for name in ("avx512_bf16", "amx_bf16"))
 
 
 def amp_warning(device: torch.device, amp: bool) -> str | None:

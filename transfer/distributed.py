@@ -57,15 +57,15 @@ class World:
         them once before it, instead of before every step."""
         if self.size == 1:
             return model
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       forward_sync_buffers=False)
 
-    def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
-        """Each tensor summed over all processes (itself in one process)."""
-        summed = [value.clone() for value in values]
-        for value in summed if self.size > 1 else ():
-            dist.all_reduce(value)
-        return summed
+    def sum(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each tensor summed in place over all processes (as it is in one process); the tensors."""
+        if self.size > 1:
+            for value in values:
+                dist.all_reduce(value)
+        return values
 
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Give every process process 0's buffers (BatchNorm's running statistics)."""
@@ -75,10 +75,9 @@ class World:
 
     def broadcast_object(self, value: T) -> T:
         """Process 0's ``value`` on every process (a resume state, a decision)."""
-        if self.size == 1:
-            return value
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        if self.size > 1:
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def gather_object(self, value: T) -> list[T] | None:
@@ -98,16 +97,16 @@ class World:
 
 def current() -> World:
     """This process's world, from the variables torchrun sets (one process without them)."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+    env = os.environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
         return World()
-    return World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
-                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    return World(rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)))
 
 
 def check(settings: DistributedParams, device: torch.device, source: str, *, sync_batchnorm: str | None = None) -> None:
     """Fail at start-up, with one line, on a distributed setting this machine cannot run
     (``sync_batchnorm``: the key of a true sync_batchnorm param, if any)."""
-    if processes(settings) == 1:
+    if settings.nproc_per_node * settings.nnodes == 1:  # one process in all
         return
     if settings.nnodes > 1 and not settings.rdzv_endpoint:
         raise ParamError("train.distributed.rdzv_endpoint", "must be host:port, reachable from every node, "
@@ -116,22 +115,18 @@ def check(settings: DistributedParams, device: torch.device, source: str, *, syn
         raise ParamError("train.distributed.nproc_per_node", f"must be 1 on {device.type}: torch.distributed "
                          "runs on CUDA and the CPU", source)
     if device.type == "cuda":
+        gpus = torch.cuda.device_count()
         if device.index is not None:
             raise ParamError("device", f"must be cuda or auto with several processes (each uses the GPU of its "
                              f"local rank), got {device}", source)
-        if settings.nproc_per_node > torch.cuda.device_count():
+        if settings.nproc_per_node > gpus:
             raise ParamError("train.distributed.nproc_per_node", f"is {settings.nproc_per_node}, but this machine "
-                             f"has {torch.cuda.device_count()} CUDA device(s): one process per GPU", source)
+                             f"has {gpus} CUDA device(s): one process per GPU", source)
     elif settings.backend == "nccl":
         raise ParamError("train.distributed.backend", "nccl needs CUDA; use gloo (or auto) on the CPU", source)
     elif sync_batchnorm:
         raise ParamError(sync_batchnorm, "needs CUDA: torch's SyncBatchNorm does not run "
                          "on the CPU (set it to false)", source)
-
-
-def processes(settings: DistributedParams) -> int:
-    """How many processes the settings ask for, over all nodes."""
-    return settings.nproc_per_node * settings.nnodes
 
 
 def torchrun_args(settings: DistributedParams, module: str, argv: Sequence[str], run_id: str) -> list[str]:
@@ -160,7 +155,7 @@ def run_processes(settings: DistributedParams, asked: torch.device, module: str,
     any. The processes print their own lines; torchrun's log is silenced. ``threads`` goes to
     OMP_NUM_THREADS, so that torchrun does not choose one."""
     world = current()
-    wanted = processes(settings)
+    wanted = settings.nproc_per_node * settings.nnodes  # over all nodes
     if world.size == wanted == 1:
         work(world, asked)
         return
@@ -181,17 +176,16 @@ def run_processes(settings: DistributedParams, asked: torch.device, module: str,
     if world.size > 1:
         raise UserError(f"started as one of {world.size} processes, but train.distributed asks for {wanted}: "
                         "run the stage without torchrun, it starts its own")
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
-    from torch.distributed.run import run as torchrun
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     for name in list(logging.root.manager.loggerDict):  # each of torchrun's modules sets its own level
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        torchrun(parse_args(torchrun_args(settings, module, sys.argv[1:] if argv is None else argv, run)))
+        torchrun.run(torchrun.parse_args(torchrun_args(settings, module, sys.argv[1:] if argv is None else argv, run)))
     except ChildFailedError as exc:
         # The cause: a process that failed by itself (an error, a traceback), not one that
         # torchrun stopped because another had failed.

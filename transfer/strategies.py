@@ -20,6 +20,7 @@ from transfer.schema import Problem, Schema
 #: Counts go to torch and the operating system as C ints.
 MAX_INT = 2**31 - 1
 Count = Annotated[int, Field(gt=0, le=MAX_INT)]
+CountOrZero = Annotated[int, Field(ge=0, le=MAX_INT)]
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 
@@ -40,7 +41,7 @@ class FinetuneRecipe(Recipe):
     after ``freeze_epochs`` epochs of the head alone."""
 
     backbone_lr_scale: Annotated[float, Field(gt=0, le=1)]
-    freeze_epochs: Annotated[int, Field(ge=0, le=MAX_INT)]
+    freeze_epochs: CountOrZero
     sync_batchnorm: bool
 
     @model_validator(mode="after")
@@ -54,7 +55,7 @@ class FeatureExtractRecipe(Recipe):
     """Training the head alone on the stored features (see :mod:`transfer.stored_features`)."""
 
     batchnorm: Literal["frozen", "update"]
-    views: Annotated[int, Field(ge=0, le=MAX_INT)] | Literal["auto"]
+    views: CountOrZero | Literal["auto"]
 
     @model_validator(mode="after")
     def _views_follow_the_statistics(self) -> FeatureExtractRecipe:
