@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device(load_params(args.params).device, args.params)
     path = args.model or Path(f"models/{args.strategy}.pt")
     meta = read_meta(path, CheckpointMeta)
-    model, prepare, classes = trained_classifier(path, meta, device), ModelInput(meta.preprocess, device), meta.classes
+    model, prepare = trained_classifier(path, meta, device), ModelInput(meta.preprocess, device)
 
     results, failures = [], 0
     for path in args.paths:
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             with torch.inference_mode():
                 probs = model(batch).float().softmax(dim=1)[0].cpu()
-            confidence, best = probs.max(0)
-            result = {"path": str(item), "class": classes[best], "confidence": round(float(confidence), 6),
-                      "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)}}
+            best = meta.classes[probs.argmax()]  # of equal probabilities, the first
+            scores = {c: round(float(p), 6) for c, p in zip(meta.classes, probs, strict=True)}
+            result = {"path": str(item), "class": best, "confidence": scores[best], "probabilities": scores}
             results.append(result)
             if not args.json:
                 print(f"{item}\t{result['class']}\t{result['confidence']:.4f}", flush=True)

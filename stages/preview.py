@@ -4,7 +4,6 @@ tutorial shows before training; it is exactly the first batch fine-tuning trains
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from transfer.checkpoints import PretrainedMeta, read_start
@@ -13,15 +12,14 @@ from transfer.figures import save_image_grid
 from transfer.imagefolder import image_folders
 from transfer.params import load_params
 from transfer.preprocess import resolve_preprocess
-from transfer.stage import run_stage
+from transfer.stage import run_stage, stage_parser
 
 #: The params this stage reads that can change its output, as dvc.yaml declares them.
 PARAMS = ("seed", "model", "preprocess", "train.batch_size")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/hymenoptera_data"))
     parser.add_argument("--weights", type=Path, default=Path("models/pretrained.pt"),
                         help="the weights stage's output, whose sidecar holds the preprocessing")
@@ -33,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     pre = resolve_preprocess(params.preprocess, meta.preprocess, args.params)
     split = image_folders(args.data)["train"]
     train = TrainImages(split, pre, seed=params.seed, cache_bytes=0)
-    first = list(EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None))[:params.train.batch_size]
-    batch = [train[key] for key in first]
+    batch = [train[key] for key in list(EpochSampler(len(train), seed=params.seed, shuffle=True, cycle=None))
+             [:params.train.batch_size]]
     save_image_grid(args.out, [image for image, _ in batch], [split.classes[label] for _, label in batch],
                     suptitle="the first augmented training batch")
     print(f"preview: {len(batch)} training images -> {args.out}")

@@ -53,9 +53,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def matches_prefix(file: Path) -> str | None:
             digest = sha256_of(file)
-            if not digest.startswith(prefix):
-                return f"sha256 {digest} does not start with {prefix}, as the file name says it must"
-            return None
+            return None if digest.startswith(prefix) else \
+                f"sha256 {digest} does not start with {prefix}, as the file name says it must"
 
         if not path.is_file():
             fetch(source, path, retries=params.runtime.download_retries, timeout=params.runtime.download_timeout,

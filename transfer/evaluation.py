@@ -30,10 +30,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device,
     labels, probabilities = [], []
     total_loss = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     for inputs, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-        targets = targets.to(device, non_blocking=True)
+        labels.append(targets)
         logits = model(prepare(inputs)).float()
-        total_loss += nn.functional.cross_entropy(logits, targets, reduction="sum")  # in total_loss's dtype
-        labels.append(targets.cpu())
+        total_loss += nn.functional.cross_entropy(logits, targets.to(device, non_blocking=True),
+                                                  reduction="sum")  # in total_loss's dtype
         probabilities.append(logits.softmax(dim=1).cpu())
     probs = torch.cat(probabilities)  # fails on an empty loader, as the mean loss would
     confidence, predicted = probs.max(dim=1)

@@ -19,9 +19,6 @@ import torch
 
 from transfer.atomic import atomic_path
 
-MISTAKE = "#d62728"
-CORRECT = "#2ca02c"
-
 
 def save_image_grid(
     path: Path,
@@ -45,11 +42,11 @@ def save_image_grid(
     for i, (image, title) in enumerate(zip(images, titles, strict=True)):
         ax = axes.flat[i]
         ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+        ax.set_title(title, fontsize=10)
         if mistakes is None:
-            ax.set_title(title, fontsize=10)
             continue
-        colour = MISTAKE if mistakes[i] else CORRECT
-        ax.set_title(title, color=colour, fontsize=10, fontweight="bold" if mistakes[i] else "normal")
+        colour = "tab:red" if mistakes[i] else "tab:green"  # matplotlib's default red and green
+        ax.title.set(color=colour, fontweight="bold" if mistakes[i] else "normal")
         ax.axis("on")
         ax.set(xticks=[], yticks=[])
         plt.setp(ax.spines.values(), edgecolor=colour, linewidth=4 if mistakes[i] else 1)
@@ -65,7 +62,7 @@ def save_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]],
     table = ax.table(cellText=rows or [[""] * len(header)], colLabels=header, loc="center", cellLoc="left")
     table.auto_set_font_size(False)
     table.set_fontsize(9)
-    table.auto_set_column_width(list(range(len(header))))
+    table.auto_set_column_width(range(len(header)))
     ax.set_title(title)
     save_png(fig, path)
 

@@ -94,9 +94,9 @@ def find_head(model: nn.Module) -> Head:
             linear = Head(name, width)
         elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
             conv = Head(name, width)
-    if not (linear or conv):
-        raise UserError(f"cannot find a classification head in {model.__class__.__name__}")
-    return linear or conv
+    if head := linear or conv:
+        return head
+    raise UserError(f"cannot find a classification head in {model.__class__.__name__}")
 
 
 def replace_head(model: nn.Module, num_classes: int) -> Head:
@@ -105,8 +105,8 @@ def replace_head(model: nn.Module, num_classes: int) -> Head:
         model.reset_classifier(num_classes)
     else:
         name, width = find_head(model)
-        conv = isinstance(model.get_submodule(name), nn.Conv2d)
-        model.set_submodule(name, nn.Conv2d(width, num_classes, 1) if conv else nn.Linear(width, num_classes))
+        model.set_submodule(name, nn.Conv2d(width, num_classes, 1) if isinstance(model.get_submodule(name), nn.Conv2d)
+                            else nn.Linear(width, num_classes))
     return find_head(model)
 
 
@@ -115,7 +115,7 @@ def pretrained_preprocess(arch: str, weights: str, model: nn.Module) -> Preproce
     ``weights.transforms()``, timm's pretrained config); local or random torchvision weights
     carry none."""
     if arch.startswith("timm/"):
-        config = _timm().data.resolve_data_config({}, model=model)
+        config = _timm().data.resolve_data_config(model=model)
         crop = config["input_size"][-1]
         recipe = crop / config["crop_pct"], crop, config["interpolation"], config["mean"], config["std"]
     elif weights.lower() == "none" or weights.endswith(STATE_SUFFIXES):
@@ -172,12 +172,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(path, device="cpu")
+            state = load_file(path)  # to the CPU by default
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and safetensors errors all mean "not loadable"
         if unsafe := re.search(r"GLOBAL (\S+)", str(exc)):
-            raise UserError(f"weights file {path} holds pickled Python objects beyond tensors ({unsafe.group(1)}), "
+            raise UserError(f"weights file {path} holds pickled Python objects beyond tensors ({unsafe[1]}), "
                             "which loading could run as code: refused. Save a plain state_dict "
                             "(torch.save(model.state_dict(), path)), or use .safetensors") from None
         raise UserError(f"cannot read weights file {path} ({exc.__class__.__name__}: "
@@ -192,16 +192,14 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
     model set to None (the auxiliary classifiers :func:`create_backbone` drops); other keys must
     match exactly, and a mismatch lists them, as a file made for another architecture needs."""
     skip = (f"{find_head(model).name}.", *(f"{name}." for name, child in model._modules.items() if child is None))
-    body = {k: v for k, v in state.items() if not k.startswith(skip)}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    body, own = ({k: v for k, v in d.items() if not k.startswith(skip)} for d in (state, model.state_dict()))
     missing, unexpected = sorted(own.keys() - body), sorted(body.keys() - own)
     if missing or unexpected:
         raise UserError(
             f"{source} does not match {model.__class__.__name__}: "
             f"{len(missing)} missing keys {_few(missing)}, {len(unexpected)} unexpected keys {_few(unexpected)}"
         )
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in body.items() if v.shape != own[k].shape]
-    if wrong:
+    if wrong := [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in body.items() if v.shape != own[k].shape]:
         raise UserError(f"{source} has tensors of the wrong shape for {model.__class__.__name__}: {_few(wrong)}")
     model.load_state_dict(body, strict=False)
 
@@ -240,7 +238,7 @@ def timm_pretrained(arch: str, tag: str, source: str) -> nn.Module:
 def weights_hash_prefix(url: str) -> str | None:
     """The sha256 prefix torchvision puts in its file names (``resnet18-f37072fd.pth``)."""
     match = re.search(r"-([a-f0-9]{6,})\.[^/]*$", url)  # in the file name
-    return match.group(1) if match else None
+    return match[1] if match else None
 
 
 def _few(items: list[str]) -> str:
