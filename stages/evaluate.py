@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     for indices, file, title in (
             (sample, "predictions.png", f"{'validation' if scored == 'val' else scored} predictions (mistakes in red)"),
             (mistakes, "mistakes.png", f"most confident mistakes ({sum(wrong)} of {images} wrong)")):
-        save_image_grid(args.plots / file, [dataset[(0, i)][0] for i in indices],
+        save_image_grid(args.plots / file, [dataset[0, i][0] for i in indices],
                         [f"predicted: {predicted[i]} ({confidence[i]:.0%})\nactual: {actual[i]}" for i in indices],
                         mistakes=[wrong[i] for i in indices], suptitle=f"{args.strategy}: {title}")
     write_json(args.record, run_record(device, threads, workers, wall_seconds=round(time.perf_counter() - started, 2),

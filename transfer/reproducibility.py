@@ -36,7 +36,7 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
 
 
 def check_deterministic(model: nn.Module, device: torch.device, deterministic: bool, crop: int,
-                        source: str = "params.yaml") -> None:
+                        source: str) -> None:
     """Refuse, before training, ``train.deterministic`` for a model with an operation that has
     no deterministic kernel on ``device`` (VGG's and AlexNet's pooling to 7x7 on CUDA, say),
     instead of a traceback at the first step. Torch itself is asked: one forward and backward

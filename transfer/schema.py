@@ -60,7 +60,7 @@ def describe(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> 
         case "json_invalid":
             return first["msg"]
     said = list(dict.fromkeys(e["msg"] for e in errors if _key(model, e, prefix)[0] == key))
-    what = " or ".join([said[0], *(m.removeprefix("Input should be ") for m in said[1:])])
+    what = " or ".join(said).replace(" or Input should be ", " or ")
     return f"{key + ': ' if key else ''}{what}, got {_SHORT.repr(first['input'])}"
 
 
