@@ -94,8 +94,7 @@ def across_revs(revs: list[str], strategies: list[str]) -> None:
     for name in strategies:
         path = f"plots/{name}/predictions.csv"
         try:
-            answers = [right_answers(dvc.api.read(path, rev=rev), f"{path} at {rev}") for rev in revs]
-            paired = pair(a, b, *answers)
+            paired = pair(a, b, *(right_answers(dvc.api.read(path, rev=rev), f"{path} at {rev}") for rev in revs))
         except (DvcException, FileNotFoundError, UserError) as exc:
             print(f"{name}: not compared ({' '.join(str(exc).split())[:200]})")
             continue
@@ -135,9 +134,9 @@ def exp_show() -> list[dict[str, Any]]:
                 kind, name = ("baseline", name) if rev is baseline else ("experiment", f"{rev['rev'][:7]} [{name}]")
                 lock = output(["git", "show", f"{rev['rev']}:dvc.lock"])
             lock = yaml.safe_load(lock) or {}  # a commit never reproduced has none: nothing of it ran
-            metrics = {Path(file).stem: m.get("data") or {} for file, m in (data.get("metrics") or {}).items()}
-            records.append({"rev": rev["rev"], "name": name, "kind": kind, "params": params,
-                            "metrics": {s: m for s, m in metrics.items() if fresh(lock, params, f"evaluate@{s}")}})
+            records.append({"rev": rev["rev"], "name": name, "kind": kind, "params": params, "metrics": {
+                Path(file).stem: m.get("data") or {} for file, m in (data.get("metrics") or {}).items()
+                if fresh(lock, params, f"evaluate@{Path(file).stem}")}})
     return records
 
 
@@ -166,9 +165,9 @@ def fresh(lock: dict[str, Any], params: dict[str, Any], stage: str) -> bool:
 def output(command: list[str], failure: str = "") -> str:
     """What ``command`` prints; where it fails, a UserError ``failure: what it said``, or "" without a ``failure``."""
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 and failure:
+    if proc.returncode and failure:
         raise UserError(f"{failure}: {' '.join(proc.stderr.split())[:300]}")
-    return proc.stdout if proc.returncode == 0 else ""
+    return "" if proc.returncode else proc.stdout
 
 
 def experiments(strategies: list[str] | None) -> None:
@@ -204,12 +203,12 @@ def summary(strategies: list[str] | None, plot: Path) -> None:
         table.append((group, strategy, str(spread.n), f"{spread.mean:.4f}", "-" if spread.sd is None else
                       f"{spread.sd:.4f}", f"{min(values):.4f}-{max(values):.4f}", interval_of(spread)))
     print_table(table)
-    rows["right"] = [run_answers(rev, s) for rev, s in zip(rows["rev"], rows["strategy"], strict=True)]
+    rows["right"] = list(map(run_answers, rows["rev"], rows["strategy"]))
     if rows.groupby("group")["seed"].nunique().max() < 2:
         print("\none seed per group: nothing can be said across seeds; each experiment's strategies paired on its "
               "images (McNemar) instead")
         for (group, seed), runs in rows.groupby(["group", "seed"], sort=False):
-            for p in pairs_of(dict(zip(runs["strategy"], runs["right"], strict=True))):
+            for p in pairs_of(runs.set_index("strategy")["right"].to_dict()):
                 print(f"  {group} seed {seed}: {p.a} vs {p.b}: right only in each {p.a_only} vs {p.b_only}, mid-p "
                       f"= {p.p_value:.4f}: {p.verdict}")
     else:
@@ -276,7 +275,7 @@ def paired_rows(rows: Any, swept: list[str]) -> list[tuple[str, ...]]:
            for group, by_seed in table.groupby(level="group", sort=False) for a, b in itertools.combinations(ran, 2)]
     groups = rows.drop_duplicates("group").set_index("group")[swept]
     for (g1, v1), (g2, v2) in itertools.combinations(groups.iterrows(), 2):
-        differ = [k for k in swept if v1[k] != v2[k]]
+        differ = v1.index[v1 != v2]
         if len(differ) == 1:
             (k,) = differ
             a, b = f"{k}={v2[k]}", f"{k}={v1[k]}"

@@ -81,7 +81,7 @@ def split_off(files: list[PurePosixPath], fraction: float, seed: int, source: st
                             f"into {source}/ and {target}/; add images or set data.{target}_fraction: 0")
         count = min(max(round(len(members) * fraction), 1), len(members) - 1)
         for rel in rng.sample(members, count):
-            moved[rel] = PurePosixPath(target, *rel.parts[1:])
+            moved[rel] = PurePosixPath(target, rel.relative_to(source))
     return moved
 
 
@@ -117,8 +117,10 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
         counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
         files: dict[PurePosixPath, zipfile.ZipInfo] = {}
         for path, info in members:
-            rel = path.relative_to(root) if path.is_relative_to(root) else PurePosixPath()
-            if (*rel.parts, "")[0] not in SPLITS:  # its first part, if any
+            if root not in path.parents:  # not below the root, or the root itself
+                continue
+            rel = path.relative_to(root)
+            if rel.parts[0] not in SPLITS:
                 continue
             if not info.is_dir():
                 files[rel] = info
@@ -147,14 +149,14 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
         # is over): zipfile stops at a member's declared size, so a header that understates it
         # gives a bad CRC, not more data.
         cap = max_unpacked_mb * 2**20
-        hint = (f"more than runtime.max_unpacked_mb ({max_unpacked_mb} MB); nothing extracted (a zip bomb? if the "
-                "data set really is that large, raise runtime.max_unpacked_mb in params.yaml)")
-        largest = max((info for _, info in images), key=lambda info: info.file_size, default=zipfile.ZipInfo())
-        if largest.file_size > cap:
-            raise UserError(f"{archive}: {largest.filename} unpacks to {largest.file_size / 2**20:,.1f} MB, {hint}")
         total = sum(info.file_size for _, info in images)
-        if total > cap:
-            raise UserError(f"{archive}: its {len(images)} images unpack to {total / 2**20:,.1f} MB, {hint}")
+        if total > cap:  # and so is the largest, if it alone is
+            largest = max((info for _, info in images), key=lambda info: info.file_size)
+            what = (f"{largest.filename} unpacks to {largest.file_size / 2**20:,.1f} MB" if largest.file_size > cap
+                    else f"its {len(images)} images unpack to {total / 2**20:,.1f} MB")
+            raise UserError(f"{archive}: {what}, more than runtime.max_unpacked_mb ({max_unpacked_mb} MB); nothing "
+                            "extracted (a zip bomb? if the data set really is that large, raise "
+                            "runtime.max_unpacked_mb in params.yaml)")
         digests: dict[str, str] = {}  # image -> sha256 of its bytes
         for rel, info in tqdm(images, desc="unzip", unit="image", disable=None, leave=False):
             target = dest / rel
@@ -199,12 +201,12 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
     # Images whose bytes are equal and that are in different splits: a leak, which makes
     # validation and test scores optimistic (the same image trained on and scored).
     by_digest: defaultdict[str, list[str]] = defaultdict(list)
-    for name, digest in sorted(digests.items()):
-        by_digest[digest].append(name)
+    for name in sorted(digests):
+        by_digest[digests[name]].append(name)
     leaks = [names for names in by_digest.values() if len({name.split("/")[0] for name in names}) > 1]
     return {
         "classes": len(counts["train"]),
-        **{split: {"images": sum(classes.values()), "per_class": classes} for split, classes in counts.items()},
+        **{split: {"images": classes.total(), "per_class": classes} for split, classes in counts.items()},
         "skipped_count": len(skipped),
         "skipped": skipped,
         "duplicates_across_splits": leaks,

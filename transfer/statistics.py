@@ -60,7 +60,10 @@ def t_quantile(df: int, level: float = 0.95) -> float:
     low, high = 0.0, 1e6
     for _ in range(200):
         middle = (low + high) / 2
-        low, high = (middle, high) if inside(middle) < level else (low, middle)
+        if inside(middle) < level:
+            low = middle
+        else:
+            high = middle
     return (low + high) / 2
 
 
@@ -76,7 +79,8 @@ class Spread(NamedTuple):
 
     @classmethod
     def of(cls, values: list[float]) -> Spread:
-        n, mean = len(values), sum(values) / max(len(values), 1)
+        n = len(values)
+        mean = sum(values) / max(n, 1)
         if n < 2:
             return cls(n, mean, None, None, None)
         sd = statistics.stdev(values)
