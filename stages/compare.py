@@ -90,17 +90,17 @@ def across_revs(revs: list[str], strategies: list[str]) -> None:
     if not strategies:
         raise UserError("no plots/<strategy>/predictions.csv here to find the strategies by: run `dvc repro`, or "
                         "name them with --strategy")
-    a, b = revs
     for name in strategies:
         path = f"plots/{name}/predictions.csv"
         try:
-            paired = pair(a, b, *(right_answers(dvc.api.read(path, rev=rev), f"{path} at {rev}") for rev in revs))
+            paired = pair(*revs, *(right_answers(dvc.api.read(path, rev=rev), f"{path} at {rev}") for rev in revs))
         except (DvcException, FileNotFoundError, UserError) as exc:
             print(f"{name}: not compared ({' '.join(str(exc).split())[:200]})")
             continue
-        print(f"{name}: {a} {interval(paired.a_correct, paired.images)}, {b} "
-              f"{interval(paired.b_correct, paired.images)}, {paired.images} images\n  right only in {a}: "
-              f"{paired.a_only}, only in {b}: {paired.b_only}; McNemar mid-p = {paired.p_value:.4f}: {paired.verdict}")
+        print(f"{name}: {paired.a} {interval(paired.a_correct, paired.images)}, {paired.b} "
+              f"{interval(paired.b_correct, paired.images)}, {paired.images} images\n  right only in {paired.a}: "
+              f"{paired.a_only}, only in {paired.b}: {paired.b_only}; McNemar mid-p = {paired.p_value:.4f}: "
+              f"{paired.verdict}")
 
 
 # --------------------------------------------------------------------------- experiments
@@ -130,8 +130,9 @@ def exp_show() -> list[dict[str, Any]]:
                 kind = name = "workspace"
                 lock = Path("dvc.lock").read_text(encoding="utf-8") if Path("dvc.lock").exists() else ""
             else:
-                name = rev.get("name") or rev["rev"][:7]
-                kind, name = ("baseline", name) if rev is baseline else ("experiment", f"{rev['rev'][:7]} [{name}]")
+                kind, name = "baseline", rev.get("name") or rev["rev"][:7]
+                if rev is not baseline:
+                    kind, name = "experiment", f"{rev['rev'][:7]} [{name}]"
                 lock = output(["git", "show", f"{rev['rev']}:dvc.lock"])
             lock = yaml.safe_load(lock) or {}  # a commit never reproduced has none: nothing of it ran
             records.append({"rev": rev["rev"], "name": name, "kind": kind, "params": params, "metrics": {
@@ -164,7 +165,7 @@ def fresh(lock: dict[str, Any], params: dict[str, Any], stage: str) -> bool:
 
 def output(command: list[str], failure: str = "") -> str:
     """What ``command`` prints; where it fails, a UserError ``failure: what it said``, or "" without a ``failure``."""
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode and failure:
         raise UserError(f"{failure}: {' '.join(proc.stderr.split())[:300]}")
     return "" if proc.returncode else proc.stdout
@@ -177,9 +178,9 @@ def experiments(strategies: list[str] | None) -> None:
     strategies = strategies or [s for s in STRATEGIES if any(s in r["metrics"] for r in records)]
     table = [("experiment", *strategies, "params changed from the commit")]
     for r in records:
-        changed = " ".join(f"{k}={shown(v)}" for k, v in r["params"].items() if commit.get(k) != v)
         accuracies = [r["metrics"].get(s, {}).get("accuracy") for s in strategies]
-        table.append((r["name"], *(f"{a:.4f}" if isinstance(a, float | int) else "-" for a in accuracies), changed))
+        table.append((r["name"], *(f"{a:.4f}" if isinstance(a, float | int) else "-" for a in accuracies),
+                      " ".join(f"{k}={shown(v)}" for k, v in r["params"].items() if commit.get(k) != v)))
     print_table(table)
 
 
@@ -196,10 +197,9 @@ def summary(strategies: list[str] | None, plot: Path) -> None:
     rows, swept = sweep_rows([r for r in exp_show() if r["kind"] == "experiment"], strategies)
     print(f"{rows['rev'].nunique()} experiments in {rows['group'].nunique()} groups (by "
           f"{', '.join(swept) or 'nothing but the seed'}); accuracy over seeds, mean with its 95% interval")
-    table, series = [("group", "strategy", "n", "mean", "sd", "min-max", "95% CI of the mean")], {}
-    groups = list(dict.fromkeys(rows["group"]))
-    for (group, strategy), values in rows.groupby(["group", "strategy"], sort=False)["accuracy"].agg(list).items():
-        spread = series.setdefault(strategy, {})[groups.index(group)] = Spread.of(values)
+    table, series, groups = [("group", "strategy", "n", "mean", "sd", "min-max", "95% CI of the mean")], {}, {}
+    for (group, strategy), values in rows.groupby(["group", "strategy"], sort=False)["accuracy"]:
+        spread = series.setdefault(strategy, {})[groups.setdefault(group, len(groups))] = Spread.of(values.tolist())
         table.append((group, strategy, str(spread.n), f"{spread.mean:.4f}", "-" if spread.sd is None else
                       f"{spread.sd:.4f}", f"{min(values):.4f}-{max(values):.4f}", interval_of(spread)))
     print_table(table)
@@ -216,7 +216,7 @@ def summary(strategies: list[str] | None, plot: Path) -> None:
         print_table([("compared", "seeds", "mean difference", "95% CI", "verdict"), *paired_rows(rows, swept)])
     print("\nwrong in every run of the group (label noise or hard cases to look at)")
     for group, runs in rows.groupby("group", sort=False):
-        wrong = sorted(set.intersection(*({image for image, right in answers.items() if not right}
+        wrong = sorted(set.intersection(*({image for image in answers if not answers[image]}
                                           for answers in runs["right"])))
         print(f"  {group}: {len(wrong)} image{'' if len(wrong) == 1 else 's'}")
         for image in wrong[:10]:
@@ -234,7 +234,7 @@ def draw(plot: Path, rows: Any, swept: list[str], series: dict[str, dict[int, Sp
     from transfer.figures import save_sweep  # matplotlib, only to draw
 
     column = swept[0] if len(swept) == 1 else "group"
-    runs = rows.groupby(["group", "strategy"]).size()  # each spread's n
+    runs = rows.value_counts(["group", "strategy"])  # each spread's n
     seeds = f"{runs.min()}" if runs.min() == runs.max() else f"{runs.min()}-{runs.max()}"
     save_sweep(plot, list(rows.drop_duplicates("group")[column]), series, column, f"accuracy over {seeds} seeds")
 
@@ -272,7 +272,7 @@ def paired_rows(rows: Any, swept: list[str]) -> list[tuple[str, ...]]:
     table = rows.pivot_table(index=["group", "seed"], columns="strategy", values="accuracy", sort=False)
     ran = [s for s in STRATEGIES if s in table]
     out = [compared(f"{group}: {a} - {b}", by_seed[a] - by_seed[b], a, b)
-           for group, by_seed in table.groupby(level="group", sort=False) for a, b in itertools.combinations(ran, 2)]
+           for group, by_seed in table.groupby("group", sort=False) for a, b in itertools.combinations(ran, 2)]
     groups = rows.drop_duplicates("group").set_index("group")[swept]
     for (g1, v1), (g2, v2) in itertools.combinations(groups.iterrows(), 2):
         differ = v1.index[v1 != v2]

@@ -289,11 +289,13 @@ def test_class_folders_spelled_two_ways_are_refused(make_zip: MakeZip, tmp_path:
     pytest.param("hymenoptera_data/train/ants/" + "n" * 252 + ".png", "name too long", id="a-part-past-255-bytes"),
     pytest.param("hymenoptera_data/train/ants/" + "d/" * 500 + "a.png", "name too long", id="past-1000-bytes"),
     pytest.param("", "empty name", id="empty"),
+    pytest.param("hymenoptera_data/train/ants\n/a.png", "control character in name", id="a-line-break"),
 ])
 def test_names_that_cannot_be_written_are_refused(make_zip: MakeZip, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str], name: str, reason: str) -> None:
     """A name the file system would refuse (ENAMETOOLONG), or a path of so many folders that
-    creating them would not end well, is refused by name before anything is written."""
+    creating them would not end well, or a control character (a class named by a line break:
+    found by the fuzzing below), is refused by name before anything is written."""
     archive = make_zip(tmp_path / "a.zip")
     add_member(archive, name)
     line = run_failing(archive, tmp_path, capsys)

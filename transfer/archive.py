@@ -41,6 +41,8 @@ def unsafe_reason(info: zipfile.ZipInfo) -> str | None:
         return "symbolic link"
     if len(name.encode()) > 1000 or any(len(part.encode()) > 255 for part in parts):
         return "name too long"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):  # a line break in a class name, a path, a message
+        return "control character in name"
     return None
 
 
@@ -59,7 +61,8 @@ def clashes(infos: list[zipfile.ZipInfo]) -> list[str]:
 def _refuse(archive: Path, what: str, members: list[str]) -> None:
     if members:
         more = f" and {len(members) - 5} more" if len(members) > 5 else ""
-        raise UserError(f"{archive} has {what}, nothing extracted: {', '.join(members[:5])}{more}")
+        shown = [m if m.isprintable() else repr(m) for m in members[:5]]  # what cannot be seen, escaped
+        raise UserError(f"{archive} has {what}, nothing extracted: {', '.join(shown)}{more}")
 
 
 def split_off(files: list[PurePosixPath], fraction: float, seed: int, source: str = "train",
