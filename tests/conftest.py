@@ -10,11 +10,13 @@ the code under test. Nothing here touches the internet.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import io
 import os
 import random
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -64,13 +66,22 @@ def shared_build_scopes(folder: Path = Path(__file__).parent) -> dict[str, str]:
     return scopes
 
 
+#: The test files that take longest after the shared pipeline's tests (each runs several
+#: processes that import torch), sent out right after them: the many short files then fill the
+#: end of the run on both cores, where a long one would end it on one.
+SLOW_FILES = ("tests/test_resume.py", "tests/test_distributed.py", "tests/test_train_stage.py",
+              "tests/test_features.py")
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """xdist's scheduling (tests on both cores): each test file on one worker, so that its module
     fixtures are made once, and the files of a shared build on one worker, so that it is
-    built once (``--dist loadgroup`` would do it, but its groups are lost on pytest 9.2)."""
+    built once (``--dist loadgroup`` would do it, but its groups are lost on pytest 9.2). The
+    longest first: the pipeline's tests, then :data:`SLOW_FILES`."""
     from xdist.scheduler import LoadScopeScheduling
 
     scopes = shared_build_scopes()
+    assert all((REPO_ROOT / file).is_file() for file in SLOW_FILES), SLOW_FILES
 
     class OneWorkerPerBuild(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -78,9 +89,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return scopes.get(file, file)
 
         def _assign_work_unit(self, node: Any) -> None:
-            # The pipeline's tests first: the longest unit, it must not end the run on one core.
-            if "pipeline" in self.workqueue:
-                self.workqueue.move_to_end("pipeline", last=False)
+            for scope in reversed(("pipeline", *SLOW_FILES)):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
             super()._assign_work_unit(node)
 
     return OneWorkerPerBuild(config, log)
@@ -446,6 +457,23 @@ def stage_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
     return env
+
+
+@contextlib.contextmanager
+def torchrun_here() -> Iterator[None]:
+    """For running, in this process, a stage that asks for several processes (a start-up of
+    torch costs more than such a test's training): the stage's torchrun agent, here, takes over
+    the termination signals and sets OMP_NUM_THREADS for its processes; both are put back."""
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+    handlers, threads = {sig: signal.getsignal(sig) for sig in signals}, os.environ.get("OMP_NUM_THREADS")
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.environ.pop("OMP_NUM_THREADS", None)
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = threads
 
 
 def run_module(module: str, args: Iterable[str], cwd: Path = REPO_ROOT,

@@ -3,7 +3,8 @@
 What must hold: each step's images are the single process's batch, split among processes;
 the training loop on two processes computes what it computes on one (on a network without
 BatchNorm or dropout, whose results depend on how a batch is split); the features stage
-writes the same file from two processes as from one, and only process 0 writes or speaks;
+writes the same file from two machines' processes, meeting at a rendezvous, as from one, and
+only process 0 writes or speaks;
 settings this machine cannot run fail at start-up with one line. The train stage through
 ``dvc repro`` on two processes: tests/test_pipeline_train_e2e.py.
 """
@@ -21,8 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO_ROOT, leftovers, run_module, stage_env
-from imagefolders import assert_close_run, features_argv, make_image_folders, tiny_params, train_argv
+from conftest import REPO_ROOT, leftovers, stage_env, torchrun_here
+from imagefolders import features_argv, make_image_folders, tiny_params, train_argv
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -174,62 +175,57 @@ def test_stand_in_places_count_for_nothing() -> None:
 
 # --------------------------------------------------------------------------- the features stage
 
-def test_two_processes_write_the_features_file_of_one(tmp_path: Path) -> None:
-    """Through torchrun, started by the stage itself: the same bytes, written by process 0
-    alone, one line of output, nothing left behind."""
+def test_an_error_in_the_processes_is_their_line_and_their_status(tmp_path: Path,
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """Each process meets the same missing weights and says so in one line; torchrun's own
+    report is not shown. (The processes are started from this one: a start-up costs more.)"""
+    params = tiny_params(tmp_path / "params.yaml", {"train.distributed.nproc_per_node": 2})
+    capfd.readouterr()
+    with torchrun_here(), pytest.raises(SystemExit) as failed:
+        stages.train.main(train_argv("feature_extract", params, tmp_path / "missing", tmp_path / "w.pt", tmp_path))
+    assert failed.value.code == 1
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    expected = f"error: {tmp_path / 'w.pt'} does not exist: run the weights stage first (`dvc repro`)"
+    assert set(lines) == {expected} and len(lines) <= 2, lines  # whole lines, never interleaved
+    assert sorted(os.listdir(tmp_path)) == ["params.yaml"]  # no output, no temporary file
+
+
+def test_two_nodes_meet_at_the_rendezvous_endpoint_and_one_writes_the_features_of_one(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Two "machines" of one process each, here on loopback: the features stage started on each
+    (as a cluster's launcher would; one in a process of its own, one in this process), both
+    with ``nnodes: 2`` and the same ``rdzv_endpoint``, each starting its process through
+    torchrun. They compute as one: global process 0 alone speaks and writes (to its own copy
+    of the output paths), the single process's bytes, and nothing is left behind. (Training on
+    two processes: tests/test_resume.py and tests/test_pipeline_train_e2e.py.)"""
     data = make_image_folders(tmp_path / "data", n_train=3, n_val=3)  # 6 + 6 images, in steps of 4
     weights = tmp_path / "pretrained.pt"
     recipe = {"train.feature_extract.epochs": 3, "runtime.inference_batch_size": 4}
     one = tiny_params(tmp_path / "one.yaml", recipe)
     stages.weights.main(["--params", str(one), "--out", str(weights)])
-    stages.features.main(features_argv(one, data, weights, tmp_path / "one"))  # here: a start-up costs more
-
-    params = tiny_params(tmp_path / "two.yaml", {**recipe, "train.distributed.nproc_per_node": 2})
-    out = tmp_path / "two"
-    proc = run_module("stages.features", features_argv(params, data, weights, out), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("features: 3 view(s) of 6 train and 6 val images") == 1, proc.stdout
-    assert proc.stderr.strip() == "", proc.stderr
-    assert leftovers(out) == []
-    assert {p.name: p.read_bytes() for p in (out / "features").iterdir()} == {
-        p.name: p.read_bytes() for p in (tmp_path / "one" / "features").iterdir()}
-
-
-def test_an_error_in_the_processes_is_their_line_and_their_status(tmp_path: Path) -> None:
-    """Each process meets the same missing weights and says so in one line; torchrun's own
-    report is not shown."""
-    params = tiny_params(tmp_path / "params.yaml", {"train.distributed.nproc_per_node": 2})
-    proc = run_module("stages.train", train_argv("feature_extract", params, tmp_path / "missing", tmp_path / "w.pt",
-                                                  tmp_path), timeout=120)
-    assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    expected = f"error: {tmp_path / 'w.pt'} does not exist: run the weights stage first (`dvc repro`)"
-    assert set(lines) == {expected} and len(lines) <= 2, proc.stderr  # whole lines, never interleaved
-    assert sorted(os.listdir(tmp_path)) == ["params.yaml"]  # no output, no temporary file
-
-
-def test_two_nodes_meet_at_the_rendezvous_endpoint_and_one_writes(tmp_path: Path) -> None:
-    """Two "machines" of one process each, here on loopback: the stage started on each (as a
-    cluster's launcher would), both with ``nnodes: 2`` and the same ``rdzv_endpoint``. They
-    train as one, global process 0 alone writes (to its own copy of the output paths), and
-    the result is the single process's to float rounding (feature_extract: no BatchNorm)."""
-    data = make_image_folders(tmp_path / "data", n_train=3, n_val=2)
-    weights = tmp_path / "pretrained.pt"
-    one = tiny_params(tmp_path / "one.yaml", {"train.feature_extract.epochs": 2})
-    stages.weights.main(["--params", str(one), "--out", str(weights)])
-    stages.features.main(features_argv(one, data, weights, tmp_path))
-    stages.train.main(train_argv("feature_extract", one, tmp_path / "features", weights, tmp_path / "single"))
+    stages.features.main(features_argv(one, data, weights, tmp_path / "single"))  # here: a start-up costs more
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    nodes = tiny_params(tmp_path / "nodes.yaml", {"train.feature_extract.epochs": 2, "train.distributed.nnodes": 2,
+    nodes = tiny_params(tmp_path / "nodes.yaml", {**recipe, "train.distributed.nnodes": 2,
                                                   "train.distributed.rdzv_endpoint": f"127.0.0.1:{port}"})
-    argv = {node: train_argv("feature_extract", nodes, tmp_path / "features", weights, tmp_path / f"node{node}")
-            for node in (0, 1)}
-    started = [subprocess.Popen([sys.executable, "-m", "stages.train", *argv[node]], cwd=REPO_ROOT, env=stage_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
-    finished = [process.communicate(timeout=180) for process in started]
-    assert [process.returncode for process in started] == [0, 0], finished
+    other = subprocess.Popen([sys.executable, "-m", "stages.features", *features_argv(nodes, data, weights,
+                                                                                       tmp_path / "node1")],
+                             cwd=REPO_ROOT, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    capfd.readouterr()
+    try:
+        with torchrun_here():
+            stages.features.main(features_argv(nodes, data, weights, tmp_path / "node0"))
+        finished = [other.communicate(timeout=180), capfd.readouterr()]
+    finally:
+        other.kill()
+    assert other.returncode == 0, finished
+    assert [stderr for _, stderr in finished] == ["", ""], finished
+    said = "".join(stdout for stdout, _ in finished)
+    assert said.count("features: 3 view(s) of 6 train and 6 val images") == 1, said
     written = [node for node in (0, 1) if (tmp_path / f"node{node}").exists()]
     assert len(written) == 1, "one node, the one of global process 0, writes"
-    assert_close_run(tmp_path / "single", tmp_path / f"node{written[0]}", "feature_extract")
+    out = tmp_path / f"node{written[0]}"
+    assert leftovers(out) == []
+    assert {p.name: p.read_bytes() for p in (out / "features").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "single" / "features").iterdir()}

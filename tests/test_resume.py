@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, leftovers, processes_in_group, run_module, stage_env, wait_for
+from conftest import REPO_ROOT, leftovers, processes_in_group, stage_env, torchrun_here, wait_for
 from imagefolders import (
     assert_same_run,
     checkpoint,
@@ -371,20 +371,24 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path: Path, data: Path, weights:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_two_processes_stopped_by_sigterm_resume_to_the_same_results(tmp_path: Path, data: Path, weights: Path,
-                                                                     straight: Callable[[str], Path]) -> None:
+                                                                     straight: Callable[[str], Path],
+                                                                     capfd: pytest.CaptureFixture[str]) -> None:
     """The same through torchrun on 2 processes. Uninterrupted, process 0 speaks and writes:
     each line once, no temporary file, the record says 2 processes, the checkpoint is the
     single-process run's plain state_dict and sidecar in format. SIGTERM to all of them and to
     torchrun (as systemd and Kubernetes send) after the first epoch: 143, the one line of
     process 0 and nothing else (not torchrun's report), no process left. Started again,
     process 0 reads the state and hands it to the other, and the run ends as the
-    uninterrupted 2-process run did, bit for bit."""
+    uninterrupted 2-process run did, bit for bit. (The uninterrupted and the resumed run start
+    their processes from this one, the stopped run from a process of its own.)"""
     params = tiny_params(tmp_path / "params.yaml", {**recipe("finetune"), "train.distributed.nproc_per_node": 2})
     two = tmp_path / "two"
-    run = run_module("stages.train", train_argv("finetune", params, data, weights, two), timeout=180)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.count("Epoch 3/3") == run.stdout.count("train@finetune: best val acc") == 1, run.stdout
-    assert "2 processes" in run.stdout and json.loads((two / "finetune" / "train.json").read_text())["processes"] == 2
+    capfd.readouterr()
+    with torchrun_here():
+        stages.train.main(train_argv("finetune", params, data, weights, two))
+    said = capfd.readouterr().out
+    assert said.count("Epoch 3/3") == said.count("train@finetune: best val acc") == 1, said
+    assert "2 processes" in said and json.loads((two / "finetune" / "train.json").read_text())["processes"] == 2
     single = straight("finetune")
     assert checkpoint(two, "finetune").keys() == checkpoint(single, "finetune").keys()
     meta_two, meta_single = (read_meta(out / "finetune.pt", CheckpointMeta) for out in (two, single))
@@ -400,7 +404,7 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_same_results(tmp_path: P
     done = stopped_after_epoch(line, out)
     assert not (out / "finetune.pt").exists() and leftovers(out) == leftovers(out / FOLDER) == []
 
-    resumed = run_module("stages.train", argv, timeout=180)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"train@finetune: resuming after epoch {done} of 3" in resumed.stdout
+    with torchrun_here():
+        stages.train.main(argv)
+    assert f"train@finetune: resuming after epoch {done} of 3" in capfd.readouterr().out
     assert_same_run(two, out, "finetune")

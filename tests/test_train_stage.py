@@ -237,8 +237,8 @@ def test_three_classes_without_code_changes(tmp_path: Path) -> None:
 
 def test_seeded_runs_are_identical_with_any_worker_count(tmp_path: Path, data: Path) -> None:
     """Same seed, data and params: the same history, checkpoint bytes and sidecar, whether
-    augmentations run in the main process or in 1 or 2 DataLoader workers (each image's crop
-    and flip follow the seed, the epoch and the image, not the worker). Random
+    augmentations run in the main process or in 2 DataLoader workers (each image's crop and
+    flip follow the seed, the epoch and the image, not the worker that makes it). Random
     initialisation (``model.weights: none``) makes the seed decide the starting weights too;
     two epochs make the second epoch's views and order count."""
     params = tiny_params(tmp_path / "params.yaml")
@@ -246,8 +246,7 @@ def test_seeded_runs_are_identical_with_any_worker_count(tmp_path: Path, data: P
     stages.weights.main(["--params", str(params), "--out", str(weights)])
     runs = {workers: train(tmp_path, "finetune", data, weights,
                            {"runtime.num_workers": workers, "train.finetune.epochs": 2}, name=f"workers{workers}")
-            for workers in (0, 1, 2)}
-    assert_same_run(runs[0], runs[1], "finetune")
+            for workers in (0, 2)}
     assert_same_run(runs[0], runs[2], "finetune")
     # The comparison can fail: another seed gives other weights.
     other = train(tmp_path, "finetune", data, weights, {"seed": 1, "train.finetune.epochs": 2}, name="other")
