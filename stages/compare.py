@@ -19,14 +19,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict
 
 from transfer.atomic import write_json
-from transfer.errors import UserError
-from transfer.params import Text
+from transfer.errors import UserError, one_line
+from transfer.params import Probability, Text
 from transfer.schema import Schema, validate
 from transfer.stage import run_stage
 from transfer.statistics import Paired, Spread, pair, wilson_interval
@@ -42,7 +42,7 @@ class Prediction(Schema):
     path: Text
     actual: Text
     predicted: Text
-    confidence: Annotated[float, Field(ge=0, le=1)]
+    confidence: Probability
 
 
 def right_answers(text: str, source: str) -> dict[str, bool]:
@@ -95,7 +95,7 @@ def across_revs(revs: list[str], strategies: list[str]) -> None:
         try:
             paired = pair(*revs, *(right_answers(dvc.api.read(path, rev=rev), f"{path} at {rev}") for rev in revs))
         except (DvcException, FileNotFoundError, UserError) as exc:
-            print(f"{name}: not compared ({' '.join(str(exc).split())[:200]})")
+            print(f"{name}: not compared ({one_line(exc, 200)})")
             continue
         print(f"{name}: {paired.a} {interval(paired.a_correct, paired.images)}, {paired.b} "
               f"{interval(paired.b_correct, paired.images)}, {paired.images} images\n  right only in {paired.a}: "
@@ -167,7 +167,7 @@ def output(command: list[str], failure: str = "") -> str:
     """What ``command`` prints; where it fails, a UserError ``failure: what it said``, or "" without a ``failure``."""
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode and failure:
-        raise UserError(f"{failure}: {' '.join(proc.stderr.split())[:300]}")
+        raise UserError(f"{failure}: {one_line(proc.stderr, 300)}")
     return "" if proc.returncode else proc.stdout
 
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--revs", nargs=2, metavar=("A", "B"), help="compare two git revisions or experiments")
     parser.add_argument("--experiments", action="store_true", help="each experiment's accuracies and params")
     parser.add_argument("--summary", action="store_true", help="the experiments' accuracies over seeds, by group")
-    parser.add_argument("--plot", type=Path, default=Path("reports/summary.png"), help="with --summary: its picture")
+    parser.add_argument("--plot", type=Path, default="reports/summary.png", help="with --summary: its picture")
     parser.add_argument("--strategy", nargs="+", help="with --revs, --experiments or --summary: the strategies to "
                         "show (default: each one evaluated)")
     args = parser.parse_args(argv)

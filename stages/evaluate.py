@@ -33,12 +33,10 @@ PARAMS = ("seed", "device", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, data="the image folders", model="the checkpoint", metrics=None,
+                          plots="folder for predictions.csv, classes.csv, predictions.png and mistakes.png",
+                          record="run record (timings, versions, device)")
     parser.add_argument("--strategy", required=True, help="the strategy's name, for titles and lines")
-    for name, text in (("--data", "the image folders"), ("--model", "the checkpoint"), ("--metrics", None),
-                       ("--plots", "folder for predictions.csv, classes.csv, predictions.png and mistakes.png"),
-                       ("--record", "run record (timings, versions, device)")):
-        parser.add_argument(name, type=Path, required=True, help=text)
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -95,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         save_image_grid(args.plots / file, [dataset[0, i][0] for i in indices],
                         [f"predicted: {predicted[i]} ({confidence[i]:.0%})\nactual: {actual[i]}" for i in indices],
                         mistakes=[wrong[i] for i in indices], suptitle=f"{args.strategy}: {title}")
-    write_json(args.record, run_record(device, threads, workers, wall_seconds=round(time.perf_counter() - started, 2),
-                                       images=images))
+    write_json(args.record, run_record(device, threads, workers, started, images=images))
 
 
 if __name__ == "__main__":

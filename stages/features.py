@@ -25,8 +25,8 @@ from transfer import distributed
 from transfer.atomic import atomic_dir, write_json
 from transfer.checkpoints import PretrainedMeta, pretrained_classifier, read_start, save_tensors
 from transfer.datasets import WORKER_START, EpochSampler, Pair, TrainImages, ValImages, loader_options
-from transfer.devices import amp_warning, autocast, configure_threads, resolve_device, resolve_workers
-from transfer.errors import UserError, say
+from transfer.devices import autocast, configure_threads, resolve_device, resolve_workers, warn_slow_amp
+from transfer.errors import UserError
 from transfer.imagefolder import image_folders
 from transfer.params import Params, load_params
 from transfer.preprocess import ModelInput, resolve_preprocess
@@ -37,11 +37,8 @@ from transfer.stored_features import BATCHNORM, META, PARAMS, TRAIN, VAL, head_i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--data", type=Path, required=True, help="the image folders")
-    parser.add_argument("--weights", type=Path, required=True, help="the weights stage's output")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--record", type=Path, required=True, help="run record (timings, versions, device)")
+    parser = stage_parser(__doc__, data="the image folders", weights="the weights stage's output", out=None,
+                          record="run record (timings, versions, device)")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
@@ -68,8 +65,8 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
     update = recipe.batchnorm == "update"
     if update and world.size > 1:
         raise UserError("batchnorm: update is computed by one process: run the features stage without torchrun")
-    if (warning := amp_warning(device, params.train.amp)) and world.main:
-        say(warning)
+    if world.main:
+        warn_slow_amp(device, params.train.amp)
     configure_backends(device, params.train.deterministic)
     seed_everything(params.seed)
     split = image_folders(args.data)
@@ -171,9 +168,8 @@ def compute(args: argparse.Namespace, params: Params, world: distributed.World, 
         })
     seconds = time.perf_counter() - started
     images = stored * n_train + n_val * passes
-    write_json(args.record, run_record(device, threads, workers, wall_seconds=round(seconds, 2),
-                                       backbone_passes=images, images_per_second=round(images / seconds, 2),
-                                       processes=world.size))
+    write_json(args.record, run_record(device, threads, workers, started, backbone_passes=images,
+                                       images_per_second=round(images / seconds, 2), processes=world.size))
     print(f"features: {stored} view(s) of {n_train} train and {n_val} val images through {params.model.arch} "
           f"-> {args.out} ({seconds:.1f}s)")
 

@@ -20,10 +20,10 @@ PARAMS = ("seed", "model", "preprocess", "train.batch_size")
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/hymenoptera_data"))
-    parser.add_argument("--weights", type=Path, default=Path("models/pretrained.pt"),
+    parser.add_argument("--data", type=Path, default="data/hymenoptera_data")
+    parser.add_argument("--weights", type=Path, default="models/pretrained.pt",
                         help="the weights stage's output, whose sidecar holds the preprocessing")
-    parser.add_argument("--out", type=Path, default=Path("plots/train_batch.png"))
+    parser.add_argument("--out", type=Path, default="plots/train_batch.png")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)

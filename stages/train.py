@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 import time
 from dataclasses import astuple
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,9 +33,9 @@ from transfer.checkpoints import (
     trained_classifier,
 )
 from transfer.datasets import EpochSampler, FeatureViews, TrainImages, ValImages
-from transfer.devices import amp_warning, configure_threads, describe_device, resolve_device, resolve_workers
+from transfer.devices import configure_threads, describe_device, resolve_device, resolve_workers, warn_slow_amp
 from transfer.distributed import World
-from transfer.errors import UserError
+from transfer.errors import UserError, say
 from transfer.imagefolder import image_folders
 from transfer.interrupts import Interrupted, deferred_interrupts
 from transfer.models import find_head, freeze_backbone
@@ -74,14 +72,11 @@ def history_csv(history: list[EpochRecord]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, inputs="the image folders, or the features stage's folder",
+                          weights="what training starts from: models/pretrained.pt, or the checkpoint of the "
+                          "strategy this one starts from", model_out=None, history=None,
+                          record="run record (timings, versions, device)")
     parser.add_argument("--strategy", choices=STRATEGIES, required=True)
-    parser.add_argument("--inputs", type=Path, required=True, help="the image folders, or the features stage's folder")
-    parser.add_argument("--weights", type=Path, required=True, help="what training starts from: models/pretrained.pt, "
-                        "or the checkpoint of the strategy this one starts from")
-    parser.add_argument("--model-out", type=Path, required=True)
-    parser.add_argument("--history", type=Path, required=True)
-    parser.add_argument("--record", type=Path, required=True, help="run record (timings, versions, device)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -102,8 +97,8 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
     name = args.strategy
     strategy = STRATEGIES[name]
     configure_backends(device, params.train.deterministic)
-    if (warning := amp_warning(device, params.train.amp)) and world.main:
-        print(warning, file=sys.stderr)
+    if world.main:
+        warn_slow_amp(device, params.train.amp)
     seed_everything(params.seed)
 
     # What it trains on: loaders of the images or of the stored features, and how a batch
@@ -193,7 +188,7 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
         try:
             saved = state.load()
         except ValueError as exc:
-            print(f"warning: cannot resume from {state.path} ({exc}); starting from epoch 1", file=sys.stderr)
+            say(f"warning: cannot resume from {state.path} ({exc}); starting from epoch 1")
     saved = world.broadcast_object(saved)
     start = restore(saved, training, device, world.rank) if saved is not None else None
     done = start.epoch if start else 0  # the last epoch whose state is on disk
@@ -247,9 +242,9 @@ def train(args: argparse.Namespace, params: Params, recipe: Recipe, world: World
         weights_sha256=meta.sha256 if pretrained else meta.weights_sha256,
         preprocess=pre, params_digest=params.digest(tracked_params(name))))
     write_json(args.record, run_record(
-        device, threads, workers, best_epoch=progress.best_epoch, best_val_acc=progress.best_acc, epochs=recipe.epochs,
+        device, threads, workers, started, best_epoch=progress.best_epoch, best_val_acc=progress.best_acc,
+        epochs=recipe.epochs,
         final={k: v for k, v in progress.history[-1].as_row().items() if k not in ("epoch", "lr")},
-        wall_seconds=round(time.perf_counter() - started, 2),
         epoch_seconds=[round(s, 3) for s in progress.epoch_seconds],
         # over the training phases' time of the epochs this run and those it resumed trained
         train_images_per_second=round(sum(loaders["train"].batch_sampler.sizes()) * recipe.epochs  # type: ignore[union-attr]

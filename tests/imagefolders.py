@@ -29,11 +29,17 @@ from transfer.distributed import World
 from transfer.preprocess import INTERPOLATIONS, Preprocess
 from transfer.training import make_loader
 
+#: The backbone of the tests' training runs: ShuffleNetV2 x0.5 has a ResNet's ``fc`` head and
+#: BatchNorm, at an eighth of resnet18's size, so that each epoch's resume state and each
+#: checkpoint are a few MB to write and hash, not 45-135 MB (that took most of a tiny run's time).
+#: resnet18, the default, is tested where its own names matter (tests/test_models.py,
+#: tests/test_weights_stage.py).
+TINY_ARCH = "shufflenet_v2_x0_5"
 #: The params that make one training run take about a second on two CPU cores.
 TINY_TRAIN: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
-    "model.arch": "resnet18",
+    "model.arch": TINY_ARCH,
     "model.weights": "none",
     "runtime.download_retries": 0,
     "runtime.download_timeout": 5,
@@ -80,7 +86,7 @@ def tiny_params(dest: str | os.PathLike[str], changes: Mapping[str, Any] | None 
     return write_params(dest, {**TINY_TRAIN, **(changes or {})})
 
 
-def random_state_dict(arch: str = "resnet18", seed: int = 1234, calibrated: bool = False) -> dict[str, torch.Tensor]:
+def random_state_dict(arch: str = TINY_ARCH, seed: int = 1234, calibrated: bool = False) -> dict[str, torch.Tensor]:
     """A randomly initialised torchvision model's state_dict (stands in for pretrained weights).
 
     The BatchNorm running statistics are randomised too (not torch's 0/1 defaults), so a test

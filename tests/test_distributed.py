@@ -155,7 +155,10 @@ def test_the_loop_on_two_processes_computes_what_it_computes_on_one(tmp_path: Pa
     to float rounding (sums over processes add in another order); every process holds the
     same model and numbers, which cover every image once."""
     single = train_small(World())
-    mp.spawn(_process, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    # Forked, so that they start with what this process imported (a start-up of torch costs more
+    # than their training); one thread each, so no OpenMP pool is used across the fork.
+    mp.start_processes(_process, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     for rank in range(2):
         run = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         assert run["epoch"] == single.best_epoch

@@ -135,7 +135,7 @@ def test_stored_features_are_the_backbone_outputs_of_each_view(tmp_path: Path, d
     train_features = np.load(tmp_path / "features" / "train.npy")
     val_features = np.load(tmp_path / "features" / "val.npy")
     meta = json.loads((tmp_path / "features" / "features.json").read_text())
-    assert train_features.shape == (2, 10, 512) and val_features.shape == (1, 6, 512)
+    assert train_features.shape == (2, 10, 1024) and val_features.shape == (1, 6, 1024)
     assert meta["views"] == 2 and meta["classes"] == ["ants", "bees"] and meta["head"] == "fc"
     assert meta["samples"]["train"][0] == ["ants/ants_train_0.png", 0]
 
@@ -235,7 +235,7 @@ def test_non_finite_backbone_outputs_are_refused(tmp_path: Path, data: Path,
     """"Pretrained" weights whose tensors are all scaled by 1e30 (finite, so the weights stage
     takes them) overflow to infinity and NaN inside the backbone: the stage says the features
     would not be finite numbers and what to check, and writes nothing."""
-    state = {k: v * 1e30 if v.is_floating_point() else v for k, v in random_state_dict("resnet18").items()}
+    state = {k: v * 1e30 if v.is_floating_point() else v for k, v in random_state_dict().items()}
     params = tiny_params(tmp_path / "params.yaml", {"model.weights": str(save_state_dict(state, tmp_path / "huge.pt"))})
     weights = tmp_path / "models" / "pretrained.pt"
     stages.weights.main(["--params", str(params), "--out", str(weights)])
@@ -264,7 +264,7 @@ def test_too_little_space_is_refused_before_computing(tmp_path: Path, data: Path
     params = tiny_params(tmp_path / "params.yaml", {"train.feature_extract.views": 2})
     monkeypatch.setattr(stages.features.shutil, "disk_usage", lambda _path: shutil._ntuple_diskusage(1, 1, 8192))
     line = stage_error(stages.features.main, features_argv(params, data, weights, tmp_path), capsys)
-    # 2 views of 10 train images and 6 val images of 512 floats: 53,248 bytes, 0.1 MB.
+    # 2 views of 10 train images and 6 val images of 1024 floats: 106,496 bytes, 0.1 MB.
     assert line == (f"error: the features need about 0.1 MB, but {tmp_path} has 0.0 MB free: free some space "
                     "there, or store fewer views (train.feature_extract.views)"), line
     assert not (tmp_path / "features").exists() and leftovers(tmp_path) == []
@@ -274,7 +274,7 @@ def test_too_little_space_is_refused_before_computing(tmp_path: Path, data: Path
     # Room for the arrays' bytes, so the check passes, but not for their 128-byte headers (each
     # file takes whole pages): the disk fills up while the files are made. Before, the sparse
     # memory-mapped files filled it only as they were written: SIGBUS (exit 135, no message).
-    pytest.param("53248", f"error: [Errno {errno.ENOSPC}] No space left on device; writing {{mnt}}/features",
+    pytest.param("106496", f"error: [Errno {errno.ENOSPC}] No space left on device; writing {{mnt}}/features",
                  id="fills-up"),
 ])
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, data: Path, weights: Path, size: str,
@@ -330,8 +330,8 @@ def damage(folder: Path, case: str) -> Path:
 
 @pytest.mark.parametrize(("case", "says"), [
     ("truncated", "is not a readable array (mmap length is greater than file size)"),
-    ("wrong-shape", "holds a float32 array of shape (1, 5, 512), not float32 of shape (views, 6, 512) as"),
-    ("float64", "holds a float64 array of shape (1, 10, 512), not float32 of shape (views, 10, 512) as"),
+    ("wrong-shape", "holds a float32 array of shape (1, 5, 512), not float32 of shape (views, 6, 1024) as"),
+    ("float64", "holds a float64 array of shape (1, 10, 1024), not float32 of shape (views, 10, 1024) as"),
     ("missing-key", "is not what the features stage writes (missing key feature_shape)"),
     ("not-json", "is not valid JSON ("),
 ])

@@ -66,8 +66,9 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_weights(tmp_path: Path, weights: str, **changes: Any) -> Path:
-    """Run the stage in-process with ``model.weights: <weights>``; return its ``--out``."""
-    params = tiny_params(tmp_path / "params.yaml", {"model.weights": weights, **changes})
+    """Run the stage in-process with ``model.weights: <weights>``; return its ``--out``. The
+    architecture is the default, resnet18, whose torchvision weights names these tests use."""
+    params = tiny_params(tmp_path / "params.yaml", {"model.arch": "resnet18", "model.weights": weights, **changes})
     out = tmp_path / "models" / "pretrained.pt"
     stages.weights.main(["--params", str(params), "--out", str(out)])
     return out
@@ -75,7 +76,7 @@ def run_weights(tmp_path: Path, weights: str, **changes: Any) -> Path:
 
 def weights_error(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture[str], **changes: Any) -> str:
     """Run the stage as DVC does (exit code and stderr); return its one ``error:`` line."""
-    params = tiny_params(tmp_path / "params.yaml", {"model.weights": weights, **changes})
+    params = tiny_params(tmp_path / "params.yaml", {"model.arch": "resnet18", "model.weights": weights, **changes})
     out = tmp_path / "models" / "pretrained.pt"
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:

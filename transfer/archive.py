@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from transfer.download import sha256_of
-from transfer.errors import UserError
+from transfer.errors import UserError, one_line
 from transfer.imagefolder import SPLITS, folded, is_image_name, is_litter, layout_problem
 from transfer.images import ImageTooLarge, decode
 
@@ -177,7 +177,7 @@ def extract_image_folder(archive: Path, dest: Path, *, max_unpacked_mb: int, val
             except ImageTooLarge as exc:
                 problem = str(exc)
             except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
-                problem = f"does not decode as an image ({exc.__class__.__name__}: {' '.join(str(exc).split())})"[:240]
+                problem = f"does not decode as an image ({exc.__class__.__name__}: {one_line(exc)})"[:240]
             else:
                 counts[rel.parts[0]][rel.parts[1]] += 1
                 digests[str(rel)] = sha256_of(target)

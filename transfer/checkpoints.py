@@ -16,9 +16,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from transfer.atomic import write_bytes, write_json
-from transfer.errors import UserError
+from transfer.errors import UserError, one_line
 from transfer.models import Head, check_input_size, create_backbone, load_backbone_state, replace_head
-from transfer.params import ModelParams
+from transfer.params import ModelParams, Probability
 from transfer.preprocess import Preprocess
 from transfer.schema import Problem, Schema, read_json
 
@@ -46,7 +46,7 @@ class CheckpointMeta(Schema):
     classes: list[str]
     head: str
     epoch: Annotated[int, Field(ge=1)]
-    val_acc: Annotated[float, Field(ge=0, le=1)]
+    val_acc: Probability
     weights: str
     weights_source: str
     weights_sha256: str | None
@@ -118,7 +118,7 @@ def trained_classifier(path: Path, meta: CheckpointMeta, device: torch.device) -
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:  # any failure here means the file is not the checkpoint its sidecar describes
-        raise UserError(f"cannot load checkpoint {path}: {' '.join(str(exc).split())[:200]}") from None
+        raise UserError(f"cannot load checkpoint {path}: {one_line(exc, 200)}") from None
     if any(v.is_floating_point() and not v.isfinite().all() for v in state.values()):
         raise UserError(f"checkpoint {path} holds weights that are not finite numbers (NaN or infinity), whose "
                         "predictions mean nothing: train it again (`dvc repro --force`)")

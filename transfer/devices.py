@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from transfer.errors import ParamError, UserError
+from transfer.errors import ParamError, UserError, say
 
 _SPEC = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -94,8 +94,8 @@ def native_bf16() -> bool:
     return any(torch.cpu.get_capabilities().get(name) for name in ("avx512_bf16", "amx_bf16"))
 
 
-def amp_warning(device: torch.device, amp: bool) -> str | None:
+def warn_slow_amp(device: torch.device, amp: bool) -> None:
+    """Say so where ``amp`` asks for mixed precision on a CPU that only emulates bfloat16."""
     if amp and device.type == "cpu" and not native_bf16():
-        return ("warning: train.amp on a CPU without native bfloat16 (AVX512-BF16 or AMX) is emulated "
-                "and several times slower than float32; set train.amp: false")
-    return None
+        say("warning: train.amp on a CPU without native bfloat16 (AVX512-BF16 or AMX) is emulated "
+            "and several times slower than float32; set train.amp: false")

@@ -8,7 +8,6 @@ processes joins the group and learns its place in it (:class:`World`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -22,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from transfer.errors import ParamError, UserError, say
-from transfer.params import DistributedParams
+from transfer.params import DistributedParams, json_digest
 
 #: The label of a stand-in in a step that left a process no image (so that every process takes
 #: every step, as DDP needs); CrossEntropyLoss ignores it by default, and no prediction equals it.
@@ -141,7 +140,7 @@ def torchrun_args(settings: DistributedParams, module: str, argv: Sequence[str],
 
 def run_id(*parts: object) -> str:
     """A rendezvous id that every node derives alike from the same run (its mode and params)."""
-    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16]
+    return json_digest(parts)
 
 
 def run_processes(settings: DistributedParams, asked: torch.device, module: str, argv: Sequence[str] | None, *,

@@ -12,7 +12,6 @@ import shutil
 import socket
 import ssl
 import stat
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -24,7 +23,7 @@ from typing import BinaryIO, NamedTuple
 from tqdm import tqdm
 
 from transfer.atomic import atomic_path
-from transfer.errors import UserError
+from transfer.errors import UserError, say
 
 CHUNK = 1 << 20
 USER_AGENT = "transfer-pipeline/1.0 (+https://dvc.org)"
@@ -75,7 +74,7 @@ def fetch(
                 raise UserError(f"could not download {url}{tries}: {exc}{suffix}") from None
             wait = min(backoff * 2**attempt, 60.0)
             attempt += 1
-            tqdm.write(f"warning: {exc}; retrying in {wait:g}s ({attempt}/{retries})", file=sys.stderr)
+            say(f"warning: {exc}; retrying in {wait:g}s ({attempt}/{retries})")
             time.sleep(wait)
         except UserError as exc:
             raise UserError(f"{exc}{suffix}") from None

@@ -21,3 +21,9 @@ def say(line: str) -> None:
     """``line`` on stderr in one write, so that lines of processes sharing it never interleave."""
     sys.stderr.write(f"{line}\n")
     sys.stderr.flush()
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` (an exception, say) on one line, each run of whitespace one space, cut to ``limit``
+    characters: the messages of exceptions may span lines, and every stage reports one line."""
+    return " ".join(str(text).split())[:limit]

@@ -9,15 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 
 from transfer.atomic import atomic_path
+
+if TYPE_CHECKING:  # for an annotation: torch costs the compare stage 1.5 s to import
+    import torch
 
 
 def save_image_grid(

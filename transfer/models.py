@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from transfer.errors import ParamError, UserError
+from transfer.errors import ParamError, UserError, one_line
 from transfer.preprocess import INTERPOLATIONS, Preprocess
 
 STATE_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -144,7 +144,7 @@ def check_input_size(model: nn.Module, crop: int) -> None:
             model.eval()(torch.zeros(1, 3, crop, crop))
     except (RuntimeError, AssertionError, ValueError) as exc:
         raise UserError(
-            f"the model cannot take {crop}x{crop} images ({' '.join(str(exc).split())[:120]}); "
+            f"the model cannot take {crop}x{crop} images ({one_line(exc, 120)}); "
             "set preprocess.crop (and resize) to a size it accepts, or auto"
         ) from None
     finally:
@@ -181,7 +181,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                             "which loading could run as code: refused. Save a plain state_dict "
                             "(torch.save(model.state_dict(), path)), or use .safetensors") from None
         raise UserError(f"cannot read weights file {path} ({exc.__class__.__name__}: "
-                        f"{' '.join(str(exc).split())[:200]})") from None
+                        f"{one_line(exc, 200)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"weights file {path} is not a plain state_dict (a mapping of names to tensors)")
     return state
@@ -230,7 +230,7 @@ def timm_pretrained(arch: str, tag: str, source: str) -> nn.Module:
         return timm.create_model(full, pretrained=True)
     except Exception as exc:  # hub, network and file errors all end the same way for the user
         raise UserError(
-            f"could not get timm weights {full} ({exc.__class__.__name__}: {' '.join(str(exc).split())[:150]}); "
+            f"could not get timm weights {full} ({exc.__class__.__name__}: {one_line(exc, 150)}); "
             "run once with network access, or set model.weights to a local .pth/.safetensors file"
         ) from None
 

@@ -20,9 +20,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, Field
 
-from transfer.errors import UserError
+from transfer.errors import UserError, one_line
 from transfer.schema import Schema, validate
-from transfer.strategies import MAX_INT, Count, FeatureExtractRecipe, FinetuneRecipe, Positive
+from transfer.strategies import Count, CountOrZero, FeatureExtractRecipe, FinetuneRecipe, Positive
 
 #: No params file needs more; a larger one (the wrong file) is refused before it is parsed.
 MAX_BYTES = 1 << 20
@@ -40,6 +40,7 @@ def _no_nul(text: str) -> str:
 Text = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
 Auto = Literal["auto"]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
 Side = Annotated[int, Field(gt=0, le=MAX_SIDE)]
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 Mean = Annotated[list[float], Field(min_length=3, max_length=3)]
@@ -99,7 +100,7 @@ class RuntimeParams(Schema):
     threads: Annotated[int, Field(gt=0, le=1024)] | Auto  # OpenMP allocates for them all at once
     num_workers: Annotated[int, Field(ge=0, le=256)] | Auto  # a process each
     inference_batch_size: Count
-    image_cache_mb: Annotated[int, Field(ge=0, le=MAX_INT)]
+    image_cache_mb: CountOrZero
     download_retries: Annotated[int, Field(ge=0, le=100)]
     download_timeout: Annotated[float, Field(gt=0, le=10**9)]  # seconds; sockets take up to about 9e9
     max_unpacked_mb: Count
@@ -123,7 +124,12 @@ class Params(Schema):
     def digest(self, keys: Iterable[str]) -> str:
         """A short hash of the params ``keys`` (those a stage declares), recorded beside its
         outputs to trace their origin."""
-        return hashlib.sha256(json.dumps(self.select(keys), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.select(keys))
+
+
+def json_digest(data: Any) -> str:
+    """A short hash of ``data`` as JSON with sorted keys: equal for equal data, in any process."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ParamsLoader(yaml.SafeLoader):
@@ -157,7 +163,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.load(text, Loader=ParamsLoader)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise UserError(f"{path} is not valid YAML: {one_line(exc)}") from None
     except RecursionError:
         raise UserError(f"{path} nests deeper than a params file can; refused") from None
     return validate(Params, raw, str(path))

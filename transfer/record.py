@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from importlib import metadata
 from typing import Any
 
@@ -46,10 +47,12 @@ def peak_memory_mib() -> float:
     return round(peak / (1024**2 if sys.platform == "darwin" else 1024), 1)  # ru_maxrss: bytes on macOS, else KiB
 
 
-def run_record(device: torch.device, threads: int, workers: int, **details: Any) -> dict[str, Any]:
-    """What explains a stage's run besides its params: versions, machine, git state, and
-    ``details`` (timings, counts) from the stage."""
+def run_record(device: torch.device, threads: int, workers: int, started: float, **details: Any) -> dict[str, Any]:
+    """What explains a stage's run besides its params: its wall time since ``started`` (a
+    ``time.perf_counter()``), versions, machine, git state, and ``details`` (timings, counts)
+    from the stage."""
     return {
+        "wall_seconds": round(time.perf_counter() - started, 2),
         "git": git_state(),
         "versions": {name: _version(name) for name in ("torch", "torchvision", "numpy", "pillow", "dvc", "timm")}
         | {"python": platform.python_version()},

@@ -10,8 +10,6 @@ run-cache off. It holds only tensors and plain values (``torch.load(weights_only
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import sys
 import types
@@ -25,7 +23,8 @@ import torch
 
 from transfer.checkpoints import save_tensors
 from transfer.download import sha256_of
-from transfer.params import Params
+from transfer.errors import one_line
+from transfer.params import Params, json_digest
 from transfer.training import EpochRecord, Progress
 
 #: The folder, beside a stage's checkpoint, that holds the states of interrupted runs.
@@ -73,7 +72,7 @@ def run_key(strategy: str, params: Params, tracked: Iterable[str], inputs: Itera
         "inputs": [tree_digests(p) for p in inputs],
         "code": code_digests(module), "torch": torch.__version__, "device": device.type,
     }
-    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(run)
 
 
 # --------------------------------------------------------------------------- random generators
@@ -147,7 +146,7 @@ class ResumeState:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file: any failure means "not usable"
-            raise ValueError(" ".join(str(exc).split())[:200]) from None
+            raise ValueError(one_line(exc, 200)) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("key") != self.key:
             raise ValueError("it was not written by this version for this run")
         return state

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from transfer.atomic import staged_outputs
 from transfer.errors import UserError, say
@@ -20,10 +21,14 @@ from transfer.interrupts import Interrupted, interrupts_raise
 UNCHANGED = "the stage's outputs are as they were"
 
 
-def stage_parser(doc: str) -> argparse.ArgumentParser:
-    """A stage's command line: the first line of its ``doc`` as the description, and ``--params``."""
+def stage_parser(doc: str, **paths: str | None) -> argparse.ArgumentParser:
+    """A stage's command line: the first line of its ``doc`` as the description, ``--params``,
+    and for each of ``paths`` a required path option (``model_out`` is ``--model-out``), its value
+    the option's help (None: none)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
+    for name, text in paths.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True, help=text)
     return parser
 
 

@@ -25,7 +25,7 @@ import torch
 from pydantic import NonNegativeInt, PositiveInt
 from torch import nn
 
-from transfer.errors import UserError
+from transfer.errors import UserError, one_line
 from transfer.preprocess import Preprocess
 from transfer.schema import Schema, read_json
 
@@ -89,7 +89,7 @@ class StoredFeatures:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file: any failure means "not usable"
-            raise UserError(f"{path} is not readable ({' '.join(str(exc).split())[:200]}); {RERUN}") from None
+            raise UserError(f"{path} is not readable ({one_line(exc, 200)}); {RERUN}") from None
         prefix = f"{epoch}/"
         return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
