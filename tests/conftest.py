@@ -106,6 +106,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (item.name in beside, "experiments" in getattr(item, "fixturenames", ())))
 
 
+#: The signals that stop a stage, and this process's handlers of them as pytest started it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+_HANDLERS = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers() -> Iterator[None]:
+    """Each test starts and ends with the handlers pytest started with: a stage that ran here
+    and ended by a signal or Ctrl-C leaves its handlers (or, after a signal, the signals
+    ignored) for its process's last moments, which in a test worker are the next tests'."""
+    for sig, handler in _HANDLERS.items():
+        signal.signal(sig, handler)
+    yield
+    for sig, handler in _HANDLERS.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loopback and '.invalid' requests must never be routed through a proxy of the host."""
