@@ -481,8 +481,7 @@ def torchrun_here() -> Iterator[None]:
     """For running, in this process, a stage that asks for several processes (a start-up of
     torch costs more than such a test's training): the stage's torchrun agent, here, takes over
     the termination signals and sets OMP_NUM_THREADS for its processes; both are put back."""
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-    handlers, threads = {sig: signal.getsignal(sig) for sig in signals}, os.environ.get("OMP_NUM_THREADS")
+    handlers, threads = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}, os.environ.get("OMP_NUM_THREADS")
     try:
         yield
     finally:

@@ -2,7 +2,7 @@
 stays bit-identical, what it writes, and that a seeded run is reproducible.
 
 The "pretrained" weights are a random state_dict of the tests' small backbone
-(:data:`imagefolders.TINY_TRAIN`) with randomised BatchNorm
+(:data:`imagefolders.TINY_ARCH`) with randomised BatchNorm
 statistics, passed through the real weights stage, so "the backbone still holds the file's
 tensors" cannot pass by accident with freshly initialised ones.
 """
