@@ -46,8 +46,8 @@ from transfer.reproducibility import check_deterministic, configure_backends, se
 from transfer.resume import FOLDER as RESUME_FOLDER
 from transfer.resume import ResumeState, restore, rng_states, run_key
 from transfer.stage import run_stage, stage_parser
+from transfer.stored_features import BACKBONE_PARAMS, TRAIN, VAL, read_features
 from transfer.stored_features import PARAMS as FEATURE_PARAMS
-from transfer.stored_features import TRAIN, VAL, read_features
 from transfer.strategies import STRATEGIES, FinetuneRecipe, Recipe
 from transfer.training import Diverged, EpochRecord, Progress, WarmUp, cpu_state, make_loader, train_model
 
@@ -58,8 +58,7 @@ DISTRIBUTED = ("train.distributed.nproc_per_node", "train.distributed.nnodes", "
 
 def tracked_params(strategy: str) -> tuple[str, ...]:
     """The params this stage reads that can change its outputs, as dvc.yaml declares them."""
-    return ("seed", "device", "model", "preprocess", "train.batch_size", "train.amp",
-            "train.deterministic", f"train.{strategy}", *DISTRIBUTED)
+    return (*BACKBONE_PARAMS, f"train.{strategy}", *DISTRIBUTED)
 
 
 def history_csv(history: list[EpochRecord]) -> str:

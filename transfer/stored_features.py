@@ -30,10 +30,13 @@ from transfer.preprocess import Preprocess
 from transfer.schema import Schema, read_json
 
 TRAIN, VAL, BATCHNORM, META = "train.npy", "val.npy", "batchnorm.pt", "features.json"
+#: The params that decide how the backbone runs on which batches, read alike by the features
+#: stage and every train stage.
+BACKBONE_PARAMS = ("seed", "device", "model", "preprocess", "train.batch_size", "train.amp", "train.deterministic")
 #: The params the features stage reads that can change its outputs, as dvc.yaml declares them.
 #: The batch size and epochs matter to ``batchnorm: update`` (and epochs to ``views: auto``).
-PARAMS = ("seed", "device", "model", "preprocess", "train.batch_size", "train.amp", "train.deterministic",
-          "train.feature_extract.epochs", "train.feature_extract.batchnorm", "train.feature_extract.views")
+PARAMS = (*BACKBONE_PARAMS, "train.feature_extract.epochs", "train.feature_extract.batchnorm",
+          "train.feature_extract.views")
 
 
 @contextmanager
