@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
+from conftest import REPO_ROOT, stage_env
 
 from transfer.interrupts import SIGNALS, Interrupted, deferred_interrupts, interrupts_raise
 from transfer.stage import run_stage
@@ -75,3 +77,31 @@ def test_run_stage_prints_one_line_and_exits_with_the_signals_status(
         run_stage(main, [])
     assert exited.value.code == code
     assert capsys.readouterr().err == line + "\n"
+
+
+#: What multiprocessing's resource sharer does in a loader worker when the main process it
+#: hands a batch's shared memory to has just gone: it reports the broken pipe to sys.excepthook.
+SHARER_MEETS_A_CLOSED_PIPE = """
+import sys, threading
+from transfer.interrupts import quiet_loader_worker
+if sys.argv[1] == "worker":
+    quiet_loader_worker(0)
+def serve():
+    try:
+        raise BrokenPipeError(32, "Broken pipe")
+    except BrokenPipeError:
+        sys.excepthook(*sys.exc_info())
+thread = threading.Thread(target=serve)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.parametrize("process", ["worker", "main"])
+def test_a_loader_worker_prints_no_traceback_of_its_own(process: str) -> None:
+    """Signalled with the whole job, the main process says the one line; a worker's
+    multiprocessing thread meeting the pipe the main process closed says nothing (elsewhere the
+    same report is the traceback it was)."""
+    proc = subprocess.run([sys.executable, "-c", SHARER_MEETS_A_CLOSED_PIPE, process], cwd=REPO_ROOT,
+                          env=stage_env(), capture_output=True, text=True, timeout=60, check=True)
+    assert ("Traceback" in proc.stderr) == (process == "main"), proc.stderr

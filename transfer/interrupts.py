@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -46,6 +47,15 @@ def _raise(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+def _raising() -> dict[int, Any]:
+    """Have each of :data:`SIGNALS` but an ignored one raise :class:`Interrupted`; the handlers before."""
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, _raise)
+    return previous
+
+
 @contextlib.contextmanager
 def interrupts_raise(exiting: bool = False) -> Iterator[None]:
     """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`; one ignored
@@ -54,10 +64,7 @@ def interrupts_raise(exiting: bool = False) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    for signum, handler in previous.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(signum, _raise)
+    previous = _raising()
     restore = True
     try:
         yield
@@ -97,7 +104,10 @@ def deferred_interrupts() -> Iterator[None]:
 def quiet_loader_worker(worker_id: int) -> None:
     """A DataLoader's ``worker_init_fn``: SIGTERM and SIGHUP end the worker the quiet way torch
     ends one on Ctrl-C. Signalled with the whole job (systemd, a terminal), a worker would
-    otherwise die of them, and torch's "worker killed by signal" would mask the interruption."""
-    for signum in SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _raise)
+    otherwise die of them, and torch's "worker killed by signal" would mask the interruption.
+    Nor does it print tracebacks of its own: multiprocessing's thread that hands the main
+    process each batch's shared memory prints one (through ``sys.excepthook``) where the main
+    process has just gone, which then said what happened; torch sends the worker's own errors
+    to the main process, which reports them, and reports a worker that died."""
+    _raising()
+    sys.excepthook = lambda *exc: None
